@@ -1,0 +1,158 @@
+"""One typed model configuration, read from an HF `config.json` or from GGUF metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenkit.errors import QwenkitError
+
+SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2 family)
+    qk_norm: bool  # RMSNorm on q and k per head before RoPE (Qwen3 family)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    # Mixture of experts; num_experts == 0 means dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def uses_sliding_window(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        arch = d.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise QwenkitError(
+                f"unsupported architecture {arch!r} (model_type in config.json); "
+                f"qwenkit supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise QwenkitError(f"unsupported activation {act!r}; Qwen models use 'silu'")
+        try:
+            heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            head_dim = int(d.get("head_dim") or hidden // heads)
+            is_moe = arch.endswith("_moe")
+            use_sliding = bool(d.get("use_sliding_window", False))
+            return cls(
+                architecture=arch,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d.get("intermediate_size") or 0),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=head_dim,
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                rope=_rope_from_hf(d),
+                attention_bias=_attention_bias(arch, d),
+                qk_norm=arch.startswith("qwen3"),
+                sliding_window=int(d["sliding_window"]) if use_sliding and d.get("sliding_window") else None,
+                layer_types=_layer_types(d, use_sliding),
+                num_experts=int(d.get("num_experts") or 0) if is_moe else 0,
+                num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
+                moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
+                shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
+                mlp_only_layers=tuple(int(i) for i in (d.get("mlp_only_layers") or ())),
+                extra={k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in d},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QwenkitError(f"config.json is missing or has a bad value for {exc}") from exc
+
+
+def _attention_bias(arch: str, d: dict[str, Any]) -> bool:
+    if arch == "qwen2":
+        return True  # Qwen2 always has q/k/v bias; the config does not say so
+    if arch == "qwen2_moe":
+        return bool(d.get("qkv_bias", True))
+    return bool(d.get("attention_bias", False))
+
+
+def _layer_types(d: dict[str, Any], use_sliding: bool) -> tuple[str, ...]:
+    if not use_sliding:
+        return ()
+    if d.get("layer_types"):
+        return tuple(d["layer_types"])
+    # Older Qwen2 configs: layers from max_window_layers on use the sliding window.
+    n, start = int(d["num_hidden_layers"]), int(d.get("max_window_layers", 0))
+    return tuple("sliding_attention" if i >= start else "full_attention" for i in range(n))
+
+
+def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
+    # transformers 5 writes `rope_parameters` (theta inside); older configs write rope_theta + rope_scaling.
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta") or d.get("rope_theta") or 10000.0)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ("default", "linear", "yarn"):
+        raise QwenkitError(f"unsupported rope type {rope_type!r}; qwenkit supports default, linear and yarn")
+    orig = params.get("original_max_position_embeddings")
+    if rope_type == "yarn" and orig is None:
+        orig = d.get("original_max_position_embeddings") or d.get("max_position_embeddings", 32768)
+    factor = params.get("factor", 1.0)
+    if factor is None and orig:
+        factor = d.get("max_position_embeddings", 32768) / orig
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(factor),
+        original_max_position_embeddings=int(orig) if orig else None,
+        beta_fast=params.get("beta_fast"),
+        beta_slow=params.get("beta_slow"),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )

@@ -1,0 +1,86 @@
+"""Attention backends: where K/V live and how a layer attends over them.
+
+The model computes q, k, v and hands them to a backend; it never knows whether the cache is
+absent, one contiguous buffer, or paged blocks shared across a batch. That keeps
+`forward(input_ids, positions, attention)` the same for a test, a chat loop and the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq * D]."""
+        ...
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of q over k/v (one sequence) where a query sees keys at positions <= its own."""
+    mask = None
+    if q.shape[0] > 1 or window is not None:
+        mask = k_positions[None, :] <= q_positions[:, None]
+        if window is not None:
+            mask &= k_positions[None, :] > q_positions[:, None] - window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+class NoCache:
+    """One sequence, all of it in this forward pass (tests, scoring, training)."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+
+    def attend(self, layer, q, k, v, scale, window):
+        return causal_attention(q, k, v, self.positions, self.positions, scale, window)
+
+
+class ContiguousKVCache:
+    """One sequence with its K/V in preallocated buffers; call `advance` after each forward."""
+
+    def __init__(self, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+        shape = (num_layers, max_len, kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype)
+        self.v = torch.empty(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self._positions = torch.arange(max_len)
+
+    def attend(self, layer, q, k, v, scale, window):
+        start, end = self.length, self.length + q.shape[0]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
+        self.k[layer, start:end] = k
+        self.v[layer, start:end] = v
+        return causal_attention(
+            q, self.k[layer, :end], self.v[layer, :end], self._positions[start:end], self._positions[:end], scale, window
+        )
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` tokens (to reuse a shared chat prefix)."""
+        self.length = min(self.length, length)

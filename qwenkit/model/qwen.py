@@ -1,0 +1,71 @@
+"""The Qwen decoder: Qwen2/2.5 (QKV bias), Qwen3 (QK-norm), Qwen2-MoE and Qwen3-MoE.
+
+Parameter names match the HF checkpoints, so a safetensors state dict loads without renaming.
+Tokens of a forward pass are flat ([T], not [B, T]): the attention backend knows which belong
+to which sequence, so the same model serves one chat or a continuously batched engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwenkit.config import ModelConfig
+from qwenkit.model.attention import AttentionBackend
+from qwenkit.model.layers import MLP, Attention, RMSNorm
+from qwenkit.model.moe import SparseMoeBlock
+from qwenkit.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, attention: AttentionBackend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenBackbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class QwenForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = QwenBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] for flat token ids [T] at `positions` [T]."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attention)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits; call on the rows that need them only (the last of each sequence when decoding)."""
+        return self.lm_head(hidden).float()

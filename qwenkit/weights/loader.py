@@ -1,0 +1,99 @@
+"""Load any supported checkpoint into a QwenForCausalLM plus its tokenizer."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenkit.config import ModelConfig
+from qwenkit.errors import QwenkitError
+from qwenkit.model.qwen import QwenForCausalLM
+from qwenkit.tokenizer.tokenizer import Tokenizer
+from qwenkit.weights.gguf_file import config_from_gguf, iter_gguf_tensors, open_gguf
+from qwenkit.weights.resolve import ResolvedModel, resolve_model
+from qwenkit.weights.safetensors_dir import iter_safetensors, read_hf_config, read_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+_FUSED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+@dataclass
+class LoadedModel:
+    model: QwenForCausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
+    """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default)."""
+    if dtype not in DTYPES:
+        raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return load_resolved(resolve_model(spec), DTYPES[dtype])
+
+
+def load_resolved(resolved: ResolvedModel, dtype: torch.dtype) -> LoadedModel:
+    path = resolved.path
+    if resolved.format == "gguf":
+        reader = open_gguf(path)
+        config = config_from_gguf(reader)
+        tokenizer = Tokenizer.from_gguf(reader)
+        model = build_model(config, iter_gguf_tensors(reader, config), dtype)
+        return LoadedModel(model, tokenizer, config, path)
+    config = read_hf_config(path)
+    generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+    eos = generation_config.get("eos_token_id", [])
+    tokenizer = Tokenizer.from_hf_dir(path, tuple(eos) if isinstance(eos, list) else (eos,))
+    model = build_model(config, iter_safetensors(path), dtype)
+    return LoadedModel(model, tokenizer, config, path, generation_config)
+
+
+def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> QwenForCausalLM:
+    # Parameters are created on the meta device and replaced by the checkpoint's tensors, so a
+    # model is never initialised randomly first (that would double load time and peak memory).
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    expected = set(model.state_dict().keys())
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in _unfuse_experts(tensors):
+        if name not in expected:
+            raise QwenkitError(f"checkpoint tensor {name!r} does not belong to a {config.architecture} model")
+        shape = tuple(model.state_dict()[name].shape)
+        if tuple(tensor.shape) != shape:
+            raise QwenkitError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        state[name] = tensor.to(dtype)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - state.keys())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise QwenkitError(f"checkpoint is incomplete: missing {', '.join(missing[:3])}{more}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def _unfuse_experts(tensors: Iterable[tuple[str, torch.Tensor]]):
+    """Accept experts saved fused as 3-D tensors (transformers 5 in-memory layout) as well as per expert."""
+    for name, tensor in tensors:
+        m = _FUSED_EXPERTS.match(name)
+        if m is None:
+            yield name, tensor
+            continue
+        prefix, kind = m.groups()
+        for e, w in enumerate(tensor.unbind(0)):
+            if kind == "down_proj":
+                yield f"{prefix}.{e}.down_proj.weight", w
+            else:
+                gate, up = w.chunk(2, dim=0)
+                yield f"{prefix}.{e}.gate_proj.weight", gate
+                yield f"{prefix}.{e}.up_proj.weight", up
