@@ -100,7 +100,8 @@ class ModelConfig:
                 qk_norm=arch.startswith("qwen3"),
                 sliding_window=int(d["sliding_window"]) if use_sliding and d.get("sliding_window") else None,
                 layer_types=_layer_types(d, use_sliding),
-                num_experts=int(d.get("num_experts") or 0) if is_moe else 0,
+                # Released Qwen MoE configs say num_experts; transformers 5 writes num_local_experts.
+                num_experts=int(d.get("num_experts") or d.get("num_local_experts") or 0) if is_moe else 0,
                 num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
                 moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
                 shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),

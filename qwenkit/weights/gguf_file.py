@@ -107,12 +107,15 @@ def config_from_gguf(reader: GGUFReader) -> ModelConfig:
             beta_slow=get("rope.scaling.yarn_beta_slow"),
         )
     is_moe = model_type.endswith("_moe")
+    layers = int(get("block_count"))
+    # GGUF has no mlp_only_layers key: a layer is sparse exactly when it has a router tensor.
+    dense_layers = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names) if is_moe else ()
     return ModelConfig(
         architecture=model_type,
         vocab_size=int(embed.shape[1]) if vocab is None else len(vocab),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length", 0)),
-        num_hidden_layers=int(get("block_count")),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(get("attention.key_length") or hidden // heads),
@@ -126,6 +129,7 @@ def config_from_gguf(reader: GGUFReader) -> ModelConfig:
         num_experts_per_tok=int(get("expert_used_count", 0)),
         moe_intermediate_size=int(get("expert_feed_forward_length", 0)),
         shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length", 0)),
+        mlp_only_layers=dense_layers,
         # llama.cpp renormalises the top-k weights for Qwen3-MoE and not for Qwen2-MoE.
         norm_topk_prob=bool(get("expert_weights_norm", model_type == "qwen3_moe")),
     )
