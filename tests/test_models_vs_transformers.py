@@ -76,3 +76,21 @@ def test_bfloat16_mode_is_close(tmp_path):
     # bf16 keeps ~3 significant digits; the argmax must mostly agree.
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agree > 0.8
+
+
+def test_sliding_window_layers_match_transformers(tmp_path):
+    """Qwen2 with use_sliding_window: layers from max_window_layers on see only the last 8 keys."""
+    from tiny_models import reference_model, tiny_config, tiny_tokenizer
+
+    cfg = tiny_config("qwen2")
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 8, 1
+    cfg.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
+    ref = reference_model(cfg)
+    ref.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with torch.inference_mode():
+        expected = ref(PROMPT[None]).logits[0]
+    loaded = load_model(str(tmp_path))
+    assert loaded.config.layer_types[1] == "sliding_attention" and loaded.config.sliding_window == 8
+    assert (qwenkit_logits_full(loaded.model, PROMPT) - expected).abs().max().item() < TOL
+    assert (qwenkit_logits_stepwise(loaded.model, PROMPT, 5) - expected).abs().max().item() < TOL

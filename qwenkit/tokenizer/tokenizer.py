@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
 from tokenizers import Tokenizer as BackendTokenizer
 
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.chat_template import ChatTemplate
 from qwenkit.tokenizer.gguf_vocab import byte_level_bpe
-from qwenkit.weights.gguf_file import metadata
+from qwenkit.weights.gguf_reader import GGUFFile
 from qwenkit.weights.safetensors_dir import read_json
 
 # Tokens that end an assistant turn in every Qwen chat format, whatever the checkpoint's eos says.
@@ -88,20 +87,21 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, reader: GGUFReader) -> "Tokenizer":
-        tokens = metadata(reader, "tokenizer.ggml.tokens")
+    def from_gguf(cls, gguf: GGUFFile) -> "Tokenizer":
+        meta = gguf.metadata
+        tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None:
-            raise QwenkitError("the GGUF file carries no tokenizer (tokenizer.ggml.tokens is missing)")
+            raise QwenkitError(f"{gguf.path} carries no tokenizer (tokenizer.ggml.tokens is missing)")
         backend = byte_level_bpe(
             tokens,
-            metadata(reader, "tokenizer.ggml.merges", []),
-            metadata(reader, "tokenizer.ggml.token_type", []),
-            metadata(reader, "tokenizer.ggml.pre"),
-            metadata(reader, "tokenizer.ggml.model"),
+            meta.get("tokenizer.ggml.merges", []),
+            meta.get("tokenizer.ggml.token_type", []),
+            meta.get("tokenizer.ggml.pre"),
+            meta.get("tokenizer.ggml.model"),
         )
 
         def token(key: str) -> str | None:
-            index = metadata(reader, f"tokenizer.ggml.{key}")
+            index = meta.get(f"tokenizer.ggml.{key}")
             return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
         special = {
@@ -113,8 +113,8 @@ class Tokenizer:
         return cls(
             backend,
             special,
-            metadata(reader, "tokenizer.chat_template"),
-            add_bos_token=bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)),
+            meta.get("tokenizer.chat_template"),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         )
 
 

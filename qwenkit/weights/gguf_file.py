@@ -7,18 +7,18 @@ rather than silently wrong numbers.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from qwenkit.config import ModelConfig, RopeConfig
 from qwenkit.errors import QwenkitError
+from qwenkit.weights.gguf_reader import GGUFFile, GGUFTensor
 
 SUPPORTED_TENSOR_TYPES = frozenset(
     GGMLQuantizationType[name]
@@ -55,27 +55,12 @@ _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_do
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the gguf package raises ValueError, IndexError, struct.error, ... on bad input
-        raise QwenkitError(f"{path} is not a readable GGUF file (truncated or corrupt: {exc})") from exc
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise QwenkitError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
-    return reader
+def open_gguf(path: Path) -> GGUFFile:
+    return GGUFFile(path)
 
 
-def metadata(reader: GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def gguf_architecture(reader: GGUFReader) -> str:
-    arch = metadata(reader, "general.architecture")
+def gguf_architecture(gguf: GGUFFile) -> str:
+    arch = gguf.metadata.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise QwenkitError(
             f"unsupported architecture {arch!r} in GGUF metadata; qwenkit supports {', '.join(GGUF_ARCHITECTURES)}"
@@ -83,18 +68,18 @@ def gguf_architecture(reader: GGUFReader) -> str:
     return arch
 
 
-def config_from_gguf(reader: GGUFReader) -> ModelConfig:
-    arch = gguf_architecture(reader)
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+    arch = gguf_architecture(gguf)
     model_type = GGUF_ARCHITECTURES[arch]
 
     def get(key, default=None):
-        return metadata(reader, f"{arch}.{key}", default)
+        return gguf.metadata.get(f"{arch}.{key}", default)
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    vocab = metadata(reader, "tokenizer.ggml.tokens")
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    names = gguf.tensors.keys()
+    if "token_embd.weight" not in names:
+        raise QwenkitError(f"{gguf.path} has no token_embd.weight tensor")
     scaling = get("rope.scaling.type", "none")
     rope = RopeConfig(theta=float(get("rope.freq_base", 10000.0)))
     if scaling in ("yarn", "linear"):
@@ -112,7 +97,7 @@ def config_from_gguf(reader: GGUFReader) -> ModelConfig:
     dense_layers = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names) if is_moe else ()
     return ModelConfig(
         architecture=model_type,
-        vocab_size=int(embed.shape[1]) if vocab is None else len(vocab),
+        vocab_size=gguf.tensors["token_embd.weight"].shape[0],
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length", 0)),
         num_hidden_layers=layers,
@@ -150,26 +135,26 @@ def _hf_names(gguf_name: str, num_experts: int) -> list[str]:
     return [f"{prefix}.{_BLOCK_NAMES[part]}.{kind}"]
 
 
-def dequantized(tensor) -> np.ndarray:
-    """The tensor's values as float32 (or its float16/bfloat16 values widened exactly)."""
-    kind = tensor.tensor_type
-    if kind not in SUPPORTED_TENSOR_TYPES:
+def check_supported(tensor: GGUFTensor) -> None:
+    if tensor.kind not in SUPPORTED_TENSOR_TYPES:
         raise QwenkitError(
-            f"unsupported GGUF tensor type {kind.name} in tensor {tensor.name}; "
+            f"unsupported GGUF tensor type {tensor.kind.name} in tensor {tensor.name}; "
             f"supported: {', '.join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))}"
         )
-    if kind == GGMLQuantizationType.F32:
-        values = np.asarray(tensor.data, dtype=np.float32)
-    else:
-        values = dequantize(tensor.data, kind)
-    # ggml lists dimensions fastest-first; numpy slowest-first.
-    return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
-def iter_gguf_tensors(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    for tensor in reader.tensors:
+def dequantized(gguf: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
+    """The tensor's values as float32 (float16/bfloat16 values widened exactly)."""
+    check_supported(tensor)
+    return dequantize(gguf.raw(tensor), tensor.kind).reshape(tensor.shape)
+
+
+def iter_gguf_tensors(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for tensor in gguf.tensors.values():  # refuse unsupported types before spending time on the others
+        check_supported(tensor)
+    for tensor in gguf.tensors.values():
         names = _hf_names(tensor.name, config.num_experts)
-        values = dequantized(tensor)
+        values = dequantized(gguf, tensor)
         # F32 tensors are read-only views of the memory-mapped file; everything else is a fresh array.
         values = torch.from_numpy(values if values.flags.writeable else values.copy())
         if len(names) > 1:  # stacked experts [E, out, in]

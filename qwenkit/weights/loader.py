@@ -42,10 +42,10 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
 def load_resolved(resolved: ResolvedModel, dtype: torch.dtype) -> LoadedModel:
     path = resolved.path
     if resolved.format == "gguf":
-        reader = open_gguf(path)
-        config = config_from_gguf(reader)
-        tokenizer = Tokenizer.from_gguf(reader)
-        model = build_model(config, iter_gguf_tensors(reader, config), dtype)
+        gguf = open_gguf(path)
+        config = config_from_gguf(gguf)
+        tokenizer = Tokenizer.from_gguf(gguf)
+        model = build_model(config, iter_gguf_tensors(gguf, config), dtype)
         return LoadedModel(model, tokenizer, config, path)
     config = read_hf_config(path)
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
