@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwenkit.engine.generate import Generator
-from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.engine import LLM, EngineConfig, SamplingParams
 from qwenkit.model.attention import NoCache
 
 REF = np.load(Path(__file__).parent / "fixtures" / "default_model_reference.npz")
@@ -51,44 +50,46 @@ def test_last_position_logits_match_transformers(default_model, key):
     assert (got - expected).abs().max().item() < 1e-3
 
 
+@pytest.fixture(scope="module")
+def llm(default_model):
+    return LLM(default_model)
+
+
 @pytest.mark.parametrize("i", [0, 1, 2])
-def test_greedy_tokens_match_transformers(default_model, i):
+def test_greedy_tokens_match_transformers(llm, i):
     expected = REF[f"chat{i}_greedy_ids"].tolist()
-    gen = Generator(default_model)
     params = SamplingParams(max_tokens=META["greedy_tokens"], temperature=0)
-    got = [step.token_id for step in gen.stream(REF[f"chat{i}_prompt_ids"].tolist(), params)]
-    assert got == expected
+    out = llm.generate(REF[f"chat{i}_prompt_ids"].tolist(), params)[0].outputs[0]
+    assert out.token_ids == expected
 
 
-def test_streamed_text_equals_full_decode(default_model):
+def test_streamed_text_equals_full_decode(llm):
     """Chinese output streamed piece by piece reassembles into exactly the decoded text."""
-    gen = Generator(default_model)
-    steps = list(gen.stream(REF["chat1_prompt_ids"].tolist(), SamplingParams(max_tokens=32, temperature=0)))
-    streamed = "".join(s.text for s in steps)
-    assert "\ufffd" not in streamed
-    ids = [s.token_id for s in steps if s.finish_reason != "stop"]
-    assert streamed == default_model.tokenizer.decode(ids, skip_special_tokens=True)
-    assert steps[-1].finish_reason == "stop"
+    params = SamplingParams(max_tokens=32, temperature=0)
+    steps = list(llm.stream(REF["chat1_prompt_ids"].tolist(), params))
+    deltas = [s.outputs[0].delta_text for s in steps]
+    streamed = "".join(deltas)
+    assert all("\ufffd" not in d for d in deltas)
+    final = steps[-1].outputs[0]
+    assert final.finish_reason == "stop"
+    assert streamed == final.text == llm.tokenizer.decode(final.token_ids, skip_special_tokens=True)
 
 
-def test_chat_turn_reuses_cached_prefix(default_model):
-    """A second turn that extends the first gives the same tokens as a cold start."""
-    tok = default_model.tokenizer
-    history = [{"role": "user", "content": "Name a prime number."}]
-    warm = Generator(default_model)
-    params = SamplingParams(max_tokens=8, temperature=0)
-    answer = "".join(s.text for s in warm.stream(tok.encode(tok.apply_chat_template(history)), params))
+def test_chat_turn_reuses_cached_prefix(llm):
+    """A second turn that extends the first is served mostly from the prefix cache, with the same tokens."""
+    history = [{"role": "user", "content": "Name a prime number, then explain in two sentences why it is prime."}]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    answer = llm.chat(history, params)[0].outputs[0].text
     history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
-    ids = tok.encode(tok.apply_chat_template(history))
-    warm_tokens = [s.token_id for s in warm.stream(ids, params)]
-    assert warm.cache.length > len(ids) // 2  # most of the prompt came from the cache
-    cold_tokens = [s.token_id for s in Generator(default_model).stream(ids, params)]
-    assert warm_tokens == cold_tokens
+    warm = llm.chat(history, params)[0]
+    assert warm.metrics.num_cached_tokens >= 48
+    cold = LLM(llm.engine.loaded, engine_config=EngineConfig(enable_prefix_caching=False)).chat(history, params)[0]
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
 
 
-def test_seeded_sampling_is_reproducible(default_model):
+def test_seeded_sampling_is_reproducible(llm):
     ids = REF["chat0_prompt_ids"].tolist()
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=7)
-    a = [s.token_id for s in Generator(default_model).stream(ids, params)]
-    b = [s.token_id for s in Generator(default_model).stream(ids, params)]
+    a = llm.generate(ids, params)[0].outputs[0].token_ids
+    b = llm.generate(ids, params)[0].outputs[0].token_ids
     assert a == b

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwenkit.cli.common import add_model_flags, add_sampling_flags, load, sampling_params
-from qwenkit.engine.generate import Generator
+from qwenkit.cli.common import add_engine_flags, add_model_flags, add_sampling_flags, load_llm, sampling_params
 
 HELP = "commands: /reset clears the conversation, /exit quits"
 
@@ -16,25 +15,26 @@ def register(subparsers) -> None:
     p.add_argument("-p", "--prompt", default=None, help="one message; print only the reply and exit")
     p.add_argument("--system", default=None, help="system prompt")
     add_model_flags(p)
+    add_engine_flags(p)
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    params = sampling_params(args)
-    loaded = load(args)
-    generator = Generator(loaded)
+    llm = load_llm(args)
+    params = sampling_params(args, llm)
     base = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(history: list[dict]) -> str:
-        prompt = loaded.tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        parts = []
-        for step in generator.stream(loaded.tokenizer.encode(prompt), params):
-            sys.stdout.write(step.text)
+        # Each turn is a new request; the prefix cache finds the earlier turns' blocks.
+        prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        text = ""
+        for out in llm.stream(prompt, params):
+            sys.stdout.write(out.outputs[0].delta_text)
             sys.stdout.flush()
-            parts.append(step.text)
+            text = out.outputs[0].text
         sys.stdout.write("\n")
-        return "".join(parts)
+        return text
 
     if args.prompt is not None:
         reply([*base, {"role": "user", "content": args.prompt}])

@@ -13,23 +13,44 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="float32 is the exact reference mode")
 
 
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (GiB)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    # Unset flags fall back to the checkpoint's generation_config.json (or llama.cpp's defaults for GGUF).
     parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+def sampling_params(args: argparse.Namespace, llm) -> SamplingParams:
+    return llm.engine.default_sampling_params(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
     )
 
 
-def load(args: argparse.Namespace):
+def engine_config(args: argparse.Namespace):
+    from qwenkit.engine.llm_engine import EngineConfig
+
+    return EngineConfig(
+        kv_cache_memory=int(getattr(args, "kv_cache_gb", 1.0) * (1 << 30)),
+        max_num_seqs=getattr(args, "max_num_seqs", 64),
+        enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
+    )
+
+
+def load_llm(args: argparse.Namespace):
+    from qwenkit.engine.llm import LLM
     from qwenkit.weights.loader import load_model
 
     if sys.stderr.isatty():
         print("loading model...", file=sys.stderr, flush=True)
-    return load_model(args.model, args.dtype)
+    return LLM(load_model(args.model, args.dtype), engine_config=engine_config(args))

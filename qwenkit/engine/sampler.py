@@ -1,25 +1,103 @@
-"""Pick the next token from fp32 logits."""
+"""Turn a batch of fp32 logits into next tokens, each row with its own sampling parameters.
+
+Order (as vLLM and the OpenAI API define it): logit bias, min_tokens masking, repetition
+penalty (prompt and output), presence/frequency penalties (output only), then temperature,
+top-k, top-p, min-p, and a draw from each sequence's own generator, so a seeded request samples
+the same tokens whatever else is in the batch.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from qwenkit.engine.sampling_params import SamplingParams
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [vocab] fp32 for one sequence."""
-    if params.greedy:
-        return int(torch.argmax(logits))
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    generator: torch.Generator | None
+    blocked_token_ids: frozenset[int]  # masked while below min_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Everything that changes logits before the distribution is shaped (in place on a copy)."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if 0 <= t < vocab], dtype=torch.long)
+            if len(ids):
+                logits[i, ids] += torch.tensor([p.logit_bias[int(t)] for t in ids])
+        if row.blocked_token_ids and len(row.token_ids) - row.num_prompt_tokens < p.min_tokens:
+            logits[i, torch.tensor(sorted(row.blocked_token_ids))] = float("-inf")
+        if p.repetition_penalty != 1.0 and row.token_ids:
+            seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and len(row.token_ids) > row.num_prompt_tokens:
+            counts = torch.bincount(torch.tensor(row.token_ids[row.num_prompt_tokens :]), minlength=vocab)[:vocab]
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def shape_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities of one row after temperature, top-k, top-p and min-p."""
     logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the more likely ones already reach top_p; the first always stays.
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [len(rows), vocab] fp32. Returns a token per row and, where asked, its logprobs."""
+    raw_logprobs = None
+    if any(r.params.logprobs is not None for r in rows):
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+    processed = apply_penalties(logits, rows)
+    tokens: list[int] = []
+    for i, row in enumerate(rows):
+        if row.params.greedy:
+            tokens.append(int(torch.argmax(processed[i])))
+        else:
+            probs = shape_distribution(processed[i], row.params)
+            tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    logprobs: list[TokenLogprobs | None] = []
+    for i, row in enumerate(rows):
+        k = row.params.logprobs
+        if k is None:
+            logprobs.append(None)
+            continue
+        top = torch.topk(raw_logprobs[i], k) if k else None
+        logprobs.append(
+            TokenLogprobs(
+                tokens[i],
+                float(raw_logprobs[i, tokens[i]]),
+                list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
+            )
+        )
+    return tokens, logprobs

@@ -1,8 +1,9 @@
-"""What a request asks of generation."""
+"""What a request asks of generation (the OpenAI / vLLM sampling vocabulary)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from qwenkit.errors import QwenkitError
 
@@ -10,20 +11,64 @@ from qwenkit.errors import QwenkitError
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 512
-    temperature: float = 0.7  # 0 means greedy
-    top_p: float = 0.8
-    top_k: int = 20  # 0 or negative means no limit
-    seed: int | None = None
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no limit
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF-style, on prompt and generated tokens
+    presence_penalty: float = 0.0  # OpenAI-style, on generated tokens
+    frequency_penalty: float = 0.0  # OpenAI-style, on generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
+    skip_special_tokens: bool = True
+    thinking_budget: int | None = None  # end the <think> section after this many tokens
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise QwenkitError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise QwenkitError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise QwenkitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise QwenkitError(message)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    def with_changes(self, **changes: Any) -> "SamplingParams":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_generation_config(cls, generation_config: dict[str, Any], **overrides: Any) -> "SamplingParams":
+        """Defaults from a checkpoint's generation_config.json, then the caller's explicit values."""
+        names = {f.name for f in fields(cls)}
+        defaults: dict[str, Any] = {}
+        if generation_config.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if generation_config.get(key) is not None and not (key == "temperature" and "temperature" in defaults):
+                defaults[key] = generation_config[key]
+        defaults.update({k: v for k, v in overrides.items() if v is not None and k in names})
+        return cls(**defaults)

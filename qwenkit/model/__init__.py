@@ -1,4 +1,4 @@
-from qwenkit.model.attention import AttentionBackend, ContiguousKVCache, NoCache
+from qwenkit.model.attention import AttentionBackend, NoCache
 from qwenkit.model.qwen import QwenForCausalLM
 
-__all__ = ["AttentionBackend", "ContiguousKVCache", "NoCache", "QwenForCausalLM"]
+__all__ = ["AttentionBackend", "NoCache", "QwenForCausalLM"]

@@ -55,32 +55,3 @@ class NoCache:
 
     def attend(self, layer, q, k, v, scale, window):
         return causal_attention(q, k, v, self.positions, self.positions, scale, window)
-
-
-class ContiguousKVCache:
-    """One sequence with its K/V in preallocated buffers; call `advance` after each forward."""
-
-    def __init__(self, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
-        shape = (num_layers, max_len, kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype)
-        self.v = torch.empty(shape, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
-        self._positions = torch.arange(max_len)
-
-    def attend(self, layer, q, k, v, scale, window):
-        start, end = self.length, self.length + q.shape[0]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return causal_attention(
-            q, self.k[layer, :end], self.v[layer, :end], self._positions[start:end], self._positions[:end], scale, window
-        )
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` tokens (to reuse a shared chat prefix)."""
-        self.length = min(self.length, length)

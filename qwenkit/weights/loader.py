@@ -20,6 +20,9 @@ from qwenkit.weights.safetensors_dir import iter_safetensors, read_hf_config, re
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# A GGUF carries no generation config; these are llama.cpp's sampling defaults, which GGUF users expect.
+GGUF_GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
 _FUSED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -46,7 +49,7 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype) -> LoadedModel:
         config = config_from_gguf(gguf)
         tokenizer = Tokenizer.from_gguf(gguf)
         model = build_model(config, iter_gguf_tensors(gguf, config), dtype)
-        return LoadedModel(model, tokenizer, config, path)
+        return LoadedModel(model, tokenizer, config, path, dict(GGUF_GENERATION_DEFAULTS))
     config = read_hf_config(path)
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     eos = generation_config.get("eos_token_id", [])

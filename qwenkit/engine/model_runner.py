@@ -1,0 +1,58 @@
+"""Run the model once over a scheduled batch and return logits for the rows that sample."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenkit.engine.paged_attention import BatchAttention, PagedKVCache, PrefillSlice, slots_for
+from qwenkit.engine.scheduler import ScheduledSequence
+from qwenkit.model.qwen import QwenForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: QwenForCausalLM, cache: PagedKVCache):
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSequence]) -> torch.Tensor:
+        """fp32 logits [number of entries with completes_prompt, vocab], in batch order."""
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        decode_rows, decode_slots, decode_lengths = [], [], []
+        prefills: list[PrefillSlice] = []
+        sample_rows: list[int] = []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            row = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            pos = torch.arange(start, end)
+            positions.append(pos)
+            slot_mapping.append(slots_for(seq.block_table, start, end, self.block_size))
+            context = slots_for(seq.block_table, 0, end, self.block_size)
+            if item.num_tokens == 1:
+                decode_rows.append(row)
+                decode_slots.append(context)
+                decode_lengths.append(end)
+            else:
+                prefills.append(PrefillSlice(slice(row, row + item.num_tokens), pos, context))
+            if item.completes_prompt:
+                sample_rows.append(row + item.num_tokens - 1)
+        padded = torch.zeros(len(decode_slots), max(decode_lengths, default=0), dtype=torch.long)
+        for i, slots in enumerate(decode_slots):
+            padded[i, : len(slots)] = slots
+        attention = BatchAttention(
+            self.cache,
+            torch.cat(slot_mapping),
+            torch.tensor(decode_rows, dtype=torch.long),
+            padded,
+            torch.tensor(decode_lengths, dtype=torch.long),
+            prefills,
+        )
+        hidden = self.model(torch.tensor(input_ids), torch.cat(positions), attention)
+        if not sample_rows:
+            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows)])

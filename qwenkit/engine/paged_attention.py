@@ -1,0 +1,97 @@
+"""Paged KV cache and the attention backend for one batched forward pass.
+
+K/V for all layers live in one pool of fixed-size blocks; a sequence's block table maps its
+positions to slots. Each layer first writes the batch's new K/V into their slots and only then
+attends, so a sequence may read blocks that another sequence of the same batch just filled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qwenkit.model.attention import causal_attention
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
+        self.block_size = block_size
+        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
+        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+
+
+def slots_for(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions [start, end) of a sequence."""
+    positions = torch.arange(start, end)
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+@dataclass
+class PrefillSlice:
+    rows: slice  # rows of the flat batch
+    q_positions: torch.Tensor
+    context_slots: torch.Tensor  # slots of positions [0, context_len)
+
+
+class BatchAttention:
+    """Attention metadata for one forward: decodes batched together, prefill chunks one by one."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slot_mapping: torch.Tensor,
+        decode_rows: torch.Tensor,
+        decode_slots: torch.Tensor,
+        decode_lengths: torch.Tensor,
+        prefills: list[PrefillSlice],
+    ):
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.decode_rows = decode_rows  # [B] rows of single-token (decode) sequences
+        self.decode_slots = decode_slots  # [B, Lmax] their context slots, padded
+        self.decode_lengths = decode_lengths  # [B]
+        self.prefills = prefills
+        if len(decode_rows):
+            span = torch.arange(decode_slots.shape[1])
+            self.decode_valid = span[None, :] < decode_lengths[:, None]
+            self.decode_span = span
+
+    def attend(self, layer, q, k, v, scale, window):
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        k_pool[self.slot_mapping] = k
+        v_pool[self.slot_mapping] = v
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        if len(self.decode_rows):
+            out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool, scale, window)
+        for p in self.prefills:
+            out[p.rows] = causal_attention(
+                q[p.rows], k_pool[p.context_slots], v_pool[p.context_slots],
+                p.q_positions, torch.arange(len(p.context_slots)), scale, window,
+            )
+        return out
+
+    def _decode(self, q, k_pool, v_pool, scale, window):
+        b, heads, dim = q.shape
+        keys = k_pool[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+        values = v_pool[self.decode_slots].transpose(1, 2)
+        mask = self.decode_valid
+        if window is not None:
+            mask = mask & (self.decode_span[None, :] > (self.decode_lengths[:, None] - 1 - window))
+        out = F.scaled_dot_product_attention(
+            q.view(b, heads, 1, dim), keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=heads != keys.shape[1],
+        )
+        return out.reshape(b, heads * dim)

@@ -1,0 +1,66 @@
+"""A sequence being generated: its tokens, its KV blocks, and where it stands."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from qwenkit.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of those, how many came from the prefix cache at admission
+    generator: torch.Generator | None = None
+    forced_tokens: list[int] = field(default_factory=list)  # emitted instead of sampling (thinking budget)
+    thinking_tokens: int = 0
+    in_thinking: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_token(self, token: int, now: float) -> None:
+        self.token_ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
