@@ -93,3 +93,24 @@ def test_seeded_sampling_is_reproducible(llm):
     a = llm.generate(ids, params)[0].outputs[0].token_ids
     b = llm.generate(ids, params)[0].outputs[0].token_ids
     assert a == b
+
+
+SIXTEEN = [
+    "What is the capital of France?", "Write a Python function that adds two numbers.", "2+2=?",
+    "用中文说你好。", "Name three colors.", "What does HTTP stand for?", "Translate 'cat' to Spanish.",
+    "Give me a prime number.", "What is recursion?", "Say hi in Japanese.", "List two sorting algorithms.",
+    "What is 7 times 8?", "Write a SQL query selecting all rows from users.", "What language is Rust?",
+    "Explain a linked list in one sentence.", "What is the boiling point of water in Celsius?",
+]
+
+
+def test_sixteen_prompts_together_equal_each_alone(llm):
+    """Continuous batching in fp32 does not change any greedy token."""
+    params = SamplingParams(max_tokens=10, temperature=0)
+    conversations = [[{"role": "user", "content": p}] for p in SIXTEEN]
+    together = llm.chat(conversations, params)
+    alone = LLM(llm.engine.loaded, engine_config=EngineConfig(enable_prefix_caching=False))  # nothing shared
+    for conversation, out in zip(conversations, together):
+        assert out.outputs[0].token_ids == alone.chat(conversation, params)[0].outputs[0].token_ids
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

@@ -12,7 +12,7 @@ ARCHITECTURES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
 
 
-def tiny_config(arch: str, yarn: bool = False, tied: bool = False) -> transformers.PretrainedConfig:
+def tiny_config(arch: str, yarn: bool = False, tied: bool = False, max_positions: int = 128) -> transformers.PretrainedConfig:
     common = dict(
         vocab_size=300,
         hidden_size=64,
@@ -20,7 +20,7 @@ def tiny_config(arch: str, yarn: bool = False, tied: bool = False) -> transforme
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tied,
         rope_parameters=dict(YARN) if yarn else {"rope_type": "default", "rope_theta": 10000.0},
@@ -66,6 +66,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # added, not special (as in Qwen3)
 
 
 def tiny_tokenizer(vocab_size: int = 300, chat_template: str = CHATML):
@@ -81,19 +82,20 @@ def tiny_tokenizer(vocab_size: int = 300, chat_template: str = CHATML):
             break
         vocab.setdefault(a + b, len(vocab))
         merges.append((a, b))
-    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
+    while len(vocab) < vocab_size - len(SPECIAL_TOKENS) - len(THINK_TOKENS):
         vocab[f"<unused{len(vocab)}>"] = len(vocab)
-    for t in SPECIAL_TOKENS:
+    for t in SPECIAL_TOKENS + THINK_TOKENS:
         vocab[t] = len(vocab)
     tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.add_tokens([transformers.AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     tok.chat_template = chat_template
     return tok
 
 
-def save_tiny(arch: str, directory: Path, yarn: bool = False, tied: bool = False, max_shard_size=None):
+def save_tiny(arch: str, directory: Path, yarn: bool = False, tied: bool = False, max_shard_size=None, max_positions=128):
     """Save a tiny random model with a tokenizer; return the transformers reference model."""
-    model = reference_model(tiny_config(arch, yarn, tied))
+    model = reference_model(tiny_config(arch, yarn, tied, max_positions))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     tiny_tokenizer().save_pretrained(directory)

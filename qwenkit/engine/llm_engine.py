@@ -231,9 +231,8 @@ class LLMEngine:
         if token == self.think_open_id:
             seq.in_thinking, seq.thinking_tokens = True, 0
             return
-        if token == self.think_close_id:
+        if token == self.think_close_id:  # sampled, or the forced close (whose "\n\n" still follows)
             seq.in_thinking = False
-            seq.forced_tokens.clear()
             return
         if seq.in_thinking:
             seq.thinking_tokens += 1
