@@ -56,3 +56,12 @@ def test_generate_raw_completion_equals_transformers_greedy(tmp_path):
     result = run_cli("generate", "the cat sat on", "--model", str(tmp_path), "--max-tokens", "6", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+
+def test_bench_reports_throughput_and_latency(tmp_path):
+    save_tiny("qwen3", tmp_path)
+    result = run_cli("bench", "--model", str(tmp_path), "--num-requests", "4", "--prompt-len", "16", "--output-len", "8")
+    assert result.returncode == 0, result.stderr
+    assert "(64 prompt tokens, 32 generated)" in result.stdout
+    for label in ("output tokens/s", "TTFT p50 / p99", "inter-token p50/p99", "peak memory (RSS)"):
+        assert label in result.stdout

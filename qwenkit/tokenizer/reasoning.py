@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from qwenkit.tokenizer.output_parser import THINK_CLOSE, THINK_OPEN, parse_output
+
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "prompt_opens_thinking", "split_reasoning"]
 
 
 def split_reasoning(text: str, thinking_open: bool = False) -> tuple[str | None, str]:
-    """(reasoning or None, answer).
+    """(reasoning or None, answer). `thinking_open`: the prompt already opened the <think> block.
 
-    `thinking_open` says the prompt already opened the block (some templates end with "<think>\\n"),
-    so the output starts inside it. Reasoning that never closes (cut by max_tokens) is all reasoning.
+    Reasoning that never closes (cut by max_tokens) is all reasoning.
     """
-    body = text
-    if not thinking_open:
-        stripped = text.lstrip()
-        if not stripped.startswith(THINK_OPEN):
-            return None, text
-        body = stripped[len(THINK_OPEN) :]
-    if THINK_CLOSE not in body:
-        return body.strip("\n"), ""
-    reasoning, answer = body.split(THINK_CLOSE, 1)
-    return reasoning.strip("\n"), answer.lstrip("\n")
+    parsed = parse_output(text, thinking_open, parse_tools=False)
+    return parsed.reasoning, parsed.content
 
 
 def prompt_opens_thinking(prompt_text: str) -> bool:

@@ -1,0 +1,61 @@
+"""Reasoning and tool-call parsing: same result whether the text arrives whole or token by token."""
+
+import json
+
+import pytest
+
+from qwenkit.tokenizer.output_parser import OutputParser, ToolCall, parse_output
+
+CASES = [
+    # (text, thinking_open, reasoning, content, tool calls)
+    ("<think>\nplan it\n</think>\n\nThe answer.", False, "plan it", "The answer.", []),
+    ("plan\n</think>\n\nanswer", True, "plan", "answer", []),
+    ("Just an answer with <b>tags</b> and < signs.", False, None, "Just an answer with <b>tags</b> and < signs.", []),
+    ("<think>\nunfinished", False, "unfinished", "", []),
+    (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        False, None, "Let me check.\n", [ToolCall("get_weather", '{"city": "Paris"}')],
+    ),
+    (
+        '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {"x": [1, 2]}}\n</tool_call>',
+        False, None, "\n", [ToolCall("a", "{}"), ToolCall("b", '{"x": [1, 2]}')],
+    ),
+    ('<tool_call>\n{"name": "broken", "arguments": {"city": }\n</tool_call>', False, None,
+     '<tool_call>\n{"name": "broken", "arguments": {"city": }\n</tool_call>', []),
+    ("<think>\nweigh options\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"q\": \"日本\"}}\n</tool_call>",
+     False, "weigh options", "", [ToolCall("f", '{"q": "日本"}')]),
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}', False, None, "", [ToolCall("f", '{"a": 1}')]),  # cut at stop
+]
+
+
+@pytest.mark.parametrize("text, opened, reasoning, content, calls", CASES)
+def test_whole_text(text, opened, reasoning, content, calls):
+    parsed = parse_output(text, opened)
+    assert (parsed.reasoning, parsed.content, parsed.tool_calls) == (reasoning, content, calls)
+
+
+@pytest.mark.parametrize("text, opened, reasoning, content, calls", CASES)
+@pytest.mark.parametrize("piece", [1, 2, 3, 7])
+def test_streamed_in_pieces(text, opened, reasoning, content, calls, piece):
+    parser = OutputParser(opened)
+    deltas = []
+    for i in range(0, len(text), piece):
+        deltas += parser.feed(text[i : i + piece])
+    deltas += parser.finish()
+    got_reasoning = "".join(d.reasoning for d in deltas)
+    assert (got_reasoning.strip("\n") if parser.saw_reasoning else None) == reasoning
+    assert "".join(d.content for d in deltas) == content
+    assert [d.tool_call for d in deltas if d.tool_call] == calls
+    for d in deltas:
+        if d.tool_call:
+            json.loads(d.tool_call.arguments)
+
+
+def test_forced_tool_call_prefix():
+    parsed = parse_output('{"name": "f", "arguments": {"x": 1}}\n</tool_call>', prefix="<tool_call>\n")
+    assert parsed.tool_calls == [ToolCall("f", '{"x": 1}')] and parsed.content == ""
+
+
+def test_tools_not_parsed_when_disabled():
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert parse_output(text, parse_tools=False).content == text
