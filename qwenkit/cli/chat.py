@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qwenkit.cli.common import add_engine_flags, add_model_flags, add_sampling_flags, load_llm, sampling_params
@@ -14,25 +15,48 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a model (interactive, or one shot with -p)")
     p.add_argument("-p", "--prompt", default=None, help="one message; print only the reply and exit")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--url", default=None, help="chat with a running server instead (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="Bearer key for --url (or env QWENKIT_API_KEY)")
     add_model_flags(p)
     add_engine_flags(p)
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def local_replies(args: argparse.Namespace):
     llm = load_llm(args)
     params = sampling_params(args, llm)
+
+    def pieces(history: list[dict]):
+        # Each turn is a new request; the prefix cache finds the earlier turns' blocks.
+        prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        for out in llm.stream(prompt, params):
+            yield out.outputs[0].delta_text
+
+    return pieces
+
+
+def remote_replies(args: argparse.Namespace):
+    from qwenkit.cli.remote import RemoteChat
+
+    remote = RemoteChat(
+        args.url, args.api_key or os.environ.get("QWENKIT_API_KEY"), args.model,
+        {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+         "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed},
+    )
+    return remote.stream
+
+
+def run(args: argparse.Namespace) -> int:
+    pieces = remote_replies(args) if args.url else local_replies(args)
     base = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(history: list[dict]) -> str:
-        # Each turn is a new request; the prefix cache finds the earlier turns' blocks.
-        prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
         text = ""
-        for out in llm.stream(prompt, params):
-            sys.stdout.write(out.outputs[0].delta_text)
+        for piece in pieces(history):
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            text = out.outputs[0].text
+            text += piece
         sys.stdout.write("\n")
         return text
 

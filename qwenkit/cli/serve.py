@@ -1,0 +1,53 @@
+"""`qwenkit serve`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from qwenkit.cli.common import add_engine_flags, add_model_flags, engine_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_model_flags(p)
+    add_engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: from the checkpoint)")
+    p.add_argument("--api-key", action="append", default=None, help="required Bearer key (repeatable; or env QWENKIT_API_KEY, comma-separated)")
+    p.add_argument("--rate-limit-rpm", type=int, default=0, help="requests per minute per key (0: unlimited)")
+    p.add_argument("--rate-limit-tpm", type=int, default=0, help="tokens per minute per key (0: unlimited)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-messages", type=int, default=512)
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests in flight after SIGTERM")
+    p.add_argument("--log-requests", action="store_true", help="log each request line (prompts and outputs are never logged)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qwenkit.engine.llm import AsyncLLM
+    from qwenkit.server.app import create_app
+    from qwenkit.server.state import ServerConfig
+    from qwenkit.weights.loader import load_model
+
+    keys = args.api_key or [k for k in os.environ.get("QWENKIT_API_KEY", "").split(",") if k]
+    loaded = load_model(args.model, args.dtype)
+    name = args.served_model_name or (loaded.path.stem if loaded.path.is_file() else loaded.path.name)
+    llm = AsyncLLM(loaded, engine_config=engine_config(args))
+    config = ServerConfig(
+        served_model_name=name, api_keys=keys, requests_per_minute=args.rate_limit_rpm,
+        tokens_per_minute=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+        max_tokens_limit=args.max_tokens_limit, log_requests=args.log_requests,
+    )
+    app = create_app(llm, config)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({'API key required' if keys else 'no API key'})",
+          file=sys.stderr, flush=True)
+    logging.getLogger("uvicorn.access").disabled = not args.log_requests
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_timeout)
+    return 0

@@ -1,0 +1,40 @@
+"""Prometheus metrics (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from qwenkit.engine.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class ServerMetrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("qwenkit_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("qwenkit_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("qwenkit_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("qwenkit_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("qwenkit_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("qwenkit_e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, registry=r)
+        # Engine state is read between steps without a lock: a gauge may lag by one step.
+        Gauge("qwenkit_num_requests_running", "Sequences running", registry=r).set_function(lambda: len(engine.scheduler.running))
+        Gauge("qwenkit_num_requests_waiting", "Sequences waiting", registry=r).set_function(lambda: len(engine.scheduler.waiting))
+        Gauge("qwenkit_kv_cache_usage_perc", "Fraction of KV blocks in use", registry=r).set_function(lambda: engine.block_manager.usage)
+        Gauge("qwenkit_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r).set_function(
+            lambda: engine.block_manager.stats.hit_rate)
+
+    def record(self, out: RequestOutput, end_time: float) -> None:
+        for completion in out.outputs:
+            self.requests.labels(completion.finish_reason or "abort").inc()
+        self.prompt_tokens.inc(out.num_prompt_tokens)
+        self.generation_tokens.inc(out.num_generated_tokens)
+        m = out.metrics
+        if m.time_to_first_token is not None:
+            self.ttft.observe(m.time_to_first_token)
+        for latency in out.inter_token_latencies:
+            self.tpot.observe(latency)
+        self.e2e.observe(end_time - m.arrival_time)
