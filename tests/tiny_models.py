@@ -100,3 +100,12 @@ def save_tiny(arch: str, directory: Path, yarn: bool = False, tied: bool = False
     model.save_pretrained(directory, **kwargs)
     tiny_tokenizer().save_pretrained(directory)
     return model
+
+
+# Qwen3-style: thinking on (the default) opens <think> in the prompt; off writes an empty block.
+QWEN3_THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -101,8 +102,20 @@ class AsyncLLM:
                     command()
             except queue.Empty:
                 pass
-            for out in self.engine.step():
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug must not take the engine thread (and every client) down
+                traceback.print_exc()
+                self._fail_all(exc)
+                continue
+            for out in outputs:
                 self._deliver(out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Abort every request in flight and hand each stream the error."""
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"), request_id)
 
     def _deliver(self, out: RequestOutput | BaseException, request_id: str | None = None) -> None:
         key = request_id or out.request_id

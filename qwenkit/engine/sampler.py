@@ -53,9 +53,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits
 
 
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """Extreme parameters (a penalty of 1e-300, a temperature of 1e-30) must not make NaN probabilities."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 2)
+
+
 def shape_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities of one row after temperature, top-k, top-p and min-p."""
-    logits = logits / params.temperature
+    logits = finite(logits / params.temperature)
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -67,6 +72,8 @@ def shape_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
         drop = (probs.cumsum(-1) - probs) >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:  # nothing sensible left: fall back to the best token
+        probs = torch.zeros_like(probs).scatter_(0, torch.argmax(logits).view(1), 1.0)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
         probs = probs / probs.sum()
@@ -78,7 +85,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-    processed = apply_penalties(logits, rows)
+    processed = finite(apply_penalties(logits, rows))
     tokens: list[int] = []
     for i, row in enumerate(rows):
         if row.params.greedy:

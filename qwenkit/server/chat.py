@@ -62,7 +62,7 @@ def build_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[str, 
     tools = [t.model_dump() for t in body.tools] if body.tools and choice != "none" else None
     prefix = ""
     if tools and choice == "required":
-        prefix = TOOL_OPEN + "\n"
+        prefix = TOOL_OPEN + '\n{"name": "'  # the model must name one of the tools
     elif tools and choice is not None and not isinstance(choice, str):
         names = [t["function"]["name"] for t in tools]
         if choice.function.name not in names:
@@ -90,7 +90,7 @@ def message_for(completion: CompletionOutput, parsed, parallel: bool) -> tuple[d
     finish = completion.finish_reason
     if calls:
         message["tool_calls"] = [
-            {"id": new_id("call"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            {"id": new_id("call", "_"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
         ]
         if not parsed.content.strip():
             message["content"] = None
@@ -178,7 +178,7 @@ def _openai_deltas(deltas: list[Delta], index: int, tool_counts: dict[int, int],
                 continue
             k = tool_counts[index]
             tool_counts[index] += 1
-            out.append({"tool_calls": [{"index": k, "id": new_id("call"), "type": "function",
+            out.append({"tool_calls": [{"index": k, "id": new_id("call", "_"), "type": "function",
                                         "function": {"name": d.tool_call.name, "arguments": ""}}]})
             args = d.tool_call.arguments
             for i in range(0, len(args), ARGUMENT_FRAGMENT):

@@ -102,8 +102,8 @@ class ServerState:
         self.rate_limiter.charge(key, out.num_generated_tokens)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
 
 
 async def final_output(request: Request, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
