@@ -114,13 +114,12 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
     thinking_open = prompt_opens_thinking(prompt)
     request_id = new_id("chatcmpl")
-    stream = state.llm.generate(prompt_ids, params, request_id)
+    stream = state.generate(key, prompt_ids, params, request_id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = stream_chat(state, key, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage)
+        chunks = stream_chat(state, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
     out = await final_output(request, stream)
-    state.finished(key, out)
     choices = []
     for c in out.outputs:
         message, finish = message_for(c, parse_output(c.text, thinking_open, parse_tools, prefix), body.parallel_tool_calls)
@@ -130,12 +129,14 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             "choices": choices, "usage": usage(out)}
 
 
-async def stream_chat(state, key, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage) -> AsyncIterator[str]:
+async def stream_chat(state, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[dict], **extra) -> str:
+        # ASCII-escaped JSON: U+2028 and friends inside a data line would split it for clients
+        # that break lines the way str.splitlines() does.
         return "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                      "model": model, "choices": choices, **extra}, ensure_ascii=False) + "\n\n"
+                                      "model": model, "choices": choices, **extra}) + "\n\n"
 
     parsers: dict[int, OutputParser] = {}
     tool_counts: dict[int, int] = {}
@@ -158,10 +159,8 @@ async def stream_chat(state, key, stream, request_id, model, thinking_open, pars
             if c.finished:
                 finish = "tool_calls" if tool_counts[c.index] else c.finish_reason
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
-    if out is not None:
-        state.finished(key, out)
-        if include_usage:
-            yield chunk([], usage=usage(out))
+    if out is not None and include_usage:
+        yield chunk([], usage=usage(out))
     yield "data: [DONE]\n\n"
 
 

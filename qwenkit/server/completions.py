@@ -43,19 +43,18 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     max_tokens = state.admit(key, prompt_ids, body.max_tokens or 16)
     params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
     request_id = new_id("cmpl")
-    stream = state.llm.generate(prompt_ids, params, request_id)
+    stream = state.generate(key, prompt_ids, params, request_id)
     echo = state.tokenizer.decode(prompt_ids) if body.echo else ""
     if body.stream:
-        return StreamingResponse(stream_completion(state, key, stream, request_id, model, body, echo), media_type="text/event-stream")
+        return StreamingResponse(stream_completion(state, stream, request_id, model, body, echo), media_type="text/event-stream")
     out = await final_output(request, stream)
-    state.finished(key, out)
     choices = [{"index": c.index, "text": echo + c.text, "finish_reason": c.finish_reason,
                 "logprobs": legacy_logprobs(state, c) if body.logprobs is not None else None} for c in out.outputs]
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(out)}
 
 
-async def stream_completion(state, key, stream, request_id, model, body: CompletionRequest, echo: str):
+async def stream_completion(state, stream, request_id, model, body: CompletionRequest, echo: str):
     created = int(time.time())
     started: set[int] = set()
     out = None
@@ -68,10 +67,8 @@ async def stream_completion(state, key, stream, request_id, model, body: Complet
             if text or c.finished:
                 choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
                 yield "data: " + json.dumps({"id": request_id, "object": "text_completion", "created": created,
-                                             "model": model, "choices": [choice]}, ensure_ascii=False) + "\n\n"
-    if out is not None:
-        state.finished(key, out)
-        if body.stream_options and body.stream_options.include_usage:
-            yield "data: " + json.dumps({"id": request_id, "object": "text_completion", "created": created,
-                                         "model": model, "choices": [], "usage": usage(out)}) + "\n\n"
+                                             "model": model, "choices": [choice]}) + "\n\n"
+    if out is not None and body.stream_options and body.stream_options.include_usage:
+        yield "data: " + json.dumps({"id": request_id, "object": "text_completion", "created": created,
+                                     "model": model, "choices": [], "usage": usage(out)}) + "\n\n"
     yield "data: [DONE]\n\n"

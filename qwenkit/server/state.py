@@ -97,9 +97,19 @@ class ServerState:
         except (QwenkitError, ValueError) as exc:
             raise APIError(400, str(exc), "invalid_value") from exc
 
-    def finished(self, key: str, out: RequestOutput) -> None:
-        self.metrics.record(out, time.monotonic())
-        self.rate_limiter.charge(key, out.num_generated_tokens)
+    async def generate(self, key: str, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's stream for one request; whatever way it ends (done, client gone), it is counted."""
+        last = None
+        try:
+            async for out in self.llm.generate(prompt_ids, params, request_id):
+                last = out
+                yield out
+        finally:
+            if last is None:
+                self.metrics.requests.labels("abort").inc()
+            else:
+                self.metrics.record(last, time.monotonic())
+                self.rate_limiter.charge(key, last.num_generated_tokens)
 
 
 def new_id(prefix: str, sep: str = "-") -> str:
