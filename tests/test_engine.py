@@ -203,3 +203,9 @@ def test_cancelled_consumer_frees_its_request(tiny):
         assert bm.num_free_blocks == bm.num_blocks
     finally:
         llm.shutdown()
+
+
+def test_out_of_vocabulary_prompt_ids_are_refused(tiny):
+    _, _, loaded = tiny
+    with pytest.raises(QwenkitError, match=r"token ids must be in \[0, 300\)"):
+        LLM(loaded).generate([1, 2, 300], GREEDY)

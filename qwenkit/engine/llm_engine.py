@@ -93,7 +93,7 @@ class LLMEngine:
             raise QwenkitError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_length(len(ids), params)
+        self.validate_prompt(ids, params)
         now = time.monotonic()
         opens = prompt_opens_thinking(prompt_text if prompt_text is not None else self.tokenizer.decode(ids[-64:]))
         first = self._new_sequence(request_id, 0, ids, params, now, opens)
@@ -104,9 +104,13 @@ class LLMEngine:
         self.scheduler.add(first)
         return request_id
 
-    def _check_length(self, n: int, params: SamplingParams) -> None:
+    def validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        n = len(ids)
         if n == 0:
             raise QwenkitError("the prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:  # caught here, not as an index error inside a batch
+            raise QwenkitError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
         if n >= self.max_model_len:
             raise QwenkitError(
                 f"the prompt has {n} tokens; the model's context holds {self.max_model_len} (prompt + output)"

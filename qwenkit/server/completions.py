@@ -38,11 +38,10 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
             raise APIError(400, "send one prompt per request (batched string prompts are not supported)", "invalid_value", "prompt")
         prompt = prompt[0]
     prompt_ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if any(not 0 <= t < state.tokenizer.vocab_size for t in prompt_ids):
-        raise APIError(400, "prompt token ids out of the vocabulary range", "invalid_value", "prompt")
     max_tokens = state.admit(key, prompt_ids, body.max_tokens or 16)
     params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
     request_id = new_id("cmpl")
+    state.engine.validate_prompt(prompt_ids, params)  # errors become a 400 before any streaming starts
     stream = state.generate(key, prompt_ids, params, request_id)
     echo = state.tokenizer.decode(prompt_ids) if body.echo else ""
     if body.stream:
