@@ -11,6 +11,8 @@ from qwenkit.engine.sampling_params import SamplingParams
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file or hub id (default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="float32 is the exact reference mode")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization of the linear layers at load time")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,4 +55,4 @@ def load_llm(args: argparse.Namespace):
 
     if sys.stderr.isatty():
         print("loading model...", file=sys.stderr, flush=True)
-    return LLM(load_model(args.model, args.dtype), engine_config=engine_config(args))
+    return LLM(load_model(args.model, args.dtype, args.quantize, args.group_size), engine_config=engine_config(args))

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from qwenkit.weights.loader import load_model
 
     keys = args.api_key or [k for k in os.environ.get("QWENKIT_API_KEY", "").split(",") if k]
-    loaded = load_model(args.model, args.dtype)
+    loaded = load_model(args.model, args.dtype, args.quantize, args.group_size)
     name = args.served_model_name or (loaded.path.stem if loaded.path.is_file() else loaded.path.name)
     llm = AsyncLLM(loaded, engine_config=engine_config(args))
     config = ServerConfig(

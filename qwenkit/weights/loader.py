@@ -35,11 +35,21 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
 
 
-def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default)."""
+def load_model(
+    spec: str | None = None, dtype: str = "float32", quantize: str | None = None, group_size: int = 128
+) -> LoadedModel:
+    """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default).
+
+    `quantize` ("int8" or "int4") swaps the linear layers for weight-only quantized ones after loading.
+    """
     if dtype not in DTYPES:
         raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return load_resolved(resolve_model(spec), DTYPES[dtype])
+    loaded = load_resolved(resolve_model(spec), DTYPES[dtype])
+    if quantize is not None:
+        from qwenkit.quantization.quantize import quantize_model
+
+        quantize_model(loaded.model, quantize, group_size)
+    return loaded
 
 
 def load_resolved(resolved: ResolvedModel, dtype: torch.dtype) -> LoadedModel:
