@@ -1,0 +1,153 @@
+"""qwenkit beside llama.cpp and transformers on the same GGUF (the embedded default), in one run.
+
+For each runtime, in its own process (so peak RSS is its own): load time, decode tokens/s
+(batch 1, 128 greedy tokens), prefill tokens/s (a 1000-token prompt), peak RSS, and perplexity on
+benchmarks/data/perplexity.txt. Prints a table with ratios to llama.cpp.
+
+    pip install -e ".[bench]"          # llama-cpp-python compiles llama.cpp (~10 minutes)
+    python benchmarks/vs_anchors.py [--skip-transformers] [--modes float32,int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+THREADS = 2
+DECODE_TOKENS = 128
+PREFILL_TOKENS = 1000
+TEXT = Path(__file__).parent / "data" / "perplexity.txt"
+
+
+def token_ids():
+    from qwenkit.tokenizer.tokenizer import Tokenizer
+    from qwenkit.weights.default_model import ensure_assembled
+    from qwenkit.weights.gguf_file import open_gguf
+
+    tok = Tokenizer.from_gguf(open_gguf(ensure_assembled()))
+    text_ids = tok.encode(TEXT.read_text())
+    prefill = (text_ids * 4)[:PREFILL_TOKENS]
+    chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a long story about the sea."}]))
+    return text_ids, prefill, chat
+
+
+def nll_to_ppl(logits, ids) -> float:
+    import torch
+
+    logp = torch.log_softmax(torch.as_tensor(logits[: len(ids) - 1]).float(), -1)
+    nll = -logp.gather(1, torch.tensor(ids[1:]).view(-1, 1)).mean().item()
+    return math.exp(nll)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_qwenkit(mode: str) -> dict:
+    import torch
+
+    from qwenkit.engine import LLM, SamplingParams
+    from qwenkit.model.attention import NoCache
+    from qwenkit.weights.loader import load_model
+
+    torch.set_num_threads(THREADS)
+    text_ids, prefill, chat = token_ids()
+    start = time.monotonic()
+    loaded = load_model(None, "float32", quantize=None if mode == "float32" else mode)
+    load = time.monotonic() - start
+    llm = LLM(loaded)
+    out = llm.generate(chat, SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True))[0]
+    times = out.token_times[0]
+    decode = DECODE_TOKENS / (times[-1] - times[0])
+    out = llm.generate(prefill, SamplingParams(max_tokens=1, temperature=0))[0]
+    prefill_rate = PREFILL_TOKENS / out.metrics.time_to_first_token
+    pos = torch.arange(len(text_ids))
+    with torch.inference_mode():
+        logits = loaded.model.compute_logits(loaded.model(torch.tensor(text_ids), pos, NoCache(pos)))
+    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+
+
+def run_llama_cpp() -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    from qwenkit.weights.default_model import ensure_assembled
+
+    text_ids, prefill, chat = token_ids()
+    start = time.monotonic()
+    llm = Llama(str(ensure_assembled()), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512,
+                logits_all=True, verbose=False)
+    load = time.monotonic() - start
+    stamps = []
+    for _ in llm.generate(chat, temp=0.0, top_k=1, reset=True):
+        stamps.append(time.monotonic())
+        if len(stamps) > DECODE_TOKENS:
+            break
+    decode = DECODE_TOKENS / (stamps[-1] - stamps[0])
+    llm.reset()
+    start = time.monotonic()
+    llm.eval(prefill)
+    prefill_rate = PREFILL_TOKENS / (time.monotonic() - start)
+    llm.reset()
+    llm.eval(text_ids)
+    logits = np.array(llm.scores[: len(text_ids)])
+    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+
+
+def run_transformers() -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenkit.weights.default_model import ensure_assembled
+
+    torch.set_num_threads(THREADS)
+    text_ids, prefill, chat = token_ids()
+    gguf = ensure_assembled()
+    start = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    load = time.monotonic() - start
+    with torch.inference_mode():
+        start = time.monotonic()
+        model(torch.tensor([prefill]))
+        prefill_rate = PREFILL_TOKENS / (time.monotonic() - start)
+        ids = torch.tensor([chat])
+        start = time.monotonic()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        first = time.monotonic() - start
+        start = time.monotonic()
+        model.generate(ids, max_new_tokens=DECODE_TOKENS + 1, min_new_tokens=DECODE_TOKENS + 1, do_sample=False)
+        decode = DECODE_TOKENS / (time.monotonic() - start - first)
+        logits = model(torch.tensor([text_ids])).logits[0]
+    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+
+
+def isolated(fn, *args) -> dict:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="float32,int4", help="qwenkit modes: float32, int8, int4")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    rows = {"llama.cpp": isolated(run_llama_cpp)}
+    for mode in args.modes.split(","):
+        rows[f"qwenkit {mode}"] = isolated(run_qwenkit, mode)
+    if not args.skip_transformers:
+        rows["transformers fp32"] = isolated(run_transformers)
+    anchor = rows["llama.cpp"]
+    gguf_size = Path(__import__("qwenkit.weights.default_model", fromlist=["x"]).ensure_assembled()).stat().st_size
+    print(f"\nembedded default ({gguf_size / 2**20:.0f} MiB GGUF), {THREADS} threads; ratios are to llama.cpp\n")
+    print(f"{'runtime':20}{'decode tok/s':>18}{'prefill tok/s':>19}{'load s':>9}{'peak RSS GiB':>14}{'RSS/GGUF':>10}{'perplexity':>12}")
+    for name, r in rows.items():
+        print(f"{name:20}{r['decode']:>9.1f} ({r['decode'] / anchor['decode']:4.2f}x){r['prefill']:>10.1f} ({r['prefill'] / anchor['prefill']:4.2f}x)"
+              f"{r['load']:>9.1f}{r['rss'] / 2**30:>14.2f}{r['rss'] / gguf_size:>10.2f}{r['ppl']:>8.2f} ({(r['ppl'] / anchor['ppl'] - 1) * 100:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
