@@ -144,9 +144,16 @@ def test_thinking_budget_closes_the_reasoning(tiny):
     assert out.content == tok.decode(out.token_ids[5 + len(forced):])
 
 
-def test_async_streams_and_abort(tiny):
+@pytest.fixture
+def async_llm(tiny):
+    llm = AsyncLLM(tiny[2])
+    yield llm
+    llm.shutdown()
+
+
+def test_async_streams_and_abort(tiny, async_llm):
     _, _, loaded = tiny
-    llm = AsyncLLM(loaded)
+    llm = async_llm
 
     async def collect(ids, params, request_id):
         chunks = []
@@ -165,26 +172,21 @@ def test_async_streams_and_abort(tiny):
         aborted = await victim
         return batch, results, aborted
 
-    try:
-        batch, results, aborted = asyncio.run(main())
-        sync = LLM(loaded)
-        for ids, chunks in zip(batch, results):
-            final = chunks[-1].outputs[0]
-            assert final.token_ids == sync.generate(ids, GREEDY)[0].outputs[0].token_ids
-            assert "".join(c.outputs[0].delta_text for c in chunks) == final.text
-            assert chunks[-1].metrics.time_to_first_token > 0
-        assert aborted[-1].outputs[0].finish_reason == "abort"
-        assert len(aborted[-1].outputs[0].token_ids) < 200
-        bm = llm.engine.block_manager
-        assert bm.num_free_blocks == bm.num_blocks
-    finally:
-        llm.shutdown()
+    batch, results, aborted = asyncio.run(main())
+    sync = LLM(loaded)
+    for ids, chunks in zip(batch, results):
+        final = chunks[-1].outputs[0]
+        assert final.token_ids == sync.generate(ids, GREEDY)[0].outputs[0].token_ids
+        assert "".join(c.outputs[0].delta_text for c in chunks) == final.text
+        assert chunks[-1].metrics.time_to_first_token > 0
+    assert aborted[-1].outputs[0].finish_reason == "abort"
+    assert len(aborted[-1].outputs[0].token_ids) < 200
+    assert_pool_free(llm)
 
 
-def test_cancelled_consumer_frees_its_request(tiny):
+def test_cancelled_consumer_frees_its_request(async_llm):
     """A consumer that stops iterating (a client disconnect) aborts its request."""
-    _, _, loaded = tiny
-    llm = AsyncLLM(loaded)
+    llm = async_llm
 
     async def main():
         gen = llm.generate(prompts(1, seed=8)[0], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
@@ -196,13 +198,9 @@ def test_cancelled_consumer_frees_its_request(tiny):
             if not llm.engine.has_unfinished_requests():
                 break
 
-    try:
-        asyncio.run(main())
-        assert not llm.engine.has_unfinished_requests()
-        bm = llm.engine.block_manager
-        assert bm.num_free_blocks == bm.num_blocks
-    finally:
-        llm.shutdown()
+    asyncio.run(main())
+    assert not llm.engine.has_unfinished_requests()
+    assert_pool_free(llm)
 
 
 def test_out_of_vocabulary_prompt_ids_are_refused(tiny):
