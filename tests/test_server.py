@@ -306,13 +306,13 @@ def test_sigterm_drains_requests_in_flight(tiny_path):
         server.stop()
 
 
-def test_openapi_schema_fuzzing_finds_no_server_error(tiny_server):
+def test_openapi_schema_fuzzing_finds_no_server_error(tiny_server, tmp_path):
     """Property-based requests generated from the server's own OpenAPI schema: never a 5xx."""
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", tiny_server.url + "/openapi.json",
          "--checks", "not_a_server_error", "--max-examples", "15", "--header", f"Authorization: Bearer {KEY}",
          "--exclude-path", "/metrics"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache directory goes there
     )
     assert result.returncode == 0, result.stdout[-3000:]
 
