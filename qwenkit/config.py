@@ -66,6 +66,48 @@ class ModelConfig:
     def uses_sliding_window(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that from_hf_dict (and transformers) read back as this configuration."""
+        rope = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
+        if self.rope.rope_type != "default":
+            rope["factor"] = self.rope.factor
+            for key in ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(self.rope, key) is not None:
+                    rope[key] = getattr(self.rope, key)
+            rope["truncate"] = self.rope.truncate
+        d: dict[str, Any] = {
+            "model_type": self.architecture,
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_parameters": rope,
+            "attention_bias": self.attention_bias,
+            "qkv_bias": self.attention_bias,
+            "use_sliding_window": self.sliding_window is not None,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types) or None,
+            **self.extra,
+        }
+        if self.is_moe:
+            d.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+            )
+        return d
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         arch = d.get("model_type")

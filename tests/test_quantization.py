@@ -70,3 +70,45 @@ def test_bad_quantization_options():
         quantize_model(nn.Sequential(nn.Linear(64, 64)), "int2")
     with pytest.raises(QwenkitError, match="group size"):
         quantize_model(nn.Sequential(nn.Linear(64, 64)), "int4", group_size=48)
+
+
+def test_nibble_packing_round_trip():
+    from qwenkit.quantization.checkpoint import pack_nibbles, unpack_nibbles
+
+    q = torch.randint(0, 16, (8, 64), dtype=torch.int32)
+    packed = pack_nibbles(q)
+    assert packed.shape == (8, 32) and packed.dtype == torch.uint8
+    assert int(packed[0, 0]) == int(q[0, 0]) + 16 * int(q[0, 1])  # low nibble first
+    assert torch.equal(unpack_nibbles(packed), q)
+
+
+def test_config_round_trips_through_hf_dict(tmp_path):
+    from qwenkit.config import ModelConfig
+
+    for arch, yarn in (("qwen2_moe", False), ("qwen3", True)):
+        save_tiny(arch, tmp_path / arch, yarn=yarn)
+        cfg = load_model(str(tmp_path / arch)).config
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("bits, arch", [(4, "qwen2"), (8, "qwen3_moe")])
+def test_quantized_checkpoint_saves_and_loads_with_identical_logits(bits, arch, tmp_path):
+    from test_errors import run_cli
+
+    from qwenkit.model.attention import NoCache
+
+    save_tiny(arch, tmp_path / "src", tied=(arch == "qwen2"))
+    result = run_cli("quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--bits", str(bits), "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    in_memory = load_model(str(tmp_path / "src"), quantize=f"int{bits}", group_size=32)
+    from_disk = load_model(str(tmp_path / "dst"))
+    assert type(from_disk.model.model.layers[0].self_attn.q_proj) is (Int4Linear if bits == 4 else Int8Linear)
+    ids = torch.randint(0, 290, (20,))
+    pos = torch.arange(20)
+    with torch.inference_mode():
+        a = in_memory.model.compute_logits(in_memory.model(ids, pos, NoCache(pos)))
+        b = from_disk.model.compute_logits(from_disk.model(ids, pos, NoCache(pos)))
+    assert torch.equal(a, b)
+    text = "the cat sat on the mat"
+    assert from_disk.tokenizer.encode(text) == in_memory.tokenizer.encode(text)
+    assert from_disk.tokenizer.chat_template.source == in_memory.tokenizer.chat_template.source

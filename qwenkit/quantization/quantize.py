@@ -22,25 +22,32 @@ def int4_group_size(in_features: int, wanted: int) -> int | None:
     return None
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
-    """Replace every eligible nn.Linear (projections, MLPs, experts, lm_head) in place."""
+def eligible_linears(model: nn.Module, mode: str, group_size: int) -> list[tuple[str, nn.Linear, int | None]]:
+    """(name, layer, int4 group or None for int8) of every Linear to quantize."""
     if mode not in QUANTIZATION_MODES:
         raise QwenkitError(f"unsupported quantization {mode!r}; choose one of {', '.join(QUANTIZATION_MODES)}")
     if group_size not in (32, 64, 128, 256):
         raise QwenkitError(f"int4 group size must be 32, 64, 128 or 256, got {group_size}")
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
-    ]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.endswith(KEEP_FLOAT):
+            continue
         if mode == "int8":
-            replacement = Int8Linear.from_linear(linear)
-        else:
-            group = int4_group_size(linear.in_features, group_size)
-            if group is None or linear.out_features % 16:
-                continue  # shapes the int4 kernel cannot tile stay in float
-            replacement = Int4Linear.from_linear(linear, group)
-        setattr(parent, child, replacement)
+            found.append((name, module, None))
+            continue
+        group = int4_group_size(module.in_features, group_size)
+        if group is not None and module.out_features % 16 == 0:  # other shapes the int4 kernel cannot tile
+            found.append((name, module, group))
+    return found
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
+    """Replace every eligible nn.Linear (projections, MLPs, experts, lm_head) in place."""
+    for name, linear, group in eligible_linears(model, mode, group_size):
+        replace_module(model, name, Int8Linear.from_linear(linear) if group is None else Int4Linear.from_linear(linear, group))
     return model

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.model.qwen import QwenForCausalLM
+from qwenkit.quantization.quantize import replace_module
 from qwenkit.tokenizer.tokenizer import Tokenizer
 from qwenkit.weights.gguf_file import config_from_gguf, iter_gguf_tensors, open_gguf
 from qwenkit.weights.resolve import ResolvedModel, resolve_model
@@ -64,21 +66,36 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype) -> LoadedModel:
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     eos = generation_config.get("eos_token_id", [])
     tokenizer = Tokenizer.from_hf_dir(path, tuple(eos) if isinstance(eos, list) else (eos,))
-    model = build_model(config, iter_safetensors(path), dtype)
+    tensors, quantized = iter_safetensors(path), {}
+    quantization_config = read_json(path / "config.json").get("quantization_config")
+    if quantization_config is not None:
+        from qwenkit.quantization.checkpoint import split_quantized
+
+        quantized, tensors = split_quantized(tensors, quantization_config)
+    model = build_model(config, tensors, dtype, quantized)
     return LoadedModel(model, tokenizer, config, path, generation_config)
 
 
-def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> QwenForCausalLM:
+def build_model(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    quantized: dict[str, nn.Module] | None = None,
+) -> QwenForCausalLM:
+    """The model from a checkpoint's float tensors, plus already built `quantized` modules by name."""
     # Parameters are created on the meta device and replaced by the checkpoint's tensors, so a
     # model is never initialised randomly first (that would double load time and peak memory).
     with torch.device("meta"):
         model = QwenForCausalLM(config)
-    expected = set(model.state_dict().keys())
+    for name, module in (quantized or {}).items():
+        replace_module(model, name, module)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_meta}
+    expected = set(shapes)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in _unfuse_experts(tensors):
         if name not in expected:
             raise QwenkitError(f"checkpoint tensor {name!r} does not belong to a {config.architecture} model")
-        shape = tuple(model.state_dict()[name].shape)
+        shape = shapes[name]
         if tuple(tensor.shape) != shape:
             raise QwenkitError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
         state[name] = tensor.to(dtype)
@@ -90,7 +107,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise QwenkitError(f"checkpoint is incomplete: missing {', '.join(missing[:3])}{more}")
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantized head is its own copy
         model.tie_weights()
     return model.eval().requires_grad_(False)
 
