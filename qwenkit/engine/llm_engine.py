@@ -154,10 +154,10 @@ class LLMEngine:
         self.num_computed_tokens += sum(item.num_tokens for item in batch)
         sampling: list[Sequence] = []
         for item in batch:
+            if item.completes_prompt:  # the same rows the runner returned logits for, in order
+                sampling.append(item.seq)
             item.seq.num_computed_tokens += item.num_tokens
             self.block_manager.register_computed_blocks(item.seq)
-            if item.seq.num_computed_tokens == len(item.seq):
-                sampling.append(item.seq)
         rows = self._fork_samples(sampling, logits)
         seqs = [seq for seq, _ in rows]
         if not seqs:

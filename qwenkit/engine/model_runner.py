@@ -31,8 +31,8 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             pos = torch.arange(start, end)
             positions.append(pos)
-            slot_mapping.append(slots_for(seq.block_table, start, end, self.block_size))
             context = slots_for(seq.block_table, 0, end, self.block_size)
+            slot_mapping.append(context[start:end])  # where this step's new K/V go
             if item.num_tokens == 1:
                 decode_rows.append(row)
                 decode_slots.append(context)
