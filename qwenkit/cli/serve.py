@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-messages", type=int, default=512)
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests in flight after SIGTERM")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a PEFT-format LoRA adapter under NAME (repeatable); requests pick it with model=NAME")
     p.add_argument("--log-requests", action="store_true", help="log each request line (prompts and outputs are never logged)")
     p.set_defaults(func=run)
 
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from qwenkit.engine.llm import AsyncLLM
+    from qwenkit.errors import QwenkitError
     from qwenkit.server.app import create_app
     from qwenkit.server.state import ServerConfig
     from qwenkit.weights.loader import load_model
@@ -40,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.dtype, args.quantize, args.group_size)
     name = args.served_model_name or (loaded.path.stem if loaded.path.is_file() else loaded.path.name)
     llm = AsyncLLM(loaded, engine_config=engine_config(args))
+    for spec in args.lora:
+        adapter_name, sep, directory = spec.partition("=")
+        if not sep or not adapter_name or not directory:
+            raise QwenkitError(f"--lora takes NAME=DIR, got {spec!r}")
+        if adapter_name == name:
+            raise QwenkitError(f"--lora name {adapter_name!r} is the base model's served name")
+        llm.engine.add_lora(adapter_name, directory)  # the engine thread is idle: nothing is queued yet
     config = ServerConfig(
         served_model_name=name, api_keys=keys, requests_per_minute=args.rate_limit_rpm,
         tokens_per_minute=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,

@@ -83,7 +83,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        previous = None
+        previous = seq.cache_salt
         full_blocks = (len(seq) - 1) // self.block_size
         for i in range(full_blocks):
             h = block_hash(previous, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
@@ -123,7 +123,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        previous = None
+        previous = seq.cache_salt
         for i in range(full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:

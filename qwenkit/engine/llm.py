@@ -35,11 +35,13 @@ class LLM:
         self,
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
+        lora: str | None = None,
     ) -> list[RequestOutput]:
+        """`lora` names an adapter added with `engine.add_lora` (None: the base model)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         per_prompt = params if isinstance(params, list) else [params] * len(batch)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(batch, per_prompt)]
+        ids = [self.engine.add_request(p, sp, lora_name=lora) for p, sp in zip(batch, per_prompt)]
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -52,16 +54,17 @@ class LLM:
         messages: Messages | list[Messages],
         params: SamplingParams | list[SamplingParams] | None = None,
         tools: list[dict] | None = None,
+        lora: str | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
         """One conversation or a list of them, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [render_chat(self.tokenizer, c, tools, **template_kwargs) for c in conversations]
-        return self.generate(prompts, params)
+        return self.generate(prompts, params, lora)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[RequestOutput]:
         """One request, yielding an output each time it produces tokens (the CLI uses this)."""
-        request_id = self.engine.add_request(prompt, params)
+        request_id = self.engine.add_request(prompt, params, lora_name=lora)
         try:
             while True:
                 for out in self.engine.step():
@@ -126,7 +129,7 @@ class AsyncLLM:
         loop.call_soon_threadsafe(q.put_nowait, out)
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         request_id = request_id or f"async-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
@@ -134,7 +137,7 @@ class AsyncLLM:
 
         def add():
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, lora)
             except Exception as exc:  # reported to the caller, not to the engine thread
                 self._deliver(exc, request_id)
 
@@ -154,9 +157,9 @@ class AsyncLLM:
             if not finished:  # the consumer went away (disconnect, cancel): free its blocks
                 self.abort(request_id)
 
-    async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, **template_kwargs):
+    async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, lora=None, **template_kwargs):
         prompt = render_chat(self.tokenizer, messages, tools, **template_kwargs)
-        async for out in self.generate(prompt, params, request_id):
+        async for out in self.generate(prompt, params, request_id, lora):
             yield out
 
     def abort(self, request_id: str) -> None:

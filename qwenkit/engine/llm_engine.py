@@ -69,6 +69,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, self.cache)
+        self.lora_adapters: dict[str, str] = {}  # name -> directory
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -86,8 +87,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        lora_name: str | None = None,
     ) -> str:
+        """Queue a request; `lora_name` runs it with an adapter added by `add_lora`."""
         params = params or self.default_sampling_params()
+        if lora_name is not None and lora_name not in self.lora_adapters:
+            raise QwenkitError(f"unknown LoRA adapter {lora_name!r}; loaded: {', '.join(self.lora_adapters) or 'none'}")
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise QwenkitError(f"request id {request_id!r} is already in use")
@@ -96,7 +101,7 @@ class LLMEngine:
         self.validate_prompt(ids, params)
         now = time.monotonic()
         opens = prompt_opens_thinking(prompt_text if prompt_text is not None else self.tokenizer.decode(ids[-64:]))
-        first = self._new_sequence(request_id, 0, ids, params, now, opens)
+        first = self._new_sequence(request_id, 0, ids, params, now, opens, lora_name)
         self.requests[request_id] = Request(
             request_id, prompt_text, ids, params, [first], [TextOutput(self.tokenizer, params)],
             RequestMetrics(now), opens, [[]],
@@ -122,11 +127,21 @@ class LLMEngine:
                 f"({self.block_manager.num_blocks * self.config.block_size} tokens); raise the KV cache memory"
             )
 
-    def _new_sequence(self, request_id, index, ids, params, now, thinking_open) -> Sequence:
+    def add_lora(self, name: str, directory) -> None:
+        """Load a PEFT-format adapter; requests choose it by name, and batch with base-model requests."""
+        from qwenkit.lora.attach import load_adapter
+
+        if name in self.lora_adapters:
+            raise QwenkitError(f"a LoRA adapter named {name!r} is already loaded")
+        load_adapter(self.loaded.model, name, directory)
+        self.lora_adapters[name] = str(directory)
+
+    def _new_sequence(self, request_id, index, ids, params, now, thinking_open, lora_name=None) -> Sequence:
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed + index)
-        seq = Sequence(next(self._seq_ids), request_id, index, list(ids), len(ids), params, now, generator=generator)
+        seq = Sequence(next(self._seq_ids), request_id, index, list(ids), len(ids), params, now, generator=generator,
+                       lora_name=lora_name)
         seq.in_thinking = thinking_open and params.thinking_budget is not None
         return seq
 
@@ -189,7 +204,8 @@ class LLMEngine:
             if seq.num_output_tokens == 0 and len(request.seqs) < request.params.n:
                 for index in range(1, request.params.n):
                     child = self._new_sequence(
-                        seq.request_id, index, seq.token_ids, request.params, seq.arrival_time, request.thinking_open
+                        seq.request_id, index, seq.token_ids, request.params, seq.arrival_time, request.thinking_open,
+                        seq.lora_name,
                     )
                     copy_from = self.block_manager.fork(seq, child)
                     if copy_from is not None:

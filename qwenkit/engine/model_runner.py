@@ -24,11 +24,14 @@ class ModelRunner:
         decode_rows, decode_slots, decode_lengths = [], [], []
         prefills: list[PrefillSlice] = []
         sample_rows: list[int] = []
+        adapter_rows: dict[str, list[int]] = {}
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens
             row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
+            if seq.lora_name is not None:
+                adapter_rows.setdefault(seq.lora_name, []).extend(range(row, row + item.num_tokens))
             pos = torch.arange(start, end)
             positions.append(pos)
             context = slots_for(seq.block_table, 0, end, self.block_size)
@@ -52,6 +55,9 @@ class ModelRunner:
             torch.tensor(decode_lengths, dtype=torch.long),
             prefills,
         )
+        routing = getattr(self.model, "lora_routing", None)
+        if routing is not None:  # each adapter's rows; base-model rows take no LoRA path
+            routing.groups = [(name, torch.tensor(rows)) for name, rows in adapter_rows.items()]
         hidden = self.model(torch.tensor(input_ids), torch.cat(positions), attention)
         if not sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)

@@ -39,6 +39,7 @@ class Sequence:
     logprobs: list[dict] = field(default_factory=list)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    lora_name: str | None = None  # the adapter this sequence runs with, None for the base model
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -46,6 +47,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def cache_salt(self) -> bytes | None:
+        """Seeds the prefix-cache hash chain: K/V computed under an adapter differ from the base model's."""
+        return None if self.lora_name is None else b"lora:" + self.lora_name.encode()
 
     @property
     def num_output_tokens(self) -> int:

@@ -55,3 +55,15 @@ class NoCache:
 
     def attend(self, layer, q, k, v, scale, window):
         return causal_attention(q, k, v, self.positions, self.positions, scale, window)
+
+
+class PackedSequences:
+    """Several sequences back to back in one forward pass, each attending only within itself (training)."""
+
+    def __init__(self, lengths: list[int], positions: torch.Tensor):
+        self.lengths = lengths
+        self.positions = positions.split(lengths)
+
+    def attend(self, layer, q, k, v, scale, window):
+        parts = zip(q.split(self.lengths), k.split(self.lengths), v.split(self.lengths), self.positions)
+        return torch.cat([causal_attention(qi, ki, vi, p, p, scale, window) for qi, ki, vi, p in parts])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qwenkit.config import ModelConfig
 from qwenkit.model.attention import AttentionBackend
@@ -48,6 +49,8 @@ class QwenForCausalLM(nn.Module):
         self.model = QwenBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        # Training only: recompute each layer's activations in backward instead of keeping them.
+        self.gradient_checkpointing = False
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -62,8 +65,9 @@ class QwenForCausalLM(nn.Module):
         """Final hidden states [T, hidden] for flat token ids [T] at `positions` [T]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attention)
+            x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False) if recompute else layer(x, cos, sin, attention)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

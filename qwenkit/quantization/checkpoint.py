@@ -8,16 +8,15 @@ first), `X.scales` and `X.zeros` fp32 [N, K/group]; int8: `X.qweight` int8 [N, K
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from qwenkit.errors import QwenkitError
 from qwenkit.quantization.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from qwenkit.quantization.quantize import eligible_linears
+from qwenkit.weights.save import model_tensors, save_hf_checkpoint
 
 QUANT_METHOD = "qwenkit"
 SUFFIXES = (".qweight", ".scales", ".zeros", ".bias")
@@ -41,7 +40,6 @@ def save_quantized(loaded, out_dir: Path, bits: int, group_size: int) -> None:
     if mode is None:
         raise QwenkitError(f"--bits must be 4 or 8, got {bits}")
     model = loaded.model
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     quantized = set()
     for name, linear, group in eligible_linears(model, mode, group_size):
@@ -55,28 +53,8 @@ def save_quantized(loaded, out_dir: Path, bits: int, group_size: int) -> None:
         if linear.bias is not None:
             tensors[f"{name}.bias"] = linear.bias.detach().float()
         quantized.add(name)
-    for key, value in model.state_dict().items():
-        module = key.rpartition(".")[0]
-        if module in quantized or (key == "lm_head.weight" and loaded.config.tie_word_embeddings):
-            continue
-        tensors[key] = value.detach().contiguous()
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = loaded.config.to_hf_dict()
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    save_tokenizer(loaded, out_dir)
-
-
-def save_tokenizer(loaded, out_dir: Path) -> None:
-    tok = loaded.tokenizer
-    tok.backend.save(str(out_dir / "tokenizer.json"))
-    config = {**tok.special_tokens, "add_bos_token": tok.add_bos_token}
-    if tok.has_chat_template:
-        config["chat_template"] = tok.chat_template.source
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    generation = dict(loaded.generation_config)
-    generation.setdefault("eos_token_id", sorted(tok.stop_token_ids))
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tensors.update(model_tensors(loaded, quantized))
+    save_hf_checkpoint(loaded, out_dir, tensors, {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size})
 
 
 def split_quantized(tensors, quantization_config: dict) -> tuple[dict[str, nn.Module], list[tuple[str, torch.Tensor]]]:

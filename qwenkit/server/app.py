@@ -77,8 +77,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def _models(request: Request):
         state.authenticate(request)
-        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "created": state.created,
-                                            "owned_by": "qwenkit", "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": state.model_cards()}
 
     @app.post("/tokenize")
     async def _tokenize(body: TokenizeRequest, request: Request):

@@ -115,7 +115,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     thinking_open = prompt_opens_thinking(prompt)
     request_id = new_id("chatcmpl")
     state.engine.validate_prompt(prompt_ids, params)  # errors become a 400 before any streaming starts
-    stream = state.generate(key, prompt_ids, params, request_id)
+    stream = state.generate(key, prompt_ids, params, request_id, model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = stream_chat(state, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage)

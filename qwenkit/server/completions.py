@@ -42,7 +42,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
     request_id = new_id("cmpl")
     state.engine.validate_prompt(prompt_ids, params)  # errors become a 400 before any streaming starts
-    stream = state.generate(key, prompt_ids, params, request_id)
+    stream = state.generate(key, prompt_ids, params, request_id, model)
     echo = state.tokenizer.decode(prompt_ids) if body.echo else ""
     if body.stream:
         return StreamingResponse(stream_completion(state, stream, request_id, model, body, echo), media_type="text/event-stream")

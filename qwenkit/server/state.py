@@ -47,9 +47,19 @@ class ServerState:
         return check_api_key(request.headers.get("authorization"), self.config.api_keys)
 
     def check_model(self, model: str | None) -> str:
-        if model not in (None, "", self.config.served_model_name):
+        """The served name the request asked for: the base model's, or a LoRA adapter's."""
+        if model in (None, ""):
+            return self.config.served_model_name
+        if model != self.config.served_model_name and model not in self.engine.lora_adapters:
             raise APIError(404, f"The model `{model}` does not exist.", "model_not_found", "model")
-        return self.config.served_model_name
+        return model
+
+    def model_cards(self) -> list[dict]:
+        base = {"object": "model", "created": self.created, "owned_by": "qwenkit", "max_model_len": self.max_model_len}
+        cards = [{"id": self.config.served_model_name, **base, "root": self.config.served_model_name, "parent": None}]
+        for name, directory in self.engine.lora_adapters.items():
+            cards.append({"id": name, **base, "root": directory, "parent": self.config.served_model_name})
+        return cards
 
     def admit(self, key: str, prompt_ids: list[int], requested_max_tokens: int | None) -> int:
         """Check the prompt and output lengths and the rate limit; return max_tokens to use."""
@@ -97,11 +107,14 @@ class ServerState:
         except (QwenkitError, ValueError) as exc:
             raise APIError(400, str(exc), "invalid_value") from exc
 
-    async def generate(self, key: str, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, key: str, prompt_ids: list[int], params: SamplingParams, request_id: str, model: str
+    ) -> AsyncIterator[RequestOutput]:
         """The engine's stream for one request; whatever way it ends (done, client gone), it is counted."""
         last = None
         try:
-            async for out in self.llm.generate(prompt_ids, params, request_id):
+            lora = model if model in self.engine.lora_adapters else None
+            async for out in self.llm.generate(prompt_ids, params, request_id, lora):
                 last = out
                 yield out
         finally:

@@ -1,0 +1,1 @@
+"""LoRA adapters: layers, the PEFT on-disk format, attaching to and merging into a model."""

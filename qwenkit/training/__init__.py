@@ -1,0 +1,1 @@
+"""LoRA supervised fine-tuning: data, packing, the training loop, data-parallel processes."""

@@ -1,0 +1,41 @@
+"""Write a model as an HF-style directory: config.json, model.safetensors, tokenizer and generation config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def model_tensors(loaded, skip_modules: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The model's float tensors by checkpoint name, the tied lm_head left out as HF does."""
+    tensors = {}
+    for key, value in loaded.model.state_dict().items():
+        if key.rpartition(".")[0] in skip_modules or (key == "lm_head.weight" and loaded.config.tie_word_embeddings):
+            continue
+        tensors[key] = value.detach().contiguous()
+    return tensors
+
+
+def save_hf_checkpoint(loaded, out_dir: Path, tensors: dict[str, torch.Tensor], quantization_config: dict | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = loaded.config.to_hf_dict()
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    save_tokenizer(loaded, out_dir)
+
+
+def save_tokenizer(loaded, out_dir: Path) -> None:
+    tok = loaded.tokenizer
+    tok.backend.save(str(out_dir / "tokenizer.json"))
+    config = {**tok.special_tokens, "add_bos_token": tok.add_bos_token}
+    if tok.has_chat_template:
+        config["chat_template"] = tok.chat_template.source
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    generation = dict(loaded.generation_config)
+    generation.setdefault("eos_token_id", sorted(tok.stop_token_ids))
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
