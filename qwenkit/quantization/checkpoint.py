@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from qwenkit.errors import QwenkitError
+from qwenkit.quantization.awq_gptq import BUILDERS
 from qwenkit.quantization.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from qwenkit.quantization.quantize import eligible_linears
 from qwenkit.weights.save import model_tensors, save_hf_checkpoint
 
 QUANT_METHOD = "qwenkit"
-SUFFIXES = (".qweight", ".scales", ".zeros", ".bias")
+QUANTIZED_TENSORS = ("qweight", "qzeros", "scales", "zeros", "g_idx")
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -58,27 +59,31 @@ def save_quantized(loaded, out_dir: Path, bits: int, group_size: int) -> None:
 
 
 def split_quantized(tensors, quantization_config: dict) -> tuple[dict[str, nn.Module], list[tuple[str, torch.Tensor]]]:
-    """Quantized modules built from their stored codes, and the remaining float tensors."""
-    if quantization_config.get("quant_method") != QUANT_METHOD:
-        raise QwenkitError(f"unsupported quantization method {quantization_config.get('quant_method')!r} in config.json")
+    """Quantized modules built from their stored codes (qwenkit, AWQ or GPTQ), and the remaining float tensors."""
+    method = str(quantization_config.get("quant_method", "")).lower()
+    if method != QUANT_METHOD and method not in BUILDERS:
+        raise QwenkitError(f"unsupported quantization method {method!r} in config.json; qwenkit reads qwenkit, awq and gptq")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     plain = []
     for name, tensor in tensors:
-        suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
-        if suffix in (".qweight", ".scales", ".zeros"):
-            parts.setdefault(name[: -len(suffix)], {})[suffix] = tensor
+        module, _, suffix = name.rpartition(".")
+        if suffix in QUANTIZED_TENSORS:
+            parts.setdefault(module, {})[suffix] = tensor
         else:
             plain.append((name, tensor))
-    modules: dict[str, nn.Module] = {}
-    biases = {n[: -len(".bias")]: t for n, t in plain if n.endswith(".bias") and n[: -len(".bias")] in parts}
+    biases = {n[: -len(".bias")]: t.float() for n, t in plain if n.endswith(".bias") and n[: -len(".bias")] in parts}
     plain = [(n, t) for n, t in plain if not (n.endswith(".bias") and n[: -len(".bias")] in parts)]
+    modules: dict[str, nn.Module] = {}
     for module, p in parts.items():
-        if ".qweight" not in p or ".scales" not in p:
+        needed = ("qweight", "scales") if method == QUANT_METHOD else ("qweight", "qzeros", "scales")
+        if any(k not in p for k in needed):
             raise QwenkitError(f"quantized layer {module} is incomplete in the checkpoint")
-        if p[".qweight"].dtype == torch.uint8:
-            q = unpack_nibbles(p[".qweight"])
-            group = q.shape[1] // p[".scales"].shape[1]
-            modules[module] = Int4Linear(q, p[".scales"].float(), p[".zeros"].float(), group, biases.get(module))
+        if method != QUANT_METHOD:
+            modules[module] = BUILDERS[method](p, biases.get(module), quantization_config)
+        elif p["qweight"].dtype == torch.uint8:
+            q = unpack_nibbles(p["qweight"])
+            group = q.shape[1] // p["scales"].shape[1]
+            modules[module] = Int4Linear(q, p["scales"].float(), p["zeros"].float(), group, biases.get(module))
         else:
-            modules[module] = Int8Linear(p[".qweight"], p[".scales"].float(), biases.get(module))
+            modules[module] = Int8Linear(p["qweight"], p["scales"].float(), biases.get(module))
     return modules, plain

@@ -42,10 +42,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias: torch.Tensor | None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                 input_permutation: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
+        # GPTQ act-order: weight columns were reordered so groups are contiguous; activations follow.
+        self.register_buffer("input_permutation", input_permutation)
         # The packed layout depends on the CPU's instruction set: pack here, at load time.
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), INT4_INNER_K_TILES))
         scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [groups, N, 2]
@@ -59,6 +62,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.input_permutation is not None:
+            flat = flat[:, self.input_permutation]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
