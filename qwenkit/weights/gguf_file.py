@@ -1,7 +1,7 @@
 """GGUF files: model config from metadata, tensors mapped to HF names and dequantized.
 
-Dequantization goes through the `gguf` package, so the values are exactly the ones llama.cpp
-would compute. Only the tensor types qwenkit has tested are accepted; any other gets a clear error
+The common types decode in torch (gguf_blocks.py, checked value for value against the `gguf`
+package); the rest go through `gguf` itself, so the values are exactly the ones llama.cpp computes. Only the tensor types qwenkit has tested are accepted; any other gets a clear error
 rather than silently wrong numbers.
 """
 
@@ -18,6 +18,7 @@ from gguf.quants import dequantize
 
 from qwenkit.config import ModelConfig, RopeConfig
 from qwenkit.errors import QwenkitError
+from qwenkit.weights.gguf_blocks import FAST_TYPES, decode, q4_k_codes
 from qwenkit.weights.gguf_reader import GGUFFile, GGUFTensor
 
 SUPPORTED_TENSOR_TYPES = frozenset(
@@ -143,24 +144,57 @@ def check_supported(tensor: GGUFTensor) -> None:
         )
 
 
-def dequantized(gguf: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
+def dequantized(gguf: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
     """The tensor's values as float32 (float16/bfloat16 values widened exactly)."""
     check_supported(tensor)
-    return dequantize(gguf.raw(tensor), tensor.kind).reshape(tensor.shape)
+    if tensor.kind in FAST_TYPES:
+        return decode(gguf.raw(tensor), tensor.kind, tensor.shape)
+    values = dequantize(gguf.raw(tensor), tensor.kind).reshape(tensor.shape)
+    # F32 tensors are read-only views of the memory-mapped file; everything else is a fresh array.
+    return torch.from_numpy(values if values.flags.writeable else values.copy())
 
 
-def iter_gguf_tensors(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.nn.Module]:
+    """Every Q4_K projection as an Int4Linear (groups of 32), without going through float: exact.
+
+    Q4_K stores value = scale * q - min per 32 values, q in 0..15; the kernel computes
+    (q - 8) * scale + zero, so zero = 8 * scale - min. Experts' stacked tensors stay on the float path.
+    """
+    from qwenkit.quantization.linear import Int4Linear
+
+    layers = {}
+    for tensor in gguf.tensors.values():
+        names = _hf_names(tensor.name, config.num_experts)
+        if tensor.kind != GGMLQuantizationType.Q4_K or len(tensor.shape) != 2 or len(names) != 1:
+            continue
+        out_features, in_features = tensor.shape
+        if not names[0].endswith(".weight") or out_features % 16:
+            continue
+        codes, scale, minimum = q4_k_codes(gguf.raw(tensor))
+        scale, minimum = scale.reshape(out_features, -1), minimum.reshape(out_features, -1)
+        bias_tensor = gguf.tensors.get(tensor.name.removesuffix("weight") + "bias")
+        bias = None if bias_tensor is None else dequantized(gguf, bias_tensor)
+        layers[names[0].removesuffix(".weight")] = Int4Linear(
+            codes.reshape(out_features, in_features), scale, 8 * scale - minimum, 32, bias
+        )
+    return layers
+
+
+def iter_gguf_tensors(gguf: GGUFFile, config: ModelConfig, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) of every tensor, except the weights of the modules in `skip`."""
     for tensor in gguf.tensors.values():  # refuse unsupported types before spending time on the others
         check_supported(tensor)
     for tensor in gguf.tensors.values():
         names = _hf_names(tensor.name, config.num_experts)
-        values = dequantized(gguf, tensor)
-        # F32 tensors are read-only views of the memory-mapped file; everything else is a fresh array.
-        values = torch.from_numpy(values if values.flags.writeable else values.copy())
-        if len(names) > 1:  # stacked experts [E, out, in]
-            for name, expert in zip(names, values.unbind(0)):
-                yield name, expert
-        elif names[0].endswith("shared_expert_gate.weight"):
-            yield names[0], values.reshape(1, -1)
-        else:
-            yield names[0], values
+        if len(names) == 1 and names[0].rpartition(".")[0] in skip:
+            continue
+        yield from _named(names, dequantized(gguf, tensor))
+
+
+def _named(names: list[str], values: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    if len(names) > 1:  # stacked experts [E, out, in]
+        yield from zip(names, values.unbind(0))
+    elif names[0].endswith("shared_expert_gate.weight"):
+        yield names[0], values.reshape(1, -1)
+    else:
+        yield names[0], values

@@ -16,7 +16,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.model.qwen import QwenForCausalLM
 from qwenkit.quantization.quantize import replace_module
 from qwenkit.tokenizer.tokenizer import Tokenizer
-from qwenkit.weights.gguf_file import config_from_gguf, iter_gguf_tensors, open_gguf
+from qwenkit.weights.gguf_file import config_from_gguf, int4_layers_from_q4_k, iter_gguf_tensors, open_gguf
 from qwenkit.weights.resolve import ResolvedModel, resolve_model
 from qwenkit.weights.safetensors_dir import iter_safetensors, read_hf_config, read_json
 
@@ -46,7 +46,7 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    loaded = load_resolved(resolve_model(spec), DTYPES[dtype])
+    loaded = load_resolved(resolve_model(spec), DTYPES[dtype], quantize)
     if quantize is not None:
         from qwenkit.quantization.quantize import quantize_model
 
@@ -54,13 +54,15 @@ def load_model(
     return loaded
 
 
-def load_resolved(resolved: ResolvedModel, dtype: torch.dtype) -> LoadedModel:
+def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantize: str | None = None) -> LoadedModel:
     path = resolved.path
     if resolved.format == "gguf":
         gguf = open_gguf(path)
         config = config_from_gguf(gguf)
         tokenizer = Tokenizer.from_gguf(gguf)
-        model = build_model(config, iter_gguf_tensors(gguf, config), dtype)
+        # Going to int4 anyway: Q4_K blocks become int4 layers directly, exactly, never float.
+        kept = int4_layers_from_q4_k(gguf, config) if quantize == "int4" else {}
+        model = build_model(config, iter_gguf_tensors(gguf, config, frozenset(kept)), dtype, kept)
         return LoadedModel(model, tokenizer, config, path, dict(GGUF_GENERATION_DEFAULTS))
     config = read_hf_config(path)
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
