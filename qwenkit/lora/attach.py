@@ -74,9 +74,8 @@ def load_adapter(model: nn.Module, name: str, directory: Path | str) -> LoraConf
         rank, scaling = adapter.config.rank_and_scaling(module_name, rank=a.shape[0])
         layer = _wrapped(model, module_name, projections[module_name])
         layer.add_adapter(name, rank, scaling, adapter.config.lora_dropout)
-        dtype = torch.float32
-        layer.lora_A[name].weight.data = a.to(dtype)
-        layer.lora_B[name].weight.data = b.to(dtype)
+        layer.lora_A[name].weight.data = a  # fp32 (LoRA runs in fp32 whatever the base dtype)
+        layer.lora_B[name].weight.data = b
         layer.lora_A[name].requires_grad_(False)
         layer.lora_B[name].requires_grad_(False)
     return adapter.config
