@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 
@@ -39,10 +40,9 @@ def _q5_0(b: torch.Tensor) -> torch.Tensor:  # d fp16, qh uint32 (5th bits), 16 
     return d * ((low | high) - 16).float()
 
 
-def q4_k_codes(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_K as codes [n_sub, 32] in 0..15 with per-sub-block scale and min [n_sub]: value = scale * q - min."""
-    b = _blocks(raw, 144)  # d, dmin fp16; 12 bytes of 6-bit scales and mins; 128 bytes of nibbles
-    d, dmin = _f16(b, 0), _f16(b, 2)
+def _q4_k_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [8n, 32] in 0..15 with per-sub-block scale and min [8n] of n Q4_K blocks: value = scale * q - min."""
+    d, dmin = _f16(b, 0), _f16(b, 2)  # then 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
     s = b[:, 4:16].int()
     sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)  # 8 sub-blocks
     mn = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
@@ -52,9 +52,14 @@ def q4_k_codes(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return codes.reshape(-1, 32), scale.reshape(-1), minimum.reshape(-1)
 
 
-def _q4_k(raw: np.ndarray) -> torch.Tensor:
-    codes, scale, minimum = q4_k_codes(raw)
-    return scale[:, None] * codes.float() - minimum[:, None]
+def q4_k_codes(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_K tensor's codes, scales and minimums (see _q4_k_codes), in the tensor's value order."""
+    return _q4_k_codes(_blocks(raw, GGML_QUANT_SIZES[T.Q4_K][1]))
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    codes, scale, minimum = _q4_k_codes(b)
+    return (scale[:, None] * codes.float() - minimum[:, None]).reshape(b.shape[0], -1)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:  # 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, d fp16
@@ -72,9 +77,9 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:  # 128 bytes low nibbles, 64 bytes 2
     return (d[:, :, None] * scales * q.float()).reshape(-1, 256)
 
 
-_DECODERS = {T.Q8_0: (34, _q8_0), T.Q5_0: (22, _q5_0), T.Q6_K: (210, _q6_k)}
+_DECODERS = {T.Q8_0: _q8_0, T.Q5_0: _q5_0, T.Q4_K: _q4_k, T.Q6_K: _q6_k}
 CHUNK_BLOCKS = 1 << 14
-FAST_TYPES = frozenset([*_DECODERS, T.Q4_K, T.F32, T.F16, T.BF16])
+FAST_TYPES = frozenset([*_DECODERS, T.F32, T.F16, T.BF16])
 
 
 def decode(raw: np.ndarray, kind: T, shape: tuple[int, ...]) -> torch.Tensor:
@@ -85,13 +90,10 @@ def decode(raw: np.ndarray, kind: T, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)).float().reshape(shape)
     if kind == T.BF16:
         return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16).float().reshape(shape)
-    if kind == T.Q4_K:
-        return _q4_k(raw).reshape(shape)
-    block_bytes, decoder = _DECODERS[kind]
+    values_per_block, block_bytes = GGML_QUANT_SIZES[kind]
     blocks = _blocks(raw, block_bytes)
-    values_per_block = 256 if block_bytes == 210 else 32
     out = torch.empty(blocks.shape[0], values_per_block)
     # In chunks: the intermediates of a whole embedding would be gigabytes of fresh pages.
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        out[start : start + CHUNK_BLOCKS] = decoder(blocks[start : start + CHUNK_BLOCKS])
+        out[start : start + CHUNK_BLOCKS] = _DECODERS[kind](blocks[start : start + CHUNK_BLOCKS])
     return out.reshape(shape)

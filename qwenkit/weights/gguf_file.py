@@ -1,7 +1,8 @@
 """GGUF files: model config from metadata, tensors mapped to HF names and dequantized.
 
 The common types decode in torch (gguf_blocks.py, checked value for value against the `gguf`
-package); the rest go through `gguf` itself, so the values are exactly the ones llama.cpp computes. Only the tensor types qwenkit has tested are accepted; any other gets a clear error
+package); the rest go through `gguf` itself, so the values are exactly the ones llama.cpp
+computes. Only the tensor types qwenkit has tested are accepted; any other gets a clear error
 rather than silently wrong numbers.
 """
 
@@ -11,7 +12,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
@@ -149,9 +149,7 @@ def dequantized(gguf: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
     check_supported(tensor)
     if tensor.kind in FAST_TYPES:
         return decode(gguf.raw(tensor), tensor.kind, tensor.shape)
-    values = dequantize(gguf.raw(tensor), tensor.kind).reshape(tensor.shape)
-    # F32 tensors are read-only views of the memory-mapped file; everything else is a fresh array.
-    return torch.from_numpy(values if values.flags.writeable else values.copy())
+    return torch.from_numpy(dequantize(gguf.raw(tensor), tensor.kind).reshape(tensor.shape))  # a fresh array
 
 
 def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.nn.Module]:
