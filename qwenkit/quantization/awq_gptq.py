@@ -38,8 +38,8 @@ def int4_module(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int, b
     """q [out, in] codes, s and z [out, in/group] scales and zero codes: W = (q - z) * s."""
     out_features, in_features = q.shape
     scale, zero = s.float(), (8 - z.float()) * s.float()
-    kernel_group = int4_group_size(in_features, min(group, 256))
-    if kernel_group is not None and group % kernel_group == 0 and out_features % 16 == 0:
+    kernel_group = int4_group_size(out_features, in_features, min(group, 256))
+    if kernel_group is not None and group % kernel_group == 0:
         # A group larger than the kernel supports (or per-channel, -1) is split into equal smaller ones.
         repeat = group // kernel_group
         scale, zero = scale.repeat_interleave(repeat, 1), zero.repeat_interleave(repeat, 1)

@@ -12,8 +12,11 @@ QUANTIZATION_MODES = ("int8", "int4")
 KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")
 
 
-def int4_group_size(in_features: int, wanted: int) -> int | None:
-    """The requested group size, or the largest smaller power of two >= 32 that divides the input size."""
+def int4_group_size(out_features: int, in_features: int, wanted: int) -> int | None:
+    """The requested group size, or the largest smaller power of two >= 32 that divides the input size;
+    None for a shape the int4 kernel cannot tile (output size not a multiple of 16, no such group)."""
+    if out_features % 16:
+        return None
     size = wanted
     while size >= 32:
         if in_features % size == 0:
@@ -35,8 +38,8 @@ def eligible_linears(model: nn.Module, mode: str, group_size: int) -> list[tuple
         if mode == "int8":
             found.append((name, module, None))
             continue
-        group = int4_group_size(module.in_features, group_size)
-        if group is not None and module.out_features % 16 == 0:  # other shapes the int4 kernel cannot tile
+        group = int4_group_size(module.out_features, module.in_features, group_size)
+        if group is not None:
             found.append((name, module, group))
     return found
 

@@ -159,6 +159,7 @@ def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torc
     (q - 8) * scale + zero, so zero = 8 * scale - min. Experts' stacked tensors stay on the float path.
     """
     from qwenkit.quantization.linear import Int4Linear
+    from qwenkit.quantization.quantize import int4_group_size
 
     layers = {}
     for tensor in gguf.tensors.values():
@@ -166,7 +167,7 @@ def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torc
         if tensor.kind != GGMLQuantizationType.Q4_K or len(tensor.shape) != 2 or len(names) != 1:
             continue
         out_features, in_features = tensor.shape
-        if not names[0].endswith(".weight") or out_features % 16:
+        if not names[0].endswith(".weight") or int4_group_size(out_features, in_features, 32) != 32:
             continue
         codes, scale, minimum = q4_k_codes(gguf.raw(tensor))
         scale, minimum = scale.reshape(out_features, -1), minimum.reshape(out_features, -1)
