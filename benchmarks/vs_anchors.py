@@ -5,7 +5,10 @@ For each runtime, in its own process (so peak RSS is its own): load time, decode
 benchmarks/data/perplexity.txt. Prints a table with ratios to llama.cpp.
 
     pip install -e ".[bench]"          # llama-cpp-python compiles llama.cpp (~10 minutes)
-    python benchmarks/vs_anchors.py [--skip-transformers] [--modes float32,int4]
+    python benchmarks/vs_anchors.py [--skip-transformers] [--modes default,float32,int4]
+
+Modes: default (what `qwenkit chat` loads: GGUF blocks in place), float32 (the exact reference),
+int8 / int4 (weight-only quantization at load time).
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def run_qwenkit(mode: str) -> dict:
     torch.set_num_threads(THREADS)
     text_ids, prefill, chat = token_ids()
     start = time.monotonic()
-    loaded = load_model(None, "float32", quantize=None if mode == "float32" else mode)
+    if mode == "default":
+        loaded = load_model(None)
+    else:
+        loaded = load_model(None, "float32", quantize=None if mode == "float32" else mode)
     load = time.monotonic() - start
     llm = LLM(loaded)
     out = llm.generate(chat, SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True))[0]
@@ -68,7 +74,15 @@ def run_qwenkit(mode: str) -> dict:
     pos = torch.arange(len(text_ids))
     with torch.inference_mode():
         logits = loaded.model.compute_logits(loaded.model(torch.tensor(text_ids), pos, NoCache(pos)))
-    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+    result = {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+    if mode == "default":  # a long text takes the exact float path; measure the decode kernel's numbers too
+        from qwenkit.quantization import gguf_linear
+
+        gguf_linear.KERNEL_MAX_TOKENS = len(text_ids)
+        with torch.inference_mode():
+            logits = loaded.model.compute_logits(loaded.model(torch.tensor(text_ids), pos, NoCache(pos)))
+        result["kernel_ppl"] = nll_to_ppl(logits, text_ids)
+    return result
 
 
 def run_llama_cpp() -> dict:
@@ -132,7 +146,7 @@ def isolated(fn, *args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="float32,int4", help="qwenkit modes: float32, int8, int4")
+    ap.add_argument("--modes", default="default,float32,int4", help="qwenkit modes: default, float32, int8, int4")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     rows = {"llama.cpp": isolated(run_llama_cpp)}
@@ -147,6 +161,10 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:20}{r['decode']:>9.1f} ({r['decode'] / anchor['decode']:4.2f}x){r['prefill']:>10.1f} ({r['prefill'] / anchor['prefill']:4.2f}x)"
               f"{r['load']:>9.1f}{r['rss'] / 2**30:>14.2f}{r['rss'] / gguf_size:>10.2f}{r['ppl']:>8.2f} ({(r['ppl'] / anchor['ppl'] - 1) * 100:+.1f}%)")
+    for name, r in rows.items():
+        if "kernel_ppl" in r:
+            print(f"\n{name}: perplexity with every token through the int8-activation decode kernel: "
+                  f"{r['kernel_ppl']:.2f} ({(r['kernel_ppl'] / anchor['ppl'] - 1) * 100:+.1f}% vs llama.cpp)")
 
 
 if __name__ == "__main__":

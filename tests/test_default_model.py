@@ -114,3 +114,24 @@ def test_sixteen_prompts_together_equal_each_alone(llm):
         assert out.outputs[0].token_ids == alone.chat(conversation, params)[0].outputs[0].token_ids
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+# The default mode (blocks in place, int8 activations as in llama.cpp) against the same reference.
+@pytest.mark.parametrize("key", ["chat0", "raw"])
+def test_gguf_mode_last_logits_near_transformers(gguf_model, key):
+    from qwenkit.quantization.gguf_linear import GGUFLinear
+
+    assert isinstance(gguf_model.model.lm_head, GGUFLinear)
+    ids = REF[f"{key}_prompt_ids"].tolist()
+    expected = torch.from_numpy(REF[f"{key}_last_logits"])
+    got = last_logits(gguf_model.model, ids)
+    assert got.argmax() == expected.argmax()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # measured: 0.019
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_gguf_mode_greedy_tokens_start_as_transformers(gguf_model, i):
+    expected = REF[f"chat{i}_greedy_ids"].tolist()[:16]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    out = LLM(gguf_model).generate(REF[f"chat{i}_prompt_ids"].tolist(), params)[0].outputs[0]
+    assert out.token_ids == expected

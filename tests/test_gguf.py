@@ -21,3 +21,36 @@ def test_tiny_gguf_matches_transformers(arch, tmp_path):
     assert loaded.config.tie_word_embeddings == (arch == "qwen2")
     assert (qwenkit_logits_full(loaded.model, PROMPT) - expected).abs().max().item() < TOL
     assert (qwenkit_logits_stepwise(loaded.model, PROMPT, 9) - expected[8:]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tiny_gguf_blocks_in_place(arch, tmp_path, monkeypatch):
+    """--quantize gguf: the blocks run in place. Through the float path (many tokens) the model is
+    exact; through the kernel (few tokens: decoding) activations are int8, as in llama.cpp."""
+    from gguf import GGMLQuantizationType
+
+    from qwenkit.kernels import ggml_cpu
+    from qwenkit.quantization import gguf_linear
+
+    if ggml_cpu() is None:
+        pytest.skip("native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
+    tied = arch == "qwen2"
+    ref = reference_model(tiny_config(arch, tied=tied))
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(ref, path, tiny_tokenizer(), embedding_type=GGMLQuantizationType.Q8_0)
+    with torch.inference_mode():
+        expected = ref(PROMPT[None]).logits[0]
+    loaded = load_model(str(path), quantize="gguf")
+    model = loaded.model
+    assert isinstance(model.model.embed_tokens, gguf_linear.GGUFEmbedding)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, gguf_linear.GGUFLinear)
+    assert isinstance(model.lm_head, gguf_linear.GGUFLinear) == tied  # untied: a BF16 output stays float
+    stepwise = qwenkit_logits_stepwise(model, PROMPT, 9)
+    errors = (stepwise - expected[8:]).abs().amax(-1) / expected.abs().max()
+    # int8 activations cost ~1% here. In a MoE a router's near-tie may flip one expert at some
+    # position, which moves that position's logits more: there only most positions are checked.
+    assert errors.median() < 0.02
+    if not arch.endswith("moe"):
+        assert errors.max() < 0.03
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 0)
+    assert (qwenkit_logits_full(model, PROMPT) - expected).abs().max().item() < TOL

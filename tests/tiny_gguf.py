@@ -36,11 +36,11 @@ LLAMA_CPP_NAMES = {
 Q = gguf.GGMLQuantizationType
 
 
-def choose_type(llama_name: str, shape) -> Q:
+def choose_type(llama_name: str, shape, embedding_type: Q = Q.F16) -> Q:
     if len(shape) == 1:
         return Q.F32
     if llama_name == "token_embd.weight":
-        return Q.F16
+        return embedding_type
     if llama_name == "output.weight":
         return Q.BF16
     if "exps" in llama_name:
@@ -74,7 +74,7 @@ def llama_cpp_tensors(model: torch.nn.Module, num_layers: int, num_experts: int)
     return out
 
 
-def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None) -> None:
+def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embedding_type: Q = Q.F16) -> None:
     """Write `model` to `path` and overwrite its weights with what the file holds after quantization."""
     cfg = model.config
     arch = GGUF_ARCH[cfg.model_type]
@@ -106,7 +106,7 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None) -> None:
 
     stored = {}
     for name, value in llama_cpp_tensors(model, cfg.num_hidden_layers, num_experts).items():
-        kind = choose_type(name, value.shape)
+        kind = choose_type(name, value.shape, embedding_type)
         if kind == Q.F32:
             w.add_tensor(name, value.astype(np.float32))
             stored[name] = value.astype(np.float32)

@@ -10,8 +10,11 @@ from qwenkit.engine.sampling_params import SamplingParams
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file or hub id (default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="float32 is the exact reference mode")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization of the linear layers at load time")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="dtype of activations and float weights; given for a GGUF, it loads the exact float reference")
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "gguf", "int8", "int4"],
+                        help="auto: a GGUF runs its quantized blocks in place (unless --dtype is given); "
+                             "int8/int4: weight-only quantization of the linear layers at load time; none: float")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
 
 
@@ -51,8 +54,13 @@ def engine_config(args: argparse.Namespace):
 
 def load_llm(args: argparse.Namespace):
     from qwenkit.engine.llm import LLM
-    from qwenkit.weights.loader import load_model
 
     if sys.stderr.isatty():
         print("loading model...", file=sys.stderr, flush=True)
-    return LLM(load_model(args.model, args.dtype, args.quantize, args.group_size), engine_config=engine_config(args))
+    return LLM(load_model_from_args(args), engine_config=engine_config(args))
+
+
+def load_model_from_args(args: argparse.Namespace):
+    from qwenkit.weights.loader import load_model
+
+    return load_model(args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size)

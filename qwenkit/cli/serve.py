@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from qwenkit.cli.common import add_engine_flags, add_model_flags, engine_config
+from qwenkit.cli.common import add_engine_flags, add_model_flags, engine_config, load_model_from_args
 
 
 def register(subparsers) -> None:
@@ -37,10 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from qwenkit.errors import QwenkitError
     from qwenkit.server.app import create_app
     from qwenkit.server.state import ServerConfig
-    from qwenkit.weights.loader import load_model
 
     keys = args.api_key or [k for k in os.environ.get("QWENKIT_API_KEY", "").split(",") if k]
-    loaded = load_model(args.model, args.dtype, args.quantize, args.group_size)
+    loaded = load_model_from_args(args)
     name = args.served_model_name or (loaded.path.stem if loaded.path.is_file() else loaded.path.name)
     llm = AsyncLLM(loaded, engine_config=engine_config(args))
     for spec in args.lora:

@@ -19,7 +19,7 @@ Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 
 
-def _engine(model: str | LoadedModel | None, dtype: str, engine_config: EngineConfig | None) -> LLMEngine:
+def _engine(model: str | LoadedModel | None, dtype: str | None, engine_config: EngineConfig | None) -> LLMEngine:
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
     return LLMEngine(loaded, engine_config or EngineConfig())
 
@@ -27,7 +27,7 @@ def _engine(model: str | LoadedModel | None, dtype: str, engine_config: EngineCo
 class LLM:
     """`LLM().generate(prompts)`: every prompt in one continuously batched run; results in order."""
 
-    def __init__(self, model: str | LoadedModel | None = None, dtype: str = "float32", engine_config: EngineConfig | None = None):
+    def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None):
         self.engine = _engine(model, dtype, engine_config)
         self.tokenizer = self.engine.tokenizer
 
@@ -83,7 +83,7 @@ def render_chat(tokenizer, messages: Messages, tools=None, **template_kwargs) ->
 class AsyncLLM:
     """Asyncio front end: the engine steps in its own thread; each request streams through a queue."""
 
-    def __init__(self, model: str | LoadedModel | None = None, dtype: str = "float32", engine_config: EngineConfig | None = None):
+    def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None):
         self.engine = _engine(model, dtype, engine_config)
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.Queue = queue.Queue()

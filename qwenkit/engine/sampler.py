@@ -55,6 +55,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
 
 def finite(logits: torch.Tensor) -> torch.Tensor:
     """Extreme parameters (a penalty of 1e-300, a temperature of 1e-30) must not make NaN probabilities."""
+    if logits.numel() and bool(torch.isfinite(logits.abs().amax())):  # the usual case, checked in ~20 us
+        return logits  # (amax propagates NaN; nan_to_num on 150k logits costs up to 1 ms per step)
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 2)
 
 

@@ -21,10 +21,15 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _blocks(raw: np.ndarray, block_bytes: int) -> torch.Tensor:
-    with warnings.catch_warnings():  # a read-only view of the memory-mapped file; it is never written
+def uint8_tensor(raw: np.ndarray) -> torch.Tensor:
+    """The bytes as a tensor sharing their memory (a read-only view of the memory-mapped file; it is never written)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(raw).reshape(-1, block_bytes))
+        return torch.from_numpy(np.ascontiguousarray(raw))
+
+
+def _blocks(raw: np.ndarray, block_bytes: int) -> torch.Tensor:
+    return uint8_tensor(raw).reshape(-1, block_bytes)
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:  # d fp16, 32 x int8

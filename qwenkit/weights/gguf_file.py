@@ -18,7 +18,7 @@ from gguf.quants import dequantize
 
 from qwenkit.config import ModelConfig, RopeConfig
 from qwenkit.errors import QwenkitError
-from qwenkit.weights.gguf_blocks import FAST_TYPES, decode, q4_k_codes
+from qwenkit.weights.gguf_blocks import FAST_TYPES, decode, q4_k_codes, uint8_tensor
 from qwenkit.weights.gguf_reader import GGUFFile, GGUFTensor
 
 SUPPORTED_TENSOR_TYPES = frozenset(
@@ -152,30 +152,60 @@ def dequantized(gguf: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(gguf.raw(tensor), tensor.kind).reshape(tensor.shape))  # a fresh array
 
 
+def _projection_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GGUFTensor, torch.Tensor | None]]:
+    """(module name, weight tensor, float32 bias or None) of every 2-D weight of a single module.
+
+    Experts' stacked 3-D tensors are left out: they stay on the float path.
+    """
+    for tensor in gguf.tensors.values():
+        names = _hf_names(tensor.name, config.num_experts)
+        if len(tensor.shape) != 2 or len(names) != 1 or not names[0].endswith(".weight"):
+            continue
+        bias_tensor = gguf.tensors.get(tensor.name.removesuffix("weight") + "bias")
+        bias = None if bias_tensor is None else dequantized(gguf, bias_tensor)
+        yield names[0].removesuffix(".weight"), tensor, bias
+
+
 def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.nn.Module]:
     """Every Q4_K projection as an Int4Linear (groups of 32), without going through float: exact.
 
     Q4_K stores value = scale * q - min per 32 values, q in 0..15; the kernel computes
-    (q - 8) * scale + zero, so zero = 8 * scale - min. Experts' stacked tensors stay on the float path.
+    (q - 8) * scale + zero, so zero = 8 * scale - min.
     """
     from qwenkit.quantization.linear import Int4Linear
     from qwenkit.quantization.quantize import int4_group_size
 
     layers = {}
-    for tensor in gguf.tensors.values():
-        names = _hf_names(tensor.name, config.num_experts)
-        if tensor.kind != GGMLQuantizationType.Q4_K or len(tensor.shape) != 2 or len(names) != 1:
-            continue
+    for name, tensor, bias in _projection_weights(gguf, config):
         out_features, in_features = tensor.shape
-        if not names[0].endswith(".weight") or int4_group_size(out_features, in_features, 32) != 32:
+        if tensor.kind != GGMLQuantizationType.Q4_K or name == "model.embed_tokens":
+            continue
+        if int4_group_size(out_features, in_features, 32) != 32:
             continue
         codes, scale, minimum = q4_k_codes(gguf.raw(tensor))
         scale, minimum = scale.reshape(out_features, -1), minimum.reshape(out_features, -1)
-        bias_tensor = gguf.tensors.get(tensor.name.removesuffix("weight") + "bias")
-        bias = None if bias_tensor is None else dequantized(gguf, bias_tensor)
-        layers[names[0].removesuffix(".weight")] = Int4Linear(
-            codes.reshape(out_features, in_features), scale, 8 * scale - minimum, 32, bias
-        )
+        layers[name] = Int4Linear(codes.reshape(out_features, in_features), scale, 8 * scale - minimum, 32, bias)
+    return layers
+
+
+def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Every projection and the embedding whose type the native kernels run, as layers over the
+    file's own (memory-mapped) bytes. A tied output projection shares the embedding's bytes."""
+    from qwenkit.quantization.gguf_linear import KERNEL_TYPES, PACKED_TYPES, GGUFEmbedding, GGUFLinear
+
+    layers: dict[str, torch.nn.Module] = {}
+    for name, tensor, bias in _projection_weights(gguf, config):
+        if tensor.kind not in KERNEL_TYPES or name.endswith(("mlp.gate", "shared_expert_gate")):
+            continue  # routers steer whole experts and are tiny: float
+        blocks = uint8_tensor(gguf.raw(tensor))  # [rows, bytes per row], sharing the file's memory map
+        if name == "model.embed_tokens":  # stays mapped: only the rows looked up are ever read
+            layers[name] = GGUFEmbedding(blocks, tensor.kind, tensor.shape[1], dtype)
+            if config.tie_word_embeddings:
+                layers["lm_head"] = GGUFLinear(blocks, tensor.kind, tensor.shape[1])
+        else:
+            layers[name] = GGUFLinear(blocks, tensor.kind, tensor.shape[1], bias)
+        if tensor.kind in PACKED_TYPES:
+            gguf.release(tensor)  # now a packed copy (or looked up row by row)
     return layers
 
 
@@ -188,6 +218,7 @@ def iter_gguf_tensors(gguf: GGUFFile, config: ModelConfig, skip: frozenset[str] 
         if len(names) == 1 and names[0].rpartition(".")[0] in skip:
             continue
         yield from _named(names, dequantized(gguf, tensor))
+        gguf.release(tensor)  # the float copy is what the model keeps
 
 
 def _named(names: list[str], values: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,6 +7,7 @@ quantization formats themselves stay the `gguf` package's business (see gguf_fil
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,15 @@ class GGUFFile:
                 raise QwenkitError(f"{self.path} is truncated: tensor {name} ends past the end of the file")
             tensors[name] = t
         return meta, tensors
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the tensor's pages from this process's memory once they have been copied or
+        converted (the map stays valid: a later read faults them in again from the file)."""
+        mapping = getattr(self._map, "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise"):
+            return
+        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.n_bytes - start)
 
     def raw(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as uint8 [rows..., bytes per row], as `gguf.quants.dequantize` expects."""

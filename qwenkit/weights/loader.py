@@ -16,7 +16,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.model.qwen import QwenForCausalLM
 from qwenkit.quantization.quantize import replace_module
 from qwenkit.tokenizer.tokenizer import Tokenizer
-from qwenkit.weights.gguf_file import config_from_gguf, int4_layers_from_q4_k, iter_gguf_tensors, open_gguf
+from qwenkit.weights.gguf_file import config_from_gguf, gguf_block_layers, int4_layers_from_q4_k, iter_gguf_tensors, open_gguf
 from qwenkit.weights.resolve import ResolvedModel, resolve_model
 from qwenkit.weights.safetensors_dir import iter_safetensors, read_hf_config, read_json
 
@@ -37,21 +37,47 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
 
 
+QUANTIZE_CHOICES = ("auto", "gguf", "int8", "int4")
+
+
 def load_model(
-    spec: str | None = None, dtype: str = "float32", quantize: str | None = None, group_size: int = 128
+    spec: str | None = None, dtype: str | None = None, quantize: str | None = "auto", group_size: int = 128
 ) -> LoadedModel:
     """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default).
 
-    `quantize` ("int8" or "int4") swaps the linear layers for weight-only quantized ones after loading.
+    `quantize`:
+      "auto"  a GGUF keeps its quantized blocks and runs them in place ("gguf") unless a `dtype` is
+              given, which asks for the exact float reference; other checkpoints load as they are.
+      "gguf"  GGUF blocks run in place by the native CPU kernels (GGUF files only).
+      "int8", "int4"  weight-only quantized linear layers built at load time.
+      None    no quantization: weights dequantized to `dtype`.
+    `dtype` (default float32) is the dtype of activations and of float weights.
     """
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    loaded = load_resolved(resolve_model(spec), DTYPES[dtype], quantize)
-    if quantize is not None:
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise QwenkitError(f"unsupported quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    resolved = resolve_model(spec)
+    if quantize == "auto":
+        quantize = "gguf" if resolved.format == "gguf" and dtype is None and native_gguf_available() else None
+    if quantize == "gguf":
+        if resolved.format != "gguf":
+            raise QwenkitError(f"--quantize gguf runs GGUF blocks in place; {resolved.path} is not a GGUF file")
+        if not native_gguf_available():
+            raise QwenkitError("--quantize gguf needs the native CPU kernels: an x86-64 CPU with AVX-512 VNNI and a C++ "
+                               "compiler (see the warning above); use --dtype float32 or --quantize int4 instead")
+    loaded = load_resolved(resolved, DTYPES[dtype or "float32"], quantize)
+    if quantize in ("int8", "int4"):
         from qwenkit.quantization.quantize import quantize_model
 
         quantize_model(loaded.model, quantize, group_size)
     return loaded
+
+
+def native_gguf_available() -> bool:
+    from qwenkit.kernels import ggml_cpu
+
+    return ggml_cpu() is not None
 
 
 def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantize: str | None = None) -> LoadedModel:
@@ -60,8 +86,12 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantize: str | N
         gguf = open_gguf(path)
         config = config_from_gguf(gguf)
         tokenizer = Tokenizer.from_gguf(gguf)
-        # Going to int4 anyway: Q4_K blocks become int4 layers directly, exactly, never float.
-        kept = int4_layers_from_q4_k(gguf, config) if quantize == "int4" else {}
+        if quantize == "gguf":
+            kept = gguf_block_layers(gguf, config, dtype)
+        elif quantize == "int4":  # Q4_K blocks become int4 layers directly, exactly, never float
+            kept = int4_layers_from_q4_k(gguf, config)
+        else:
+            kept = {}
         model = build_model(config, iter_gguf_tensors(gguf, config, frozenset(kept)), dtype, kept)
         return LoadedModel(model, tokenizer, config, path, dict(GGUF_GENERATION_DEFAULTS))
     config = read_hf_config(path)

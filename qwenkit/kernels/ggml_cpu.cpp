@@ -1,0 +1,480 @@
+// GGUF quantized blocks used in place on x86-64 CPUs with AVX-512 VNNI: matrix products that
+// read the file's own bytes, and exact dequantization for everything else.
+//
+// Decoding is bound by the bytes of weights read per token, so the weights are never widened in
+// memory. Each row is unpacked into L1-resident scratch (unsigned codes, a scale per 16 values,
+// an offset per 16 values) so that one dot product serves every block type:
+//     w = scale * (code - zero) - min        (zero is per type, scale and min per 16 values)
+// The activations are quantized to int8 in blocks of 32, as llama.cpp does, so the inner loop is
+// one VPDPBUSD per 64 weights; the scales are applied in float per 16-value lane group.
+//
+// Block layouts are ggml's (ggml-common.h); the formulas follow ggml's dequantize_row_* so that
+// `dequantize` gives the same float32 values bit for bit.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ggml type ids (ggml.h)
+enum Kind : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+struct Format {
+  int block_values;
+  int block_bytes;
+  int zero;  // code offset of the symmetric types; 0 for the ones with a stored minimum
+};
+
+Format format_of(int kind) {
+  switch (kind) {
+    case Q4_0: return {32, 18, 8};
+    case Q4_1: return {32, 20, 0};
+    case Q5_0: return {32, 22, 16};
+    case Q5_1: return {32, 24, 0};
+    case Q8_0: return {32, 34, 128};
+    case Q4_K: return {256, 144, 0};
+    case Q6_K: return {256, 210, 32};
+  }
+  TORCH_CHECK(false, "GGUF block type ", kind, " has no CPU kernel");
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// One row's unpacked form: codes, and a scale and minimum per 16 values.
+struct RowScratch {
+  std::vector<uint8_t> codes;   // [K]
+  std::vector<float> scale16;   // [K / 16]
+  std::vector<float> min16;     // [K / 16]
+  std::vector<float> offset16;  // [K / 16] scale * zero + min: what the dot product subtracts per 16 values
+  explicit RowScratch(int64_t k) : codes(k), scale16(k / 16 + 16), min16(k / 16 + 16), offset16(k / 16 + 16) {}
+
+  void compute_offsets(int zero, int64_t groups) {
+    const __m512 z = _mm512_set1_ps(static_cast<float>(zero));
+    for (int64_t g = 0; g < groups; g += 16)  // the vectors have 16 spare entries for this
+      _mm512_storeu_ps(&offset16[g], _mm512_fmadd_ps(_mm512_loadu_ps(&scale16[g]), z, _mm512_loadu_ps(&min16[g])));
+  }
+};
+
+inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
+  r.scale16[first16] = r.scale16[first16 + 1] = scale;
+  r.min16[first16] = r.min16[first16 + 1] = minimum;
+}
+
+// 32 values from 16 bytes: the low nibbles are values 0..15, the high nibbles 16..31.
+inline __m256i nibbles_32(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_and_si128(q, mask));
+}
+
+// Q5_0 / Q5_1: bit j of the 32-bit qh is the fifth bit of value j.
+inline __m256i with_fifth_bits(__m256i low, const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  return _mm256_mask_add_epi8(low, static_cast<__mmask32>(bits), low, _mm256_set1_epi8(0x10));
+}
+
+inline void store32(uint8_t* dst, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v); }
+
+void unpack_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
+  const Format f = format_of(kind);
+  const int64_t blocks = k / f.block_values;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = row + b * f.block_bytes;
+    uint8_t* codes = r.codes.data() + b * f.block_values;
+    const int64_t first16 = b * f.block_values / 16;
+    switch (kind) {
+      case Q8_0:
+        store32(codes, _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)), _mm256_set1_epi8(char(0x80))));
+        set_scale(r, first16, f16(p), 0.0f);
+        break;
+      case Q5_0:
+        store32(codes, with_fifth_bits(nibbles_32(p + 6), p + 2));
+        set_scale(r, first16, f16(p), 0.0f);
+        break;
+      case Q5_1:  // value = d * q + m
+        store32(codes, with_fifth_bits(nibbles_32(p + 8), p + 4));
+        set_scale(r, first16, f16(p), -f16(p + 2));
+        break;
+      case Q4_0:
+        store32(codes, nibbles_32(p + 2));
+        set_scale(r, first16, f16(p), 0.0f);
+        break;
+      case Q4_1:
+        store32(codes, nibbles_32(p + 4));
+        set_scale(r, first16, f16(p), -f16(p + 2));
+        break;
+      case Q4_K: {  // d, dmin, 12 bytes of 6-bit scales/mins, then 4 x 32 bytes: low nibbles are
+                    // sub-block 2i, high nibbles sub-block 2i + 1
+        const float d = f16(p), dmin = f16(p + 2);
+        const uint8_t* qs = p + 16;
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        for (int i = 0; i < 4; ++i) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * i));
+          store32(codes + 64 * i, _mm256_and_si256(q, mask));
+          store32(codes + 64 * i + 32, _mm256_and_si256(_mm256_srli_epi16(q, 4), mask));
+        }
+        // the 8 six-bit scales and 8 mins as bytes (ggml's get_scale_min_k4, on four words at once)
+        uint32_t u[4];
+        std::memcpy(u, p + 4, 12);
+        const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+        u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);
+        const uint32_t low_mins = u[1] & m6;
+        u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);
+        u[2] = low_mins;
+        u[0] &= m6;
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+        const __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));  // 8 scales, 8 mins
+        // each sub-block of 32 is two groups of 16: lane j of the result takes entry j / 2
+        const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i twice_mins = _mm512_add_epi32(twice, _mm512_set1_epi32(8));
+        _mm512_storeu_ps(&r.scale16[first16], _mm512_mul_ps(_mm512_set1_ps(d), _mm512_permutexvar_ps(twice, sub)));
+        _mm512_storeu_ps(&r.min16[first16], _mm512_mul_ps(_mm512_set1_ps(dmin), _mm512_permutexvar_ps(twice_mins, sub)));
+        break;
+      }
+      case Q6_K: {  // ql[128], qh[64], int8 scales[16], d; two halves of 128 values
+        const uint8_t* ql = p;
+        const uint8_t* qh = p + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+        const float d = f16(p + 208);
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+        for (int half = 0; half < 2; ++half) {
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half));
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half + 32));
+          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * half));
+          uint8_t* out = codes + 128 * half;
+          store32(out + 0, _mm256_or_si256(_mm256_and_si256(a, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2)));
+          store32(out + 32, _mm256_or_si256(_mm256_and_si256(c, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2)));
+          store32(out + 64, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_and_si256(h, m2)));
+          store32(out + 96, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2)));
+        }
+        const __m512 scales = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc))));
+        _mm512_storeu_ps(&r.scale16[first16], _mm512_mul_ps(_mm512_set1_ps(d), scales));
+        _mm512_storeu_ps(&r.min16[first16], _mm512_setzero_ps());
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "GGUF block type ", kind, " has no CPU kernel");
+    }
+  }
+}
+
+// Activations as int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp's Q8_0), with each
+// block's scale and the scaled sum of its codes given per 16 values, the weights' granularity.
+struct QuantizedActivations {
+  std::vector<int8_t> q;       // [T, K]
+  std::vector<float> scale16;  // [T, K / 16]
+  std::vector<float> sum16;    // [T, K / 16]
+  std::vector<float> scale32;  // [T, K / 32]
+  std::vector<float> sum32;    // [T, K / 32]
+};
+
+QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k) {
+  QuantizedActivations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * k / 16 + 16), std::vector<float>(tokens * k / 16 + 16),
+                         std::vector<float>(tokens * k / 32 + 16), std::vector<float>(tokens * k / 32 + 16)};
+  at::parallel_for(0, tokens * (k / 32), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* xb = x + b * 32;
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      int sums[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xb[i] * id));
+        a.q[b * 32 + i] = static_cast<int8_t>(v);
+        sums[i / 16] += v;
+      }
+      a.scale16[b * 2] = a.scale16[b * 2 + 1] = d;
+      a.sum16[b * 2] = d * sums[0];
+      a.sum16[b * 2 + 1] = d * sums[1];
+      a.scale32[b] = d;
+      a.sum32[b] = d * (sums[0] + sums[1]);
+    }
+  });
+  return a;
+}
+
+
+// ---- The packed layout of the 32-value block types ------------------------------------------
+// Same size as the file's blocks, made once at load time so that the decode loop reads planes
+// instead of interleaved blocks (no per-block scalar work). Per row:
+//   [K/32 fp16 scales][K/32 fp16 minimums: Q4_1, Q5_1][K/8 bytes of fifth bits: Q5_0, Q5_1][codes]
+// Codes are K bytes for Q8_0 (stored as q + 128, unsigned), else K/2 bytes of nibbles, 32 bytes
+// per 64 values: byte j holds value j in its low nibble and value 32 + j in its high nibble.
+// Fifth bits are 8 bytes per 64 values, bit j for value j.
+
+constexpr bool has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
+constexpr bool has_fifth(int kind) { return kind == Q5_0 || kind == Q5_1; }
+bool packable(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q5_0 || kind == Q5_1 || kind == Q8_0; }
+
+struct PackedRow {
+  const uint16_t* scales;
+  const uint16_t* mins;
+  const uint8_t* fifth;
+  const uint8_t* codes;
+  PackedRow(int kind, const uint8_t* row, int64_t k) {
+    scales = reinterpret_cast<const uint16_t*>(row);
+    const uint8_t* p = row + k / 16;
+    mins = reinterpret_cast<const uint16_t*>(p);
+    if (has_min(kind)) p += k / 16;
+    fifth = p;
+    if (has_fifth(kind)) p += k / 8;
+    codes = p;
+  }
+};
+
+// The 64 unsigned codes of values 64c .. 64c + 63.
+template <int KIND>
+inline __m512i packed_codes64(const PackedRow& p, int64_t c) {
+  if constexpr (KIND == Q8_0) {
+    return _mm512_loadu_si512(p.codes + 64 * c);
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes + 32 * c));
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)), _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+    if constexpr (has_fifth(KIND)) {
+      uint64_t bits;
+      std::memcpy(&bits, p.fifth + 8 * c, 8);
+      q = _mm512_mask_add_epi8(q, _cvtu64_mask64(bits), q, _mm512_set1_epi8(0x10));
+    }
+    return q;
+  }
+}
+
+// A row's fp16 scales (and minimums) as float: ws[b], and off[b] = ws * zero + min, the per-block
+// amount the dot product subtracts times the block's sum of x.
+template <int KIND>
+inline void packed_row_scales(const PackedRow& p, int64_t blocks, float* ws, float* off) {
+  const __m512 zero = _mm512_set1_ps(static_cast<float>(format_of(KIND).zero));
+  for (int64_t b = 0; b < blocks; b += 16) {
+    const __mmask16 m = blocks - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (blocks - b)) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.scales + b));
+    _mm512_storeu_ps(ws + b, s);
+    __m512 o = _mm512_mul_ps(s, zero);
+    if constexpr (has_min(KIND)) o = _mm512_sub_ps(o, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.mins + b)));
+    _mm512_storeu_ps(off + b, o);
+  }
+}
+
+// y[t, row] for rows [begin, end) of a packed tensor (k a multiple of 64).
+template <int KIND>
+void packed_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
+                     int64_t begin, int64_t end, float* out, int64_t n) {
+  const int64_t blocks = k / 32;
+  std::vector<float> ws(blocks + 16), off(blocks + 16);
+  const __m512i pairs = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t row = begin; row < end; ++row) {
+    const PackedRow p(KIND, rows + row * row_bytes, k);
+    packed_row_scales<KIND>(p, blocks, ws.data(), off.data());
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int8_t* xq = a.q.data() + t * k;
+      const float* xs = a.scale32.data() + t * blocks;
+      const float* xsum = a.sum32.data() + t * blocks;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < k / 64; ++c) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), packed_codes64<KIND>(p, c), _mm512_loadu_si512(xq + 64 * c));
+        const __m128 w2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws.data() + 2 * c)));
+        const __m128 x2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + 2 * c)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pairs, _mm512_castps128_ps512(_mm_mul_ps(w2, x2))), acc);
+      }
+      __m512 sub = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; b += 16) {
+        const __mmask16 m = blocks - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (blocks - b)) - 1);
+        sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, off.data() + b), _mm512_maskz_loadu_ps(m, xsum + b), sub);
+      }
+      out[t * n + row] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(sub);
+    }
+  }
+}
+
+// One packed row in the unpacked form (for dequantization).
+template <int KIND>
+void unpack_packed_row(const uint8_t* row, int64_t k, RowScratch& r) {
+  const PackedRow p(KIND, row, k);
+  const int64_t blocks = k / 32;
+  std::vector<float> ws(blocks + 16), off(blocks + 16);
+  packed_row_scales<KIND>(p, blocks, ws.data(), off.data());
+  for (int64_t c = 0; c < k / 64; ++c) _mm512_storeu_si512(r.codes.data() + 64 * c, packed_codes64<KIND>(p, c));
+  for (int64_t b = 0; b < blocks; ++b) {
+    r.scale16[2 * b] = r.scale16[2 * b + 1] = ws[b];
+    const float minimum = has_min(KIND) ? -f16(reinterpret_cast<const uint8_t*>(p.mins + b)) : 0.0f;
+    r.min16[2 * b] = r.min16[2 * b + 1] = minimum;
+  }
+}
+
+template <typename F>
+void dispatch_packed(int kind, F&& f) {
+  switch (kind) {
+    case Q4_0: f(std::integral_constant<int, Q4_0>{}); break;
+    case Q4_1: f(std::integral_constant<int, Q4_1>{}); break;
+    case Q5_0: f(std::integral_constant<int, Q5_0>{}); break;
+    case Q5_1: f(std::integral_constant<int, Q5_1>{}); break;
+    case Q8_0: f(std::integral_constant<int, Q8_0>{}); break;
+    default: TORCH_CHECK(false, "GGUF block type ", kind, " has no packed layout");
+  }
+}
+
+// The file's blocks of one row in the packed layout.
+void pack_row(int kind, const uint8_t* src, int64_t k, uint8_t* dst) {
+  const Format f = format_of(kind);
+  const int64_t blocks = k / 32;
+  uint8_t* scales = dst;
+  uint8_t* mins = dst + k / 16;
+  uint8_t* fifth = mins + (has_min(kind) ? k / 16 : 0);
+  uint8_t* codes = fifth + (has_fifth(kind) ? k / 8 : 0);
+  const int qs_at = kind == Q4_0 ? 2 : kind == Q4_1 ? 4 : kind == Q5_0 ? 6 : kind == Q5_1 ? 8 : 2;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = src + b * f.block_bytes;
+    std::memcpy(scales + 2 * b, p, 2);
+    if (has_min(kind)) std::memcpy(mins + 2 * b, p + 2, 2);
+    if (has_fifth(kind)) std::memcpy(fifth + 4 * b, p + qs_at - 4, 4);
+    if (kind == Q8_0) {
+      store32(codes + 32 * b, _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)), _mm256_set1_epi8(char(0x80))));
+    } else if (b % 2 == 1) {  // blocks 2c and 2c + 1 share 32 bytes: low and high nibbles
+      const __m256i first = nibbles_32(p - f.block_bytes + qs_at), second = nibbles_32(p + qs_at);
+      store32(codes + 16 * (b - 1), _mm256_or_si256(first, _mm256_slli_epi16(second, 4)));
+    }
+  }
+}
+
+// sum_i w_i * x_i for one unpacked row and one quantized token. VPDPBUSD lane l sums 4 bytes,
+// so lanes 4g..4g+3 of a 64-byte step belong to 16-value group g: the four group scales are
+// spread over the lanes with one permute.
+inline float row_dot(const RowScratch& r, const int8_t* xq, const float* xs16, const float* xsum16, int64_t k) {
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 64) {
+    const bool whole = i + 64 <= k;  // otherwise a last 32 values
+    const __mmask64 bytes = whole ? ~0ull : 0xFFFFFFFFull;
+    const __mmask8 groups = whole ? 0xF : 0x3;
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(bytes, r.codes.data() + i),
+                                            _mm512_maskz_loadu_epi8(bytes, xq + i));
+    const __m128 s4 = _mm_mul_ps(_mm_maskz_loadu_ps(groups, r.scale16.data() + i / 16), _mm_maskz_loadu_ps(groups, xs16 + i / 16));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4)), acc);
+  }
+  __m512 off = _mm512_setzero_ps();
+  const int64_t n16 = k / 16;
+  for (int64_t g = 0; g < n16; g += 16) {
+    const __mmask16 m = n16 - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n16 - g)) - 1);
+    off = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r.offset16.data() + g), _mm512_maskz_loadu_ps(m, xsum16 + g), off);
+  }
+  return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(off);
+}
+
+// ggml's values of one unpacked row: d * q for the symmetric types, d * q - m for the others.
+inline void row_values(const RowScratch& r, int zero, int64_t k, float* out) {
+  const __m512i z = _mm512_set1_epi32(zero);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.codes.data() + i))), z));
+    const __m512 v = _mm512_mul_ps(_mm512_set1_ps(r.scale16[i / 16]), q);
+    _mm512_storeu_ps(out + i, zero ? v : _mm512_sub_ps(v, _mm512_set1_ps(r.min16[i / 16])));
+  }
+}
+
+}  // namespace
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+}
+
+// y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
+torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [out_features, bytes per row]");
+  const Format f = format_of(static_cast<int>(kind));
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
+  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k);
+  auto y = torch::empty({tokens, n}, x.options());
+  float* out = y.data_ptr<float>();
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  if (packed) {
+    TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0, "no packed layout for GGUF type ", kind, " with rows of ", k);
+    dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        packed_rows_dot<decltype(kind_constant)::value>(rows, row_bytes, k, a, tokens, begin, end, out, n);
+      });
+    });
+    return y;
+  }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    RowScratch r(k);
+    for (int64_t row = begin; row < end; ++row) {
+      unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
+      r.compute_offsets(f.zero, k / 16);
+      for (int64_t t = 0; t < tokens; ++t) {
+        out[t * n + row] = row_dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
+      }
+    }
+  });
+  return y;
+}
+
+// out[N, K] = float32 values of GGUF block rows w, equal to ggml's dequantize_row_*.
+void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
+              "out must be a contiguous float32 [rows, row length]");
+  const Format f = format_of(static_cast<int>(kind));
+  const int64_t n = w.size(0), k = out.size(1);
+  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "row length ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
+  w = w.contiguous();
+  const int64_t row_bytes = w.size(1);
+  float* values = out.data_ptr<float>();
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    RowScratch r(k);
+    for (int64_t row = begin; row < end; ++row) {
+      if (packed) {
+        dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
+          unpack_packed_row<decltype(kind_constant)::value>(rows + row * row_bytes, k, r);
+        });
+      } else {
+        unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
+      }
+      row_values(r, f.zero, k, values + row * k);
+    }
+  });
+}
+
+// The packed layout of GGUF block rows of a 32-value type (see PackedRow), same shape.
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
+  const Format f = format_of(static_cast<int>(kind));
+  TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "no packed layout for GGUF type ", kind, " with rows of ", k);
+  w = w.contiguous();
+  auto packed = torch::empty_like(w);
+  const int64_t row_bytes = w.size(1);
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, w.size(0), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) pack_row(static_cast<int>(kind), src + row * row_bytes, k, dst + row * row_bytes);
+  });
+  return packed;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
+  m.def("cpu_supported", &cpu_supported, "whether this CPU has the instructions the kernels use");
+  m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
+  m.def("dequantize_into", &dequantize_into, "float32 values of GGUF block rows, written into out");
+}

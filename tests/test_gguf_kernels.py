@@ -1,0 +1,107 @@
+"""The native GGUF kernels against the gguf package (llama.cpp's reference decoders).
+
+Dequantization must be bit-equal. The matrix product quantizes activations to int8 in blocks of
+32 (as llama.cpp does), so it is checked twice: against the same computation written in torch
+(x rounded the same way, then float64 products with the gguf package's weights), tightly; and
+against the float product, within the error that quantizing x costs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from qwenkit.kernels import ggml_cpu
+from qwenkit.quantization import gguf_linear
+from qwenkit.quantization.gguf_linear import GGUFEmbedding, GGUFLinear
+
+pytestmark = pytest.mark.skipif(ggml_cpu() is None, reason="native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
+
+SMALL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: per 32 values, scale = max|x| / 127, codes rounded half to even."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
+
+
+def check_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    same_rounding = int8_activations(x).double() @ weight.double().T
+    assert (y - same_rounding).abs().max() <= 1e-5 * same_rounding.abs().max()
+    exact = x.double() @ weight.double().T
+    assert (y - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def gguf_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    blocks = quantize(weights, kind)
+    return torch.from_numpy(blocks), torch.from_numpy(dequantize(blocks, kind))
+
+
+@pytest.mark.parametrize("kind", SMALL_TYPES)
+@pytest.mark.parametrize("cols", [96, 256])  # 96: a last half step of 32 values; 256: the packed layout
+def test_block_linear_matches_gguf_package(kind, cols):
+    blocks, weight = gguf_blocks(kind, 48, cols)
+    layer = GGUFLinear(blocks, kind, cols)
+    assert layer.packed == (cols % 64 == 0)
+    assert torch.equal(layer.dequantized_weight(), weight)
+    for tokens in (1, 3, 40):
+        x = torch.randn(tokens, cols)
+        check_product(layer(x), x, weight)
+
+
+@pytest.mark.parametrize("kind", SMALL_TYPES)
+def test_many_tokens_take_the_float_path_exactly(kind, monkeypatch):
+    blocks, weight = gguf_blocks(kind, 40, 128)
+    bias = torch.randn(40)
+    monkeypatch.setattr(gguf_linear, "DENSE_CHUNK_VALUES", 16 * 128)  # several row chunks
+    layer = GGUFLinear(blocks, kind, 128, bias)
+    x = torch.randn(gguf_linear.KERNEL_MAX_TOKENS + 5, 128)
+    torch.testing.assert_close(layer(x), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_real_file_blocks(default_gguf):
+    """Every block type of the embedded model: bit-equal values and a checked product."""
+    gguf, tensors = default_gguf
+    assert {t.kind for t in tensors} >= {Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
+    for tensor in tensors:
+        raw = np.array(gguf.raw(tensor)[:64])  # 64 rows are plenty and keep the test fast
+        weight = torch.from_numpy(dequantize(raw, tensor.kind))
+        layer = GGUFLinear(torch.from_numpy(raw), tensor.kind, tensor.shape[1])
+        assert torch.equal(layer.dequantized_weight(), weight), tensor.kind.name
+        x = torch.randn(2, tensor.shape[1])
+        check_product(layer(x), x, weight)
+
+
+@pytest.fixture(scope="module")
+def default_gguf():
+    from qwenkit.weights.default_model import ensure_assembled
+    from qwenkit.weights.gguf_reader import GGUFFile
+
+    gguf = GGUFFile(ensure_assembled())
+    first = {}
+    for tensor in gguf.tensors.values():
+        if len(tensor.shape) == 2 and tensor.kind not in first:
+            first[tensor.kind] = tensor
+    return gguf, list(first.values())
+
+
+def test_embedding_reads_rows_exactly():
+    blocks, weight = gguf_blocks(Q.Q5_0, 100, 64)
+    ids = torch.tensor([[3, 99, 3], [0, 50, 7]])
+    torch.testing.assert_close(GGUFEmbedding(blocks, Q.Q5_0, 64)(ids), weight[ids], rtol=0, atol=0)
+
+
+def test_wrong_row_length_is_refused():
+    blocks, _ = gguf_blocks(Q.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="do not make rows of 96"):
+        GGUFLinear(blocks, Q.Q8_0, 96)
+    with pytest.raises(ValueError):
+        GGUFLinear(blocks, Q.F16, 64)
