@@ -2,7 +2,8 @@
 
 For each runtime, in its own process (so peak RSS is its own): load time, decode tokens/s
 (batch 1, 128 greedy tokens), prefill tokens/s (a 1000-token prompt), peak RSS, and perplexity on
-benchmarks/data/perplexity.txt. Prints a table with ratios to llama.cpp.
+benchmarks/data/perplexity.txt. Prints a table with ratios to llama.cpp. Peak RSS is read before
+the perplexity pass, whose logits for every position ([tokens, 151936] floats) would dominate it.
 
     pip install -e ".[bench]"          # llama-cpp-python compiles llama.cpp (~10 minutes)
     python benchmarks/vs_anchors.py [--skip-transformers] [--modes default,float32,int4]
@@ -71,10 +72,11 @@ def run_qwenkit(mode: str) -> dict:
     decode = DECODE_TOKENS / (times[-1] - times[0])
     out = llm.generate(prefill, SamplingParams(max_tokens=1, temperature=0))[0]
     prefill_rate = PREFILL_TOKENS / out.metrics.time_to_first_token
+    rss = peak_rss()  # before the perplexity pass, whose [tokens, vocab] logits are the benchmark's own
     pos = torch.arange(len(text_ids))
     with torch.inference_mode():
         logits = loaded.model.compute_logits(loaded.model(torch.tensor(text_ids), pos, NoCache(pos)))
-    result = {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+    result = {"load": load, "decode": decode, "prefill": prefill_rate, "rss": rss, "ppl": nll_to_ppl(logits, text_ids)}
     if mode == "default":  # a long text takes the exact float path; measure the decode kernel's numbers too
         from qwenkit.quantization import gguf_linear
 
@@ -93,8 +95,8 @@ def run_llama_cpp() -> dict:
 
     text_ids, prefill, chat = token_ids()
     start = time.monotonic()
-    llm = Llama(str(ensure_assembled()), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512,
-                logits_all=True, verbose=False)
+    settings = dict(n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)
+    llm = Llama(str(ensure_assembled()), **settings)
     load = time.monotonic() - start
     stamps = []
     for _ in llm.generate(chat, temp=0.0, top_k=1, reset=True):
@@ -106,10 +108,12 @@ def run_llama_cpp() -> dict:
     start = time.monotonic()
     llm.eval(prefill)
     prefill_rate = PREFILL_TOKENS / (time.monotonic() - start)
-    llm.reset()
+    rss = peak_rss()
+    del llm  # perplexity needs every position's logits: a second instance that keeps them all
+    llm = Llama(str(ensure_assembled()), logits_all=True, **settings)
     llm.eval(text_ids)
     logits = np.array(llm.scores[: len(text_ids)])
-    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": rss, "ppl": nll_to_ppl(logits, text_ids)}
 
 
 def run_transformers() -> dict:
@@ -126,7 +130,7 @@ def run_transformers() -> dict:
     load = time.monotonic() - start
     with torch.inference_mode():
         start = time.monotonic()
-        model(torch.tensor([prefill]))
+        model(torch.tensor([prefill]), logits_to_keep=1)
         prefill_rate = PREFILL_TOKENS / (time.monotonic() - start)
         ids = torch.tensor([chat])
         start = time.monotonic()
@@ -135,8 +139,9 @@ def run_transformers() -> dict:
         start = time.monotonic()
         model.generate(ids, max_new_tokens=DECODE_TOKENS + 1, min_new_tokens=DECODE_TOKENS + 1, do_sample=False)
         decode = DECODE_TOKENS / (time.monotonic() - start - first)
+        rss = peak_rss()
         logits = model(torch.tensor([text_ids])).logits[0]
-    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": peak_rss(), "ppl": nll_to_ppl(logits, text_ids)}
+    return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": rss, "ppl": nll_to_ppl(logits, text_ids)}
 
 
 def isolated(fn, *args) -> dict:
