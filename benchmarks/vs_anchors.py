@@ -25,6 +25,7 @@ THREADS = 2
 DECODE_TOKENS = 128
 PREFILL_TOKENS = 1000
 TEXT = Path(__file__).parent / "data" / "perplexity.txt"
+KV_CACHE_BYTES = 64 << 20  # 2048 tokens of this model's fp32 K and V (24 layers x 2 x 2 heads x 64 x 4 bytes = 24 KiB each)
 
 
 def token_ids():
@@ -54,7 +55,7 @@ def peak_rss() -> int:
 def run_qwenkit(mode: str) -> dict:
     import torch
 
-    from qwenkit.engine import LLM, SamplingParams
+    from qwenkit.engine import LLM, EngineConfig, SamplingParams
     from qwenkit.model.attention import NoCache
     from qwenkit.weights.loader import load_model
 
@@ -66,7 +67,8 @@ def run_qwenkit(mode: str) -> dict:
     else:
         loaded = load_model(None, "float32", quantize=None if mode == "float32" else mode)
     load = time.monotonic() - start
-    llm = LLM(loaded)
+    # The KV cache holds llama.cpp's context (n_ctx=2048) rather than the engine's 1 GiB default.
+    llm = LLM(loaded, engine_config=EngineConfig(kv_cache_memory=KV_CACHE_BYTES))
     out = llm.generate(chat, SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True))[0]
     times = out.token_times[0]
     decode = DECODE_TOKENS / (times[-1] - times[0])
