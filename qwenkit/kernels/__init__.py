@@ -50,4 +50,4 @@ def ggml_cpu() -> ModuleType | None:
         warnings.warn(f"qwenkit: GGUF CPU kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
                       "GGUF weights will be dequantized to float instead", stacklevel=2)
         return None
-    return module if module.cpu_supported() else None
+    return module

@@ -384,12 +384,6 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, float* out) {
 
 }  // namespace
 
-bool cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
-}
-
 // y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
@@ -474,7 +468,6 @@ torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
-  m.def("cpu_supported", &cpu_supported, "whether this CPU has the instructions the kernels use");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
   m.def("dequantize_into", &dequantize_into, "float32 values of GGUF block rows, written into out");
 }
