@@ -61,9 +61,34 @@ def test_many_tokens_take_the_float_path_exactly(kind, monkeypatch):
     blocks, weight = gguf_blocks(kind, 40, 128)
     bias = torch.randn(40)
     monkeypatch.setattr(gguf_linear, "DENSE_CHUNK_VALUES", 16 * 128)  # several row chunks
+    monkeypatch.setattr(gguf_linear, "dense_dtype", lambda: torch.float32)
     layer = GGUFLinear(blocks, kind, 128, bias)
     x = torch.randn(gguf_linear.KERNEL_MAX_TOKENS + 5, 128)
     torch.testing.assert_close(layer(x), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", SMALL_TYPES)  # the K-quants: test_real_file_blocks
+def test_bfloat16_rows_are_the_values_rounded_to_nearest_even(kind):
+    blocks, weight = gguf_blocks(kind, 24, 256, seed=3)
+    layer = GGUFLinear(blocks, kind, 256)
+    out = torch.empty(24, 256, dtype=torch.bfloat16)
+    ggml_cpu().dequantize_into(layer.blocks, int(kind), out, layer.packed)
+    assert torch.equal(out, weight.bfloat16())  # torch's own float32 -> bfloat16 cast rounds to nearest even
+
+
+@pytest.mark.parametrize("kind", [Q.Q5_0, Q.Q8_0])
+def test_many_tokens_in_bfloat16(kind, monkeypatch):
+    """Where the CPU multiplies bfloat16, long prompts do: the product of the bfloat16-rounded
+    operands, within bfloat16's rounding of the output."""
+    blocks, weight = gguf_blocks(kind, 40, 256)
+    monkeypatch.setattr(gguf_linear, "DENSE_CHUNK_VALUES", 16 * 256)
+    monkeypatch.setattr(gguf_linear, "dense_dtype", lambda: torch.bfloat16)
+    layer = GGUFLinear(blocks, kind, 256)
+    x = torch.randn(gguf_linear.KERNEL_MAX_TOKENS + 5, 256)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    rounded = x.bfloat16().double() @ weight.bfloat16().double().T
+    assert (y - rounded).abs().max() <= 2**-8 * rounded.abs().max()
 
 
 @pytest.mark.real_model
@@ -76,6 +101,9 @@ def test_real_file_blocks(default_gguf):
         weight = torch.from_numpy(dequantize(raw, tensor.kind))
         layer = GGUFLinear(torch.from_numpy(raw), tensor.kind, tensor.shape[1])
         assert torch.equal(layer.dequantized_weight(), weight), tensor.kind.name
+        rounded = torch.empty(weight.shape, dtype=torch.bfloat16)
+        ggml_cpu().dequantize_into(layer.blocks, int(tensor.kind), rounded, layer.packed)
+        assert torch.equal(rounded, weight.bfloat16()), tensor.kind.name
         x = torch.randn(2, tensor.shape[1])
         check_product(layer(x), x, weight)
 

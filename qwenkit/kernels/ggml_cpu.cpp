@@ -371,14 +371,27 @@ inline float row_dot(const RowScratch& r, const int8_t* xq, const float* xs16, c
   return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(off);
 }
 
+// float32 to bfloat16, rounded to nearest even (the values are finite: no NaN handling). Done
+// with integer ops so that the build needs no AVX512-BF16.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(at::BFloat16* out, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), to_bf16(v)); }
+
 // ggml's values of one unpacked row: d * q for the symmetric types, d * q - m for the others.
-inline void row_values(const RowScratch& r, int zero, int64_t k, float* out) {
+template <typename T>
+inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
   const __m512i z = _mm512_set1_epi32(zero);
   for (int64_t i = 0; i < k; i += 16) {
     const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(
         _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.codes.data() + i))), z));
     const __m512 v = _mm512_mul_ps(_mm512_set1_ps(r.scale16[i / 16]), q);
-    _mm512_storeu_ps(out + i, zero ? v : _mm512_sub_ps(v, _mm512_set1_ps(r.min16[i / 16])));
+    store16(out + i, zero ? v : _mm512_sub_ps(v, _mm512_set1_ps(r.min16[i / 16])));
   }
 }
 
@@ -421,18 +434,19 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed
   return y;
 }
 
-// out[N, K] = float32 values of GGUF block rows w, equal to ggml's dequantize_row_*.
+// out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in
+// bfloat16 those values rounded to nearest even.
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
-  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
-              "out must be a contiguous float32 [rows, row length]");
+  const bool bf16 = out.dtype() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
+              "out must be a contiguous float32 or bfloat16 [rows, row length]");
   const Format f = format_of(static_cast<int>(kind));
   const int64_t n = w.size(0), k = out.size(1);
   TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
               "row length ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
   w = w.contiguous();
   const int64_t row_bytes = w.size(1);
-  float* values = out.data_ptr<float>();
   const uint8_t* rows = w.data_ptr<uint8_t>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     RowScratch r(k);
@@ -444,7 +458,11 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
       } else {
         unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
       }
-      row_values(r, f.zero, k, values + row * k);
+      if (bf16) {
+        row_values(r, f.zero, k, out.data_ptr<at::BFloat16>() + row * k);
+      } else {
+        row_values(r, f.zero, k, out.data_ptr<float>() + row * k);
+      }
     }
   });
 }
@@ -469,5 +487,5 @@ torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
-  m.def("dequantize_into", &dequantize_into, "float32 values of GGUF block rows, written into out");
+  m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
 }

@@ -3,8 +3,10 @@
 The weights stay the file's bytes (memory-mapped, never widened), so a Q4_K_M model costs its
 file size in memory and decodes at the speed its bytes allow, with the very values llama.cpp
 uses. Few tokens (decoding, a small batch) go through the native kernel, which quantizes the
-activations to int8 as llama.cpp does; many tokens (a long prompt) are cheaper as float32 sgemm
-on exactly dequantized row chunks, since the kernel would unpack every row once per token.
+activations to int8 as llama.cpp does; many tokens (a long prompt) are cheaper as a dense matmul
+on dequantized row chunks, since the kernel would unpack every row once per token. That matmul
+is bfloat16 where the CPU multiplies bfloat16 natively (2.4x float32's speed on an AVX512-BF16
+core), else float32 on the exact values.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from qwenkit.kernels import ggml_cpu
+from qwenkit.kernels import bf16_matmul_is_fast, ggml_cpu
 
 KERNEL_TYPES = frozenset(
     GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
@@ -33,10 +35,16 @@ DENSE_CHUNK_VALUES = 1 << 23
 _scratch = threading.local()
 
 
-def _scratch_buffer(values: int) -> torch.Tensor:
+def dense_dtype() -> torch.dtype:
+    """What long prompts multiply in: bfloat16 activations and weights (float32 accumulation)
+    where the CPU has bfloat16 arithmetic, float32 elsewhere."""
+    return torch.bfloat16 if bf16_matmul_is_fast() else torch.float32
+
+
+def _scratch_buffer(values: int, dtype: torch.dtype) -> torch.Tensor:
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < values:
-        buf = _scratch.buf = torch.empty(max(values, DENSE_CHUNK_VALUES), dtype=torch.float32)
+    if buf is None or buf.numel() < values or buf.dtype != dtype:
+        buf = _scratch.buf = torch.empty(max(values, DENSE_CHUNK_VALUES), dtype=dtype)
     return buf[:values]
 
 
@@ -85,17 +93,19 @@ class GGUFLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = dense_dtype()
+        x = x.to(dtype)
         rows_per_chunk = max(16, DENSE_CHUNK_VALUES // self.in_features)
         if self.out_features <= rows_per_chunk:
-            return x @ self._rows(0, self.out_features).T
-        y = x.new_empty(x.shape[0], self.out_features)
+            return (x @ self._rows(0, self.out_features, dtype).T).float()
+        y = torch.empty(x.shape[0], self.out_features)
         for start in range(0, self.out_features, rows_per_chunk):
             end = min(start + rows_per_chunk, self.out_features)
-            y[:, start:end] = x @ self._rows(start, end).T
+            y[:, start:end] = x @ self._rows(start, end, dtype).T
         return y
 
-    def _rows(self, start: int, end: int) -> torch.Tensor:
-        out = _scratch_buffer((end - start) * self.in_features).view(end - start, self.in_features)
+    def _rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        out = _scratch_buffer((end - start) * self.in_features, dtype).view(end - start, self.in_features)
         _native().dequantize_into(self.blocks[start:end], int(self.kind), out, self.packed)
         return out
 
