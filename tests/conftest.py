@@ -19,9 +19,9 @@ def default_model():
 @pytest.fixture(scope="session")
 def gguf_model():
     """The embedded default in its default mode: GGUF blocks run in place (loads in about a second)."""
-    from qwenkit.kernels import ggml_cpu
+    from qwenkit.kernels import cpu_kernels
     from qwenkit.weights.loader import load_model
 
-    if ggml_cpu() is None:
+    if cpu_kernels() is None:
         pytest.skip("native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
     return load_model(None)

@@ -155,18 +155,21 @@ def test_async_streams_and_abort(tiny, async_llm):
     _, _, loaded = tiny
     llm = async_llm
 
-    async def collect(ids, params, request_id):
+    async def collect(ids, params, request_id, started=None):
         chunks = []
         async for out in llm.generate(ids, params, request_id):
             chunks.append(out)
+            if started is not None:
+                started.set()
         return chunks
 
     async def main():
         batch = prompts(4, seed=6)
         long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         tasks = [asyncio.create_task(collect(ids, GREEDY, f"r{i}")) for i, ids in enumerate(batch)]
-        victim = asyncio.create_task(collect(batch[0], long, "victim"))
-        await asyncio.sleep(0.3)
+        started = asyncio.Event()
+        victim = asyncio.create_task(collect(batch[0], long, "victim", started))
+        await started.wait()  # abort mid-stream, however fast the engine is
         llm.abort("victim")
         results = await asyncio.gather(*tasks)
         aborted = await victim

@@ -29,10 +29,10 @@ def test_tiny_gguf_blocks_in_place(arch, tmp_path, monkeypatch):
     exact; through the kernel (few tokens: decoding) activations are int8, as in llama.cpp."""
     from gguf import GGMLQuantizationType
 
-    from qwenkit.kernels import ggml_cpu
+    from qwenkit.kernels import cpu_kernels
     from qwenkit.quantization import gguf_linear
 
-    if ggml_cpu() is None:
+    if cpu_kernels() is None:
         pytest.skip("native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
     tied = arch == "qwen2"
     ref = reference_model(tiny_config(arch, tied=tied))

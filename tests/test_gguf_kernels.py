@@ -14,11 +14,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from qwenkit.kernels import ggml_cpu
+from qwenkit.kernels import cpu_kernels
 from qwenkit.quantization import gguf_linear
 from qwenkit.quantization.gguf_linear import GGUFEmbedding, GGUFLinear
 
-pytestmark = pytest.mark.skipif(ggml_cpu() is None, reason="native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
 
 SMALL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
@@ -72,7 +72,7 @@ def test_bfloat16_rows_are_the_values_rounded_to_nearest_even(kind):
     blocks, weight = gguf_blocks(kind, 24, 256, seed=3)
     layer = GGUFLinear(blocks, kind, 256)
     out = torch.empty(24, 256, dtype=torch.bfloat16)
-    ggml_cpu().dequantize_into(layer.blocks, int(kind), out, layer.packed)
+    cpu_kernels().dequantize_into(layer.blocks, int(kind), out, layer.packed)
     assert torch.equal(out, weight.bfloat16())  # torch's own float32 -> bfloat16 cast rounds to nearest even
 
 
@@ -102,7 +102,7 @@ def test_real_file_blocks(default_gguf):
         layer = GGUFLinear(torch.from_numpy(raw), tensor.kind, tensor.shape[1])
         assert torch.equal(layer.dequantized_weight(), weight), tensor.kind.name
         rounded = torch.empty(weight.shape, dtype=torch.bfloat16)
-        ggml_cpu().dequantize_into(layer.blocks, int(tensor.kind), rounded, layer.packed)
+        cpu_kernels().dequantize_into(layer.blocks, int(tensor.kind), rounded, layer.packed)
         assert torch.equal(rounded, weight.bfloat16()), tensor.kind.name
         x = torch.randn(2, tensor.shape[1])
         check_product(layer(x), x, weight)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenkit.kernels import cpu_kernels
 from qwenkit.model.attention import causal_attention
 
 
@@ -84,6 +85,9 @@ class BatchAttention:
         return out
 
     def _decode(self, q, k_pool, v_pool, scale, window):
+        kernels = cpu_kernels()
+        if kernels is not None and q.dtype == torch.float32:  # reads the slots in place: no gather, no mask
+            return kernels.paged_decode_attention(q, k_pool, v_pool, self.decode_slots, self.decode_lengths, scale, window or 0)
         b, heads, dim = q.shape
         keys = k_pool[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
         values = v_pool[self.decode_slots].transpose(1, 2)

@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder and cached.
 
-Only `ggml_cpu` exists: GGUF blocks used in place (see ggml_cpu.cpp). If it cannot be built or
-this CPU lacks AVX-512 VNNI, `ggml_cpu()` returns None and callers take the pure-torch path.
+One module, `cpu_kernels()`: GGUF blocks used in place (ggml_cpu.cpp) and the small operations
+of a decode step (decode_cpu.cpp). If it cannot be built or this CPU lacks AVX-512 VNNI,
+`cpu_kernels()` returns None and callers take the pure-torch path.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_NAME = "qwenkit_ggml_cpu"
-_SOURCE = Path(__file__).with_name("ggml_cpu.cpp")
+_NAME = "qwenkit_cpu"
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("bindings.cpp", "ggml_cpu.cpp", "decode_cpu.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
 
@@ -37,7 +38,7 @@ def bf16_matmul_is_fast() -> bool:
 
 
 @functools.cache
-def ggml_cpu() -> ModuleType | None:
+def cpu_kernels() -> ModuleType | None:
     """The compiled kernels, or None (with one warning saying why) when they cannot run here."""
     if os.environ.get("QWENKIT_NO_NATIVE") == "1":
         return None
@@ -48,13 +49,13 @@ def ggml_cpu() -> ModuleType | None:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         if not (Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists():
-            print("qwenkit: compiling the native GGUF kernels (first use only, about 30 s)...", file=sys.stderr, flush=True)
+            print("qwenkit: compiling the native CPU kernels (first use only, about 30 s)...", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+            module = load(name=_NAME, sources=_SOURCES, extra_cflags=_FLAGS,
                           extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: stay correct, get slower
-        warnings.warn(f"qwenkit: GGUF CPU kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
+        warnings.warn(f"qwenkit: the native CPU kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
                       "GGUF weights will be dequantized to float instead", stacklevel=2)
         return None
     return module

@@ -483,9 +483,3 @@ torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) {
   });
   return packed;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
-  m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
-  m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
-}

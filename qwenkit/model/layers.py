@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.config import ModelConfig
+from qwenkit.kernels import cpu_kernels
 from qwenkit.model.attention import AttentionBackend
 from qwenkit.model.rope import apply_rotary
 
@@ -18,7 +19,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op instead of six
+        if x.dtype == torch.float32:
+            kernels = cpu_kernels()
+            if kernels is not None and not torch.is_grad_enabled():  # one pass instead of six dispatched ops
+                return kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 whatever the model dtype, then scale in the model dtype (as the reference).
         dtype = x.dtype

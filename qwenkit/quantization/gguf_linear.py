@@ -17,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from qwenkit.kernels import bf16_matmul_is_fast, ggml_cpu
+from qwenkit.kernels import bf16_matmul_is_fast, cpu_kernels
 
 KERNEL_TYPES = frozenset(
     GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
@@ -56,7 +56,7 @@ def dequantize_rows(blocks: torch.Tensor, kind: GGMLQuantizationType, row_length
 
 
 def _native():
-    kernels = ggml_cpu()
+    kernels = cpu_kernels()
     if kernels is None:
         raise RuntimeError("GGUF block layers need the native CPU kernels (x86-64 with AVX-512 VNNI, a C++ compiler)")
     return kernels

@@ -75,9 +75,9 @@ def load_model(
 
 
 def native_gguf_available() -> bool:
-    from qwenkit.kernels import ggml_cpu
+    from qwenkit.kernels import cpu_kernels
 
-    return ggml_cpu() is not None
+    return cpu_kernels() is not None
 
 
 def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantize: str | None = None) -> LoadedModel:

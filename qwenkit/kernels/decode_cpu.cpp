@@ -1,0 +1,135 @@
+// The small operations of a decode step, each one pass over its data. At one token per step
+// a layer's non-matmul work is a few KB, so torch's per-op dispatch (an RMSNorm is six ops, a
+// paged attention read is two gathers, a mask and SDPA) costs more than the arithmetic.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::Half* p) { return static_cast<float>(*p); }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+
+// 16 values as float32 from a cache row of float32, float16 or bfloat16.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Attention of one kv head's group of query heads over one sequence's cached keys and values.
+template <typename T>
+void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, const T* v, int64_t row_stride,
+                  const int64_t* slots, int64_t first, int64_t last, float scale, float* scores, float* out, int64_t out_stride) {
+  const int64_t n = last - first;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* key = k + slots[first + j] * row_stride;
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = q + h * head_dim;
+      __m512 acc = _mm512_setzero_ps();
+      int64_t d = 0;
+      for (; d + 16 <= head_dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(key + d), acc);
+      float s = _mm512_reduce_add_ps(acc);
+      for (; d < head_dim; ++d) s += qh[d] * load1(key + d);
+      scores[h * n + j] = s * scale;
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* sh = scores + h * n;
+    const float top = *std::max_element(sh, sh + n);
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) total += (sh[j] = std::exp(sh[j] - top));
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < n; ++j) sh[j] *= inv;
+    float* oh = out + h * out_stride;
+    std::fill(oh, oh + head_dim, 0.0f);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* value = v + slots[first + j] * row_stride;
+    for (int64_t h = 0; h < group; ++h) {
+      const float p = scores[h * n + j];
+      float* oh = out + h * out_stride;
+      int64_t d = 0;
+      for (; d + 16 <= head_dim; d += 16)
+        _mm512_storeu_ps(oh + d, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(value + d), _mm512_loadu_ps(oh + d)));
+      for (; d < head_dim; ++d) oh[d] += p * load1(value + d);
+    }
+  }
+}
+
+}  // namespace
+
+// y = x / rms(x) * weight over the last dimension, for float32 rows.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32, "rms_norm takes float32");
+  x = x.contiguous();
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  TORCH_CHECK(weight.numel() == dim, "weight has ", weight.numel(), " values for rows of ", dim);
+  auto y = torch::empty_like(x);
+  const float* xs = x.data_ptr<float>();
+  const float* w = weight.contiguous().data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xs + r * dim;
+      double squares = 0.0;  // the reference sums in float32; double only makes it more exact
+      for (int64_t i = 0; i < dim; ++i) squares += static_cast<double>(row[i]) * row[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(squares / dim) + static_cast<float>(eps));
+      for (int64_t i = 0; i < dim; ++i) ys[r * dim + i] = row[i] * inv * w[i];
+    }
+  });
+  return y;
+}
+
+// One new token per sequence attending over its cached keys and values (paged: slot numbers).
+// q [B, Hq, D] float32; k_cache, v_cache [slots, Hkv, D] of one layer (float32, float16 or
+// bfloat16); slots [B, Lmax] int64 with lengths [B] valid entries; window > 0 limits a sequence
+// to its last `window` positions. Returns [B, Hq * D] float32.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                                     torch::Tensor lengths, double scale, int64_t window) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [batch, heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() && k_cache.dtype() == v_cache.dtype(),
+              "k_cache and v_cache must be [slots, kv_heads, head_dim] of one dtype");
+  TORCH_CHECK(k_cache.stride(2) == 1 && k_cache.stride(1) == k_cache.size(2) && v_cache.strides() == k_cache.strides(),
+              "the cache rows must be contiguous");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && lengths.dtype() == torch::kInt64, "slots and lengths must be int64");
+  q = q.contiguous();
+  slots = slots.contiguous();
+  lengths = lengths.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = k_cache.size(1);
+  TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(2) == head_dim, "query heads must be a multiple of kv heads of the same size");
+  TORCH_CHECK(slots.size(0) == batch && lengths.size(0) == batch, "one row of slots and one length per sequence");
+  const int64_t group = heads / kv_heads, max_len = slots.size(1), row_stride = k_cache.stride(0);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) TORCH_CHECK(len[b] >= 1 && len[b] <= max_len, "length out of range");
+  auto out = torch::empty({batch, heads * head_dim}, q.options());
+  const float* qs = q.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  const int64_t* slot_rows = slots.data_ptr<int64_t>();
+  auto run = [&](auto* k, auto* v) {
+    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(group * max_len);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / kv_heads, kv = task % kv_heads;
+        const int64_t first = window > 0 ? std::max<int64_t>(0, len[b] - window) : 0;
+        attend_group(qs + (b * heads + kv * group) * head_dim, group, head_dim, k + kv * head_dim, v + kv * head_dim,
+                     row_stride, slot_rows + b * max_len, first, len[b], static_cast<float>(scale), scores.data(),
+                     os + b * heads * head_dim + kv * group * head_dim, head_dim);
+      }
+    });
+  };
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>()); break;
+    case at::kHalf: run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>()); break;
+    case at::kBFloat16: run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>()); break;
+    default: TORCH_CHECK(false, "the cache must be float32, float16 or bfloat16");
+  }
+  return out;
+}

@@ -1,0 +1,57 @@
+"""The native decode-step kernels against torch's own operations (F.rms_norm, SDPA over gathered
+K/V), which stay the path on CPUs without the kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenkit.kernels import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native kernels need x86-64 AVX-512 VNNI and a compiler")
+
+
+@pytest.mark.parametrize("shape", [(1, 896), (7, 64), (3, 5, 40)])
+def test_rms_norm_matches_torch(shape):
+    x = torch.randn(shape) * 3
+    weight = torch.randn(shape[-1])
+    expected = F.rms_norm(x.double(), weight.shape, weight.double(), 1e-6).float()
+    torch.testing.assert_close(cpu_kernels().rms_norm(x, weight, 1e-6), expected, rtol=1e-5, atol=1e-5)
+
+
+def reference_decode(q, k_pool, v_pool, slots, lengths, scale, window):
+    """Each sequence alone: gather its keys and values, SDPA with GQA expanded by hand."""
+    out = []
+    group = q.shape[1] // k_pool.shape[1]
+    for b in range(q.shape[0]):
+        first = max(0, int(lengths[b]) - window) if window else 0
+        used = slots[b, first : int(lengths[b])]
+        keys = k_pool[used].float().repeat_interleave(group, 1).transpose(0, 1)  # [Hq, L, D]
+        values = v_pool[used].float().repeat_interleave(group, 1).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[b][:, None, :].double(), keys.double(), values.double(), scale=scale)
+        out.append(o.reshape(-1).float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_decode_attention_matches_sdpa(dtype, window):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, pool = 14, 2, 64, 200
+    k_pool = torch.randn(pool, kv_heads, dim).to(dtype)
+    v_pool = torch.randn(pool, kv_heads, dim).to(dtype)
+    lengths = torch.tensor([1, 17, 40])
+    slots = torch.zeros(3, 40, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):  # scattered, as a block table leaves them
+        slots[b, :n] = torch.randperm(pool)[:n]
+    q = torch.randn(3, heads, dim)
+    got = cpu_kernels().paged_decode_attention(q, k_pool, v_pool, slots, lengths, 0.125, window)
+    torch.testing.assert_close(got, reference_decode(q, k_pool, v_pool, slots, lengths, 0.125, window), rtol=1e-4, atol=1e-5)
+
+
+def test_paged_decode_attention_refuses_a_bad_length():
+    q = torch.randn(1, 2, 16)
+    pool = torch.randn(4, 1, 16)
+    with pytest.raises(RuntimeError, match="length"):
+        cpu_kernels().paged_decode_attention(q, pool, pool, torch.zeros(1, 4, dtype=torch.long), torch.tensor([5]), 1.0, 0)
