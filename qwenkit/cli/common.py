@@ -22,6 +22,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (GiB)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     parser.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="auto: float16 for GGUF blocks in place (as llama.cpp), else the model's dtype")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +51,7 @@ def engine_config(args: argparse.Namespace):
         kv_cache_memory=int(getattr(args, "kv_cache_gb", 1.0) * (1 << 30)),
         max_num_seqs=getattr(args, "max_num_seqs", 64),
         enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )
 
 

@@ -18,6 +18,7 @@ from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import Sequence
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
+from qwenkit.quantization.gguf_linear import GGUFLinear
 from qwenkit.tokenizer.reasoning import THINK_CLOSE, THINK_OPEN, prompt_opens_thinking
 from qwenkit.weights.loader import LoadedModel
 
@@ -32,6 +33,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per step; longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context
+    # "auto": float16 for a model computing on GGUF blocks (llama.cpp's default cache type: half
+    # the memory of float32), else the model's dtype, so a float model's cache is exact.
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -51,6 +55,20 @@ class Request:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
+    """The cache dtype `name` ("auto" or one of KV_CACHE_DTYPES) means for `model`."""
+    if name != "auto":
+        if name not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+        return KV_CACHE_DTYPES[name]
+    if any(isinstance(m, GGUFLinear) for m in model.modules()):
+        return torch.float16
+    return model.dtype
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
         self.loaded = loaded
@@ -58,13 +76,14 @@ class LLMEngine:
         self.config = config
         model_cfg = loaded.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.model)
         per_token = PagedKVCache.bytes_per_token(
-            model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, loaded.model.dtype
+            model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype
         )
         num_blocks = max(2, config.kv_cache_memory // (per_token * config.block_size))
         self.cache = PagedKVCache(
             model_cfg.num_hidden_layers, num_blocks, config.block_size,
-            model_cfg.num_key_value_heads, model_cfg.head_dim, loaded.model.dtype,
+            model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

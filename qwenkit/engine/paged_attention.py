@@ -72,14 +72,14 @@ class BatchAttention:
 
     def attend(self, layer, q, k, v, scale, window):
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool[self.slot_mapping] = k
-        v_pool[self.slot_mapping] = v
+        k_pool[self.slot_mapping] = k.to(k_pool.dtype)
+        v_pool[self.slot_mapping] = v.to(v_pool.dtype)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if len(self.decode_rows):
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool, scale, window)
         for p in self.prefills:
             out[p.rows] = causal_attention(
-                q[p.rows], k_pool[p.context_slots], v_pool[p.context_slots],
+                q[p.rows], k_pool[p.context_slots].to(q.dtype), v_pool[p.context_slots].to(q.dtype),
                 p.q_positions, torch.arange(len(p.context_slots)), scale, window,
             )
         return out
@@ -89,8 +89,8 @@ class BatchAttention:
         if kernels is not None and q.dtype == torch.float32:  # reads the slots in place: no gather, no mask
             return kernels.paged_decode_attention(q, k_pool, v_pool, self.decode_slots, self.decode_lengths, scale, window or 0)
         b, heads, dim = q.shape
-        keys = k_pool[self.decode_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-        values = v_pool[self.decode_slots].transpose(1, 2)
+        keys = k_pool[self.decode_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, Lmax, D]
+        values = v_pool[self.decode_slots].to(q.dtype).transpose(1, 2)
         mask = self.decode_valid
         if window is not None:
             mask = mask & (self.decode_span[None, :] > (self.decode_lengths[:, None] - 1 - window))

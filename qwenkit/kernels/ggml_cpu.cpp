@@ -266,31 +266,115 @@ inline void packed_row_scales(const PackedRow& p, int64_t blocks, float* ws, flo
   }
 }
 
-// y[t, row] for rows [begin, end) of a packed tensor (k a multiple of 64).
+// A packed row as the dot product reads it: 64 codes at a time, a scale and an offset per 32.
 template <int KIND>
-void packed_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
-                     int64_t begin, int64_t end, float* out, int64_t n) {
-  const int64_t blocks = k / 32;
-  std::vector<float> ws(blocks + 16), off(blocks + 16);
-  const __m512i pairs = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+struct PackedView {
+  static constexpr int GROUP = 32;
+  PackedRow p;
+  PackedView(const uint8_t* row, int64_t k) : p(KIND, row, k) {}
+  void scales(int64_t k, float* ws, float* off) const { packed_row_scales<KIND>(p, k / 32, ws, off); }
+  __m512i codes64(int64_t c) const { return packed_codes64<KIND>(p, c); }
+};
+
+// Q4_K straight from the file's blocks: per 256 values, d and dmin, eight 6-bit scales and mins
+// (one per 32 values), then 4 x 32 bytes whose low nibbles are values 64i..64i+31 and high
+// nibbles 64i+32..64i+63, so that 32 bytes are exactly one 64-value step.
+struct Q4KView {
+  static constexpr int GROUP = 32;
+  const uint8_t* row;
+  Q4KView(const uint8_t* r, int64_t) : row(r) {}
+  void scales(int64_t k, float* ws, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 144 * b;
+      const uint8_t* q = p + 4;
+      const float d = f16(p), dmin = f16(p + 2);
+      for (int j = 0; j < 8; ++j) {  // ggml's get_scale_min_k4
+        const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        ws[8 * b + j] = d * sc;
+        off[8 * b + j] = dmin * m;  // value = d * sc * q - dmin * m
+      }
+    }
+  }
+  __m512i codes64(int64_t c) const {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 144 * (c / 4) + 16 + 32 * (c % 4)));
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)), _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+  }
+};
+
+// Q6_K straight from the file's blocks: per 256 values, ql[128], qh[64], sixteen int8 scales (one
+// per 16 values) and d; codes are 6 bits with zero 32. Each half of 128 values is two 64-value
+// steps: (low nibbles of ql[0:32], ql[32:64]) then (their high nibbles), with qh's bit pairs.
+struct Q6KView {
+  static constexpr int GROUP = 16;
+  const uint8_t* row;
+  Q6KView(const uint8_t* r, int64_t) : row(r) {}
+  void scales(int64_t k, float* ws, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 210 * b;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+      const float d = f16(p + 208);
+      for (int j = 0; j < 16; ++j) {
+        ws[16 * b + j] = d * sc[j];
+        off[16 * b + j] = ws[16 * b + j] * 32.0f;
+      }
+    }
+  }
+  __m512i codes64(int64_t c) const {
+    const uint8_t* p = row + 210 * (c / 4);
+    const int half = (c % 4) / 2, upper = c % 2;
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * half));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * half + 32));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * half));
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+    __m256i lo, hi;
+    if (upper) {
+      lo = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_and_si256(h, m2));
+      hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2));
+    } else {
+      lo = _mm256_or_si256(_mm256_and_si256(a, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2));
+      hi = _mm256_or_si256(_mm256_and_si256(b, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2));
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+};
+
+// y[t, row] for rows [begin, end) (k a multiple of 64), through a View of each row: codes per
+// 64 values, a weight scale and an offset per GROUP values. VPDPBUSD lane l sums 4 bytes, so a
+// 64-value step's lanes split into 2 groups of 32 or 4 of 16; the group scales (weight times
+// activation) are spread over the lanes with one permute.
+template <class View>
+void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
+              int64_t begin, int64_t end, float* out, int64_t n) {
+  constexpr int G = View::GROUP;
+  const int64_t groups = k / G;
+  std::vector<float> ws(groups + 16), off(groups + 16);
+  const __m512i spread = G == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t row = begin; row < end; ++row) {
-    const PackedRow p(KIND, rows + row * row_bytes, k);
-    packed_row_scales<KIND>(p, blocks, ws.data(), off.data());
+    const View v(rows + row * row_bytes, k);
+    v.scales(k, ws.data(), off.data());
     for (int64_t t = 0; t < tokens; ++t) {
       const int8_t* xq = a.q.data() + t * k;
-      const float* xs = a.scale32.data() + t * blocks;
-      const float* xsum = a.sum32.data() + t * blocks;
+      const float* xs = (G == 32 ? a.scale32.data() : a.scale16.data()) + t * groups;
+      const float* xsum = (G == 32 ? a.sum32.data() : a.sum16.data()) + t * groups;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < k / 64; ++c) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), packed_codes64<KIND>(p, c), _mm512_loadu_si512(xq + 64 * c));
-        const __m128 w2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws.data() + 2 * c)));
-        const __m128 x2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + 2 * c)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pairs, _mm512_castps128_ps512(_mm_mul_ps(w2, x2))), acc);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v.codes64(c), _mm512_loadu_si512(xq + 64 * c));
+        __m128 scale;
+        if constexpr (G == 32) {
+          const __m128 w2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws.data() + 2 * c)));
+          scale = _mm_mul_ps(w2, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + 2 * c))));
+        } else {
+          scale = _mm_mul_ps(_mm_loadu_ps(ws.data() + 4 * c), _mm_loadu_ps(xs + 4 * c));
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scale)), acc);
       }
       __m512 sub = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; b += 16) {
-        const __mmask16 m = blocks - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (blocks - b)) - 1);
-        sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, off.data() + b), _mm512_maskz_loadu_ps(m, xsum + b), sub);
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+        sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, off.data() + g), _mm512_maskz_loadu_ps(m, xsum + g), sub);
       }
       out[t * n + row] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(sub);
     }
@@ -416,8 +500,18 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed
     TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0, "no packed layout for GGUF type ", kind, " with rows of ", k);
     dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
       at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-        packed_rows_dot<decltype(kind_constant)::value>(rows, row_bytes, k, a, tokens, begin, end, out, n);
+        rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, n);
       });
+    });
+    return y;
+  }
+  if (kind == Q4_K || kind == Q6_K) {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      if (kind == Q4_K) {
+        rows_dot<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, n);
+      } else {
+        rows_dot<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, n);
+      }
     });
     return y;
   }

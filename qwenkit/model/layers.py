@@ -41,7 +41,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Inference: in place, so a long prompt holds two [tokens, intermediate] tensors, not four.
+        hidden = F.silu(self.gate_proj(x), inplace=True)
+        return self.down_proj(hidden.mul_(self.up_proj(x)))
 
 
 class Attention(nn.Module):
