@@ -55,3 +55,11 @@ def test_paged_decode_attention_refuses_a_bad_length():
     pool = torch.randn(4, 1, 16)
     with pytest.raises(RuntimeError, match="length"):
         cpu_kernels().paged_decode_attention(q, pool, pool, torch.zeros(1, 4, dtype=torch.long), torch.tensor([5]), 1.0, 0)
+
+
+def test_rotary_matches_rotate_half():
+    x = torch.randn(5, 3, 64)
+    cos, sin = torch.randn(5, 64), torch.randn(5, 64)
+    half = 32
+    expected = x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None, :]
+    torch.testing.assert_close(cpu_kernels().rotary(x, cos, sin), expected, rtol=1e-6, atol=1e-6)

@@ -9,11 +9,13 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                                      torch::Tensor lengths, double scale, int64_t window);
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
   m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension (float32)");
+  m.def("rotary", &rotary, "rotary position embedding (rotate_half) of float32 [T, heads, head_dim]");
   m.def("paged_decode_attention", &paged_decode_attention, "one new token per sequence attending over its paged K/V");
 }

@@ -133,3 +133,36 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   }
   return out;
 }
+
+// Rotary position embedding, half-split as Qwen (rotate_half): for x [T, H, D] and cos, sin [T, D],
+// out = x * cos + cat(-x[D/2:], x[:D/2]) * sin.
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32,
+              "rotary takes float32");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+              cos.size(1) == x.size(2) && x.size(2) % 2 == 0, "x must be [T, heads, head_dim] with cos, sin [T, head_dim]");
+  x = x.contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  auto out = torch::empty_like(x);
+  const float* xs = x.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* ct = c + t * dim;
+      const float* st = s + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* a = xs + (t * heads + h) * dim;
+        float* y = o + (t * heads + h) * dim;
+        for (int64_t i = 0; i < half; ++i) {
+          y[i] = a[i] * ct[i] - a[i + half] * st[i];
+          y[i + half] = a[i + half] * ct[i + half] + a[i] * st[i + half];
+        }
+      }
+    }
+  });
+  return out;
+}
