@@ -74,6 +74,8 @@ class BatchAttention:
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         k_pool[self.slot_mapping] = k.to(k_pool.dtype)
         v_pool[self.slot_mapping] = v.to(v_pool.dtype)
+        if len(self.decode_rows) == q.shape[0]:  # all decoding (the usual step): no row shuffling
+            return self._decode(q, k_pool, v_pool, scale, window)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if len(self.decode_rows):
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool, scale, window)

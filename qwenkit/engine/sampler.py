@@ -31,8 +31,17 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the most likely tokens and their logprobs
 
 
+def _changes_logits(row: SamplingRow) -> bool:
+    p = row.params
+    blocked = row.blocked_token_ids and len(row.token_ids) - row.num_prompt_tokens < p.min_tokens
+    return bool(p.logit_bias or blocked or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Everything that changes logits before the distribution is shaped (in place on a copy)."""
+    """Everything that changes logits before the distribution is shaped (in place on a copy;
+    the logits themselves when no row changes them, the usual greedy case)."""
+    if not any(_changes_logits(row) for row in rows):
+        return logits
     logits = logits.clone()
     vocab = logits.shape[-1]
     for i, row in enumerate(rows):
@@ -87,12 +96,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-    processed = finite(apply_penalties(logits, rows))
+    processed = apply_penalties(logits, rows)
     tokens: list[int] = []
     for i, row in enumerate(rows):
         if row.params.greedy:
-            tokens.append(int(torch.argmax(processed[i])))
-        else:
+            best, index = processed[i].max(-1)  # max propagates NaN: a finite best means a clean row
+            if not torch.isfinite(best):
+                index = torch.argmax(finite(processed[i]))
+            tokens.append(int(index))
+        else:  # shape_distribution makes the row finite itself
             probs = shape_distribution(processed[i], row.params)
             tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
     logprobs: list[TokenLogprobs | None] = []
