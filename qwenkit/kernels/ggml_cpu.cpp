@@ -2,11 +2,12 @@
 // read the file's own bytes, and exact dequantization for everything else.
 //
 // Decoding is bound by the bytes of weights read per token, so the weights are never widened in
-// memory. Each row is unpacked into L1-resident scratch (unsigned codes, a scale per 16 values,
-// an offset per 16 values) so that one dot product serves every block type:
-//     w = scale * (code - zero) - min        (zero is per type, scale and min per 16 values)
+// memory. Each row is read through a View that yields 64 unsigned codes at a time and a scale
+// and offset per 16 or 32 values, so that one dot product (rows_dot) serves every block type:
+//     w = scale * (code - zero) - min        (zero is per type)
 // The activations are quantized to int8 in blocks of 32, as llama.cpp does, so the inner loop is
-// one VPDPBUSD per 64 weights; the scales are applied in float per 16-value lane group.
+// one VPDPBUSD per 64 weights; the scales are applied in float per lane group. Rows of 32-value
+// types whose length is not a multiple of 64 are unpacked into L1-resident scratch instead.
 //
 // Block layouts are ggml's (ggml-common.h); the formulas follow ggml's dequantize_row_* so that
 // `dequantize` gives the same float32 values bit for bit.
@@ -113,55 +114,6 @@ void unpack_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
         store32(codes, nibbles_32(p + 4));
         set_scale(r, first16, f16(p), -f16(p + 2));
         break;
-      case Q4_K: {  // d, dmin, 12 bytes of 6-bit scales/mins, then 4 x 32 bytes: low nibbles are
-                    // sub-block 2i, high nibbles sub-block 2i + 1
-        const float d = f16(p), dmin = f16(p + 2);
-        const uint8_t* qs = p + 16;
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        for (int i = 0; i < 4; ++i) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * i));
-          store32(codes + 64 * i, _mm256_and_si256(q, mask));
-          store32(codes + 64 * i + 32, _mm256_and_si256(_mm256_srli_epi16(q, 4), mask));
-        }
-        // the 8 six-bit scales and 8 mins as bytes (ggml's get_scale_min_k4, on four words at once)
-        uint32_t u[4];
-        std::memcpy(u, p + 4, 12);
-        const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
-        u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);
-        const uint32_t low_mins = u[1] & m6;
-        u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);
-        u[2] = low_mins;
-        u[0] &= m6;
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
-        const __m512 sub = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));  // 8 scales, 8 mins
-        // each sub-block of 32 is two groups of 16: lane j of the result takes entry j / 2
-        const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-        const __m512i twice_mins = _mm512_add_epi32(twice, _mm512_set1_epi32(8));
-        _mm512_storeu_ps(&r.scale16[first16], _mm512_mul_ps(_mm512_set1_ps(d), _mm512_permutexvar_ps(twice, sub)));
-        _mm512_storeu_ps(&r.min16[first16], _mm512_mul_ps(_mm512_set1_ps(dmin), _mm512_permutexvar_ps(twice_mins, sub)));
-        break;
-      }
-      case Q6_K: {  // ql[128], qh[64], int8 scales[16], d; two halves of 128 values
-        const uint8_t* ql = p;
-        const uint8_t* qh = p + 128;
-        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
-        const float d = f16(p + 208);
-        const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
-        for (int half = 0; half < 2; ++half) {
-          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half));
-          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half + 32));
-          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * half));
-          uint8_t* out = codes + 128 * half;
-          store32(out + 0, _mm256_or_si256(_mm256_and_si256(a, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2)));
-          store32(out + 32, _mm256_or_si256(_mm256_and_si256(c, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2)));
-          store32(out + 64, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_and_si256(h, m2)));
-          store32(out + 96, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2)));
-        }
-        const __m512 scales = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc))));
-        _mm512_storeu_ps(&r.scale16[first16], _mm512_mul_ps(_mm512_set1_ps(d), scales));
-        _mm512_storeu_ps(&r.min16[first16], _mm512_setzero_ps());
-        break;
-      }
       default:
         TORCH_CHECK(false, "GGUF block type ", kind, " has no CPU kernel");
     }
@@ -381,18 +333,19 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
   }
 }
 
-// One packed row in the unpacked form (for dequantization).
-template <int KIND>
-void unpack_packed_row(const uint8_t* row, int64_t k, RowScratch& r) {
-  const PackedRow p(KIND, row, k);
-  const int64_t blocks = k / 32;
-  std::vector<float> ws(blocks + 16), off(blocks + 16);
-  packed_row_scales<KIND>(p, blocks, ws.data(), off.data());
-  for (int64_t c = 0; c < k / 64; ++c) _mm512_storeu_si512(r.codes.data() + 64 * c, packed_codes64<KIND>(p, c));
-  for (int64_t b = 0; b < blocks; ++b) {
-    r.scale16[2 * b] = r.scale16[2 * b + 1] = ws[b];
-    const float minimum = has_min(KIND) ? -f16(reinterpret_cast<const uint8_t*>(p.mins + b)) : 0.0f;
-    r.min16[2 * b] = r.min16[2 * b + 1] = minimum;
+// One row in the unpacked form (for dequantization), through the same View the dot product
+// reads: value = scale * (code - zero) - min, where the dot product subtracts off = scale * zero + min.
+template <class View>
+void unpack_view_row(const uint8_t* row, int64_t k, int zero, RowScratch& r) {
+  constexpr int G = View::GROUP;
+  const View v(row, k);
+  std::vector<float> ws(k / G + 16), off(k / G + 16);
+  v.scales(k, ws.data(), off.data());
+  for (int64_t c = 0; c < k / 64; ++c) _mm512_storeu_si512(r.codes.data() + 64 * c, v.codes64(c));
+  for (int64_t g = 0; g < k / 16; ++g) {
+    const float scale = ws[g * 16 / G];
+    r.scale16[g] = scale;
+    r.min16[g] = off[g * 16 / G] - scale * zero;
   }
 }
 
@@ -547,8 +500,12 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
     for (int64_t row = begin; row < end; ++row) {
       if (packed) {
         dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
-          unpack_packed_row<decltype(kind_constant)::value>(rows + row * row_bytes, k, r);
+          unpack_view_row<PackedView<decltype(kind_constant)::value>>(rows + row * row_bytes, k, f.zero, r);
         });
+      } else if (kind == Q4_K) {
+        unpack_view_row<Q4KView>(rows + row * row_bytes, k, f.zero, r);
+      } else if (kind == Q6_K) {
+        unpack_view_row<Q6KView>(rows + row * row_bytes, k, f.zero, r);
       } else {
         unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
       }
