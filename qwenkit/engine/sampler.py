@@ -31,10 +31,14 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the most likely tokens and their logprobs
 
 
+def _blocks_tokens(row: SamplingRow) -> bool:
+    """Its stop tokens are masked: the output is still shorter than min_tokens."""
+    return bool(row.blocked_token_ids) and len(row.token_ids) - row.num_prompt_tokens < row.params.min_tokens
+
+
 def _changes_logits(row: SamplingRow) -> bool:
     p = row.params
-    blocked = row.blocked_token_ids and len(row.token_ids) - row.num_prompt_tokens < p.min_tokens
-    return bool(p.logit_bias or blocked or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+    return bool(p.logit_bias or _blocks_tokens(row) or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -50,7 +54,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
             ids = torch.tensor([t for t in p.logit_bias if 0 <= t < vocab], dtype=torch.long)
             if len(ids):
                 logits[i, ids] += torch.tensor([p.logit_bias[int(t)] for t in ids])
-        if row.blocked_token_ids and len(row.token_ids) - row.num_prompt_tokens < p.min_tokens:
+        if _blocks_tokens(row):
             logits[i, torch.tensor(sorted(row.blocked_token_ids))] = float("-inf")
         if p.repetition_penalty != 1.0 and row.token_ids:
             seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long)

@@ -84,21 +84,17 @@ class GGUFLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_TOKENS and x.dtype == torch.float32:
-            # The decode step's path, kept to the two calls it needs: ~10 us of Python per call
-            # is 1.7 ms per token over the model's 168 linear layers.
-            y = _native().matmul(x, self.blocks, self.kind_id, self.packed)
-            if self.bias is not None:
-                y += self.bias
-            return y
-        flat = x.reshape(-1, self.in_features).float()
+        # A decode step's float32 [T, in] input needs no reshape or cast either way: skipping the
+        # no-op calls saves a few us per layer, ~0.4 ms per token over the model's 168 layers.
+        flat_float = x.dim() == 2 and x.dtype == torch.float32
+        flat = x if flat_float else x.reshape(-1, self.in_features).float()
         if flat.shape[0] <= KERNEL_MAX_TOKENS:
             y = _native().matmul(flat, self.blocks, self.kind_id, self.packed)
         else:
             y = self._dense(flat)
         if self.bias is not None:
             y += self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if flat_float else y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         dtype = dense_dtype()
@@ -114,7 +110,7 @@ class GGUFLinear(nn.Module):
 
     def _rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         out = _scratch_buffer((end - start) * self.in_features, dtype).view(end - start, self.in_features)
-        _native().dequantize_into(self.blocks[start:end], int(self.kind), out, self.packed)
+        _native().dequantize_into(self.blocks[start:end], self.kind_id, out, self.packed)
         return out
 
     def dequantized_weight(self) -> torch.Tensor:
