@@ -31,12 +31,12 @@ KV_CONTEXT = 2048  # llama.cpp's n_ctx below: both caches hold this many tokens
 def token_ids():
     from qwenkit.tokenizer.tokenizer import Tokenizer
     from qwenkit.weights.default_model import ensure_assembled
-    from qwenkit.weights.gguf_file import open_gguf
+    from qwenkit.formats.gguf_reader import GGUFFile
 
-    tok = Tokenizer.from_gguf(open_gguf(ensure_assembled()))
+    tok = Tokenizer.from_gguf(GGUFFile(ensure_assembled()))
     text_ids = tok.encode(TEXT.read_text())
     prefill = (text_ids * 4)[:PREFILL_TOKENS]
-    chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a long story about the sea."}]))
+    chat = tok.encode(tok.chat_template.render([{"role": "user", "content": "Write a long story about the sea."}]))
     return text_ids, prefill, chat
 
 
@@ -56,7 +56,6 @@ def run_qwenkit(mode: str, ids) -> dict:
     import torch
 
     from qwenkit.engine import LLM, EngineConfig, SamplingParams
-    from qwenkit.engine.llm_engine import kv_cache_dtype
     from qwenkit.engine.paged_attention import PagedKVCache
     from qwenkit.model.attention import NoCache
     from qwenkit.weights.loader import load_model
@@ -71,7 +70,7 @@ def run_qwenkit(mode: str, ids) -> dict:
     load = time.monotonic() - start
     # The KV cache holds llama.cpp's context (n_ctx=2048) rather than the engine's 1 GiB default.
     cfg = loaded.config
-    kv_dtype = kv_cache_dtype("auto", loaded.model)
+    kv_dtype = loaded.plan.kv_cache_dtype
     per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv_dtype)
     llm = LLM(loaded, engine_config=EngineConfig(kv_cache_memory=KV_CONTEXT * per_token))
     out = llm.generate(chat, SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True))[0]

@@ -7,8 +7,6 @@ from typing import Any
 
 from qwenkit.errors import QwenkitError
 
-SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
-
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -26,7 +24,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str
+    model_type: str  # config.json's model_type ("qwen2", "qwen3_moe", ...): picks the model family
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -76,7 +74,7 @@ class ModelConfig:
                     rope[key] = getattr(self.rope, key)
             rope["truncate"] = self.rope.truncate
         d: dict[str, Any] = {
-            "model_type": self.architecture,
+            "model_type": self.model_type,
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -110,12 +108,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        arch = d.get("model_type")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise QwenkitError(
-                f"unsupported architecture {arch!r} (model_type in config.json); "
-                f"qwenkit supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        """The fields every Qwen text family shares; whether qwenkit has the family is the model registry's call."""
+        arch = str(d.get("model_type"))
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise QwenkitError(f"unsupported activation {act!r}; Qwen models use 'silu'")
@@ -126,7 +120,7 @@ class ModelConfig:
             is_moe = arch.endswith("_moe")
             use_sliding = bool(d.get("use_sliding_window", False))
             return cls(
-                architecture=arch,
+                model_type=arch,
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(d.get("intermediate_size") or 0),

@@ -102,10 +102,10 @@ def test_default_model_template_with_tools_matches_transformers(default_model):
     for messages in CONVERSATIONS[:3]:
         for tools in (None, [WEATHER_TOOL]):
             expected = reference.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-            got = default_model.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            got = default_model.tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=True)
             assert got == expected
     # tojson keeps non-ASCII as is, as transformers does.
-    assert "Météo" in default_model.tokenizer.apply_chat_template(CONVERSATIONS[0], tools=[WEATHER_TOOL])
+    assert "Météo" in default_model.tokenizer.chat_template.render(CONVERSATIONS[0], tools=[WEATHER_TOOL])
 
 
 def test_builtin_chatml_matches_transformers():

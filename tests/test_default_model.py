@@ -37,7 +37,7 @@ def test_tensor_types_are_the_quantized_ones(default_model):
 def test_chat_prompt_tokens_match_transformers(default_model):
     tok = default_model.tokenizer
     for i, prompt in enumerate(META["chat_prompts"]):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        text = tok.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
         assert tok.encode(text) == REF[f"chat{i}_prompt_ids"].tolist()
     assert tok.encode(META["raw_prompt"]) == REF["raw_prompt_ids"].tolist()
 

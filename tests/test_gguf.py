@@ -17,7 +17,7 @@ def test_tiny_gguf_matches_transformers(arch, tmp_path):
     with torch.inference_mode():
         expected = ref(PROMPT[None]).logits[0]
     loaded = load_model(str(path), "float32")
-    assert loaded.config.architecture == arch
+    assert loaded.config.model_type == arch
     assert loaded.config.tie_word_embeddings == (arch == "qwen2")
     assert (qwenkit_logits_full(loaded.model, PROMPT) - expected).abs().max().item() < TOL
     assert (qwenkit_logits_stepwise(loaded.model, PROMPT, 9) - expected[8:]).abs().max().item() < TOL

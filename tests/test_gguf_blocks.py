@@ -7,14 +7,16 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
 from qwenkit.quantization.linear import Int4Linear, quantize_int4
-from qwenkit.weights.gguf_blocks import FAST_TYPES, decode
-from qwenkit.weights.gguf_file import config_from_gguf, int4_layers_from_q4_k, open_gguf
+from qwenkit.formats.gguf_blocks import FAST_TYPES, decode
+from qwenkit.formats.gguf_config import config_from_gguf
+from qwenkit.formats.gguf_reader import GGUFFile
+from qwenkit.quantization.gguf_layers import int4_layers_from_q4_k
 from qwenkit.weights.resolve import resolve_model
 
 
 @pytest.fixture(scope="module")
 def default_gguf():
-    return open_gguf(resolve_model(None).path)
+    return GGUFFile(resolve_model(None).path)
 
 
 def first_of(gguf, kind):

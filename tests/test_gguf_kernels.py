@@ -111,7 +111,7 @@ def test_real_file_blocks(default_gguf):
 @pytest.fixture(scope="module")
 def default_gguf():
     from qwenkit.weights.default_model import ensure_assembled
-    from qwenkit.weights.gguf_reader import GGUFFile
+    from qwenkit.formats.gguf_reader import GGUFFile
 
     gguf = GGUFFile(ensure_assembled())
     first = {}

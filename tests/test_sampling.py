@@ -148,7 +148,7 @@ def test_stop_string_spanning_two_tokens(default_model):
     assert out.text == "Whispers "
     assert out.finish_reason == "stop" and out.stop_reason == "of th"
     streamed = "".join(o.outputs[0].delta_text for o in llm.stream(
-        tok.apply_chat_template(messages), SamplingParams(max_tokens=16, temperature=0, stop=["of th"])))
+        tok.chat_template.render(messages), SamplingParams(max_tokens=16, temperature=0, stop=["of th"])))
     assert streamed == "Whispers "
 
 

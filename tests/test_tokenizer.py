@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 from qwenkit.tokenizer.detokenizer import IncrementalDetokenizer
 from qwenkit.tokenizer.tokenizer import Tokenizer
 from qwenkit.weights.default_model import ensure_assembled
-from qwenkit.weights.gguf_file import open_gguf
+from qwenkit.formats.gguf_reader import GGUFFile
 
 CORPUS = [
     "Hello, world! I'm here; you'll see. DON'T PANIC.",
@@ -37,7 +37,7 @@ def reference(gguf_path):
 
 @pytest.fixture(scope="module")
 def from_gguf(gguf_path):
-    return Tokenizer.from_gguf(open_gguf(gguf_path))
+    return Tokenizer.from_gguf(GGUFFile(gguf_path))
 
 
 @pytest.mark.parametrize("text", CORPUS)

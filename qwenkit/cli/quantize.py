@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenkit.quantization.checkpoint import save_quantized
+    from qwenkit.weights.save import save_quantized
     from qwenkit.weights.loader import load_model
 
     loaded = load_model(None if args.src == "default" else args.src, "float32")

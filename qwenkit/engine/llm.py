@@ -77,7 +77,7 @@ class LLM:
 
 
 def render_chat(tokenizer, messages: Messages, tools=None, **template_kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
+    return tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
 
 
 class AsyncLLM:

@@ -18,9 +18,8 @@ from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import Sequence
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
-from qwenkit.quantization.gguf_linear import GGUFLinear
 from qwenkit.tokenizer.reasoning import THINK_CLOSE, THINK_OPEN, prompt_opens_thinking
-from qwenkit.weights.loader import LoadedModel
+from qwenkit.weights.loader import LoadedModel, LoadPlan
 
 THINKING_BUDGET_CLOSE = "\n" + THINK_CLOSE + "\n\n"
 
@@ -33,9 +32,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per step; longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context
-    # "auto": float16 for a model computing on GGUF blocks (llama.cpp's default cache type: half
-    # the memory of float32), else the model's dtype, so a float model's cache is exact.
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto": the loader's choice (LoadPlan.kv_cache_dtype)
 
 
 @dataclass
@@ -58,15 +55,13 @@ class Request:
 KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
-    """The cache dtype `name` ("auto" or one of KV_CACHE_DTYPES) means for `model`."""
-    if name != "auto":
-        if name not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
-        return KV_CACHE_DTYPES[name]
-    if any(isinstance(m, GGUFLinear) for m in model.modules()):
-        return torch.float16
-    return model.dtype
+def kv_cache_dtype(name: str, plan: LoadPlan) -> torch.dtype:
+    """The cache dtype `name` ("auto" or one of KV_CACHE_DTYPES) means for a model loaded by `plan`."""
+    if name == "auto":
+        return plan.kv_cache_dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+    return KV_CACHE_DTYPES[name]
 
 
 class LLMEngine:
@@ -75,8 +70,9 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.config = config
         model_cfg = loaded.config
-        self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
-        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.model)
+        context = loaded.plan.max_model_len
+        self.max_model_len = min(config.max_model_len or context, context)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.plan)
         per_token = PagedKVCache.bytes_per_token(
             model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype
         )

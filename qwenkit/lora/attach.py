@@ -10,7 +10,7 @@ from torch import nn
 from qwenkit.errors import QwenkitError
 from qwenkit.lora.layer import LoraLinear, LoraRouting
 from qwenkit.lora.peft_format import LoraConfig, read_adapter
-from qwenkit.quantization.quantize import replace_module
+from qwenkit.modules import replace_module
 
 
 def lora_routing(model: nn.Module) -> LoraRouting:

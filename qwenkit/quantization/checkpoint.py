@@ -8,16 +8,12 @@ first), `X.scales` and `X.zeros` fp32 [N, K/group]; int8: `X.qweight` int8 [N, K
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from qwenkit.errors import QwenkitError
 from qwenkit.quantization.awq_gptq import BUILDERS
-from qwenkit.quantization.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
-from qwenkit.quantization.quantize import eligible_linears
-from qwenkit.weights.save import model_tensors, save_hf_checkpoint
+from qwenkit.quantization.linear import Int4Linear, Int8Linear
 
 QUANT_METHOD = "qwenkit"
 QUANTIZED_TENSORS = ("qweight", "qzeros", "scales", "zeros", "g_idx")
@@ -33,29 +29,6 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     out[:, 0::2] = (packed & 0x0F).to(torch.int32)
     out[:, 1::2] = (packed >> 4).to(torch.int32)
     return out
-
-
-def save_quantized(loaded, out_dir: Path, bits: int, group_size: int) -> None:
-    """Write `loaded` (a float model with its tokenizer) as a quantized HF-style directory."""
-    mode = {4: "int4", 8: "int8"}.get(bits)
-    if mode is None:
-        raise QwenkitError(f"--bits must be 4 or 8, got {bits}")
-    model = loaded.model
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = set()
-    for name, linear, group in eligible_linears(model, mode, group_size):
-        weight = linear.weight.detach().float()
-        if group is None:
-            q, scale = quantize_int8(weight)
-            tensors.update({f"{name}.qweight": q, f"{name}.scales": scale})
-        else:
-            q, scale, zero = quantize_int4(weight, group)
-            tensors.update({f"{name}.qweight": pack_nibbles(q), f"{name}.scales": scale, f"{name}.zeros": zero})
-        if linear.bias is not None:
-            tensors[f"{name}.bias"] = linear.bias.detach().float()
-        quantized.add(name)
-    tensors.update(model_tensors(loaded, quantized))
-    save_hf_checkpoint(loaded, out_dir, tensors, {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size})
 
 
 def split_quantized(tensors, quantization_config: dict) -> tuple[dict[str, nn.Module], list[tuple[str, torch.Tensor]]]:

@@ -5,11 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from qwenkit.errors import QwenkitError
+from qwenkit.modules import replace_module
 from qwenkit.quantization.linear import Int4Linear, Int8Linear
 
 QUANTIZATION_MODES = ("int8", "int4")
 # Routers and the shared-expert gate are tiny and steer whole experts: they stay in float.
 KEEP_FLOAT = ("mlp.gate", "shared_expert_gate")
+
+
+def keeps_float(module_name: str) -> bool:
+    """Whether a projection stays in float under every quantization (GGUF blocks included)."""
+    return module_name.endswith(KEEP_FLOAT)
 
 
 def int4_group_size(out_features: int, in_features: int, wanted: int) -> int | None:
@@ -33,7 +39,7 @@ def eligible_linears(model: nn.Module, mode: str, group_size: int) -> list[tuple
         raise QwenkitError(f"int4 group size must be 32, 64, 128 or 256, got {group_size}")
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name.endswith(KEEP_FLOAT):
+        if not isinstance(module, nn.Linear) or keeps_float(name):
             continue
         if mode == "int8":
             found.append((name, module, None))
@@ -42,11 +48,6 @@ def eligible_linears(model: nn.Module, mode: str, group_size: int) -> list[tuple
         if group is not None:
             found.append((name, module, group))
     return found
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128) -> nn.Module:

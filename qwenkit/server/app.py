@@ -84,7 +84,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         state.authenticate(request)
         state.check_model(body.model)
         if body.messages is not None:
-            text = state.tokenizer.apply_chat_template([template_message(m) for m in body.messages],
+            text = state.tokenizer.chat_template.render([template_message(m) for m in body.messages],
                                                        add_generation_prompt=body.add_generation_prompt)
         else:
             text = body.prompt or ""

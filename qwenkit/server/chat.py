@@ -68,7 +68,7 @@ def build_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[str, 
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools", "invalid_value", "tool_choice")
         prefix = TOOL_OPEN + '\n{"name": ' + json.dumps(choice.function.name) + ', "arguments": '
-    prompt = state.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **(body.chat_template_kwargs or {}))
+    prompt = state.tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=True, **(body.chat_template_kwargs or {}))
     return prompt + prefix, tools is not None, prefix
 
 

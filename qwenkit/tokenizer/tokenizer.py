@@ -10,8 +10,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.chat_template import ChatTemplate
 from qwenkit.tokenizer.gguf_vocab import byte_level_bpe
-from qwenkit.weights.gguf_reader import GGUFFile
-from qwenkit.weights.safetensors_dir import read_json
+from qwenkit.formats.gguf_reader import GGUFFile
+from qwenkit.formats.safetensors_dir import read_json
 
 # Tokens that end an assistant turn in every Qwen chat format, whatever the checkpoint's eos says.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -55,15 +55,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(
-        self,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
-        **template_kwargs: Any,
-    ) -> str:
-        return self.chat_template.render(messages, tools, add_generation_prompt, **template_kwargs)
 
     @classmethod
     def from_hf_dir(cls, directory: Path, generation_eos: tuple[int, ...] = ()) -> "Tokenizer":

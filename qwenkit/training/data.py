@@ -76,13 +76,13 @@ def record_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def assistant_spans(tokenizer: Tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans the assistant wrote (its end-of-turn token included)."""
-    text = tokenizer.apply_chat_template(messages, tools, add_generation_prompt=False)
+    text = tokenizer.chat_template.render(messages, tools, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tools, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tools, add_generation_prompt=False)
+        before = tokenizer.chat_template.render(messages[:i], tools, add_generation_prompt=True) if i else ""
+        through = tokenizer.chat_template.render(messages[: i + 1], tools, add_generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
             raise QwenkitError(
                 "the chat template renders earlier turns differently once later turns follow, so the "

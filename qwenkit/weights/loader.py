@@ -1,10 +1,16 @@
-"""Load any supported checkpoint into a QwenForCausalLM plus its tokenizer."""
+"""Load any supported checkpoint into a model of its family plus its tokenizer.
+
+Everything the loader decides (weight format, quantization, compute and KV cache dtypes, context
+length) is recorded once in `LoadPlan` on the `LoadedModel`; the engine and the server read it
+from there instead of working it out again from the model's modules.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +19,18 @@ from torch import nn
 
 from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
-from qwenkit.model.qwen import QwenForCausalLM
-from qwenkit.quantization.quantize import replace_module
+from qwenkit.formats.gguf_config import config_from_gguf
+from qwenkit.formats.gguf_reader import GGUFFile
+from qwenkit.formats.gguf_tensors import iter_gguf_tensors
+from qwenkit.formats.safetensors_dir import iter_safetensors, read_json
+from qwenkit.kernels import cpu_kernels
+from qwenkit.model.registry import model_family
+from qwenkit.modules import replace_module
+from qwenkit.quantization.checkpoint import split_quantized
+from qwenkit.quantization.gguf_layers import gguf_block_layers, int4_layers_from_q4_k
+from qwenkit.quantization.quantize import quantize_model
 from qwenkit.tokenizer.tokenizer import Tokenizer
-from qwenkit.weights.gguf_file import config_from_gguf, gguf_block_layers, int4_layers_from_q4_k, iter_gguf_tensors, open_gguf
-from qwenkit.weights.resolve import ResolvedModel, resolve_model
-from qwenkit.weights.safetensors_dir import iter_safetensors, read_hf_config, read_json
+from qwenkit.weights.resolve import ResolvedModel, WeightFormat, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -28,16 +40,36 @@ GGUF_GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min
 _FUSED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-@dataclass
-class LoadedModel:
-    model: QwenForCausalLM
-    tokenizer: Tokenizer
-    config: ModelConfig
-    path: Path
-    generation_config: dict[str, Any] = field(default_factory=dict)
+class Quantization(Enum):
+    NONE = "none"  # float weights in the compute dtype
+    GGUF_BLOCKS = "gguf"  # a GGUF's blocks run in place by the native kernels
+    INT8 = "int8"  # weight-only int8 layers built at load time
+    INT4 = "int4"  # weight-only int4 layers built at load time (from a GGUF: Q4_K kept exactly)
+    CHECKPOINT = "checkpoint"  # int4/int8 codes stored in the checkpoint (qwenkit, AWQ, GPTQ)
 
 
 QUANTIZE_CHOICES = ("auto", "gguf", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What the loader decided, once."""
+
+    weight_format: WeightFormat
+    quantization: Quantization
+    compute_dtype: torch.dtype  # activations and float weights
+    kv_cache_dtype: torch.dtype  # what a KV cache dtype of "auto" means for this model
+    max_model_len: int  # tokens of context (prompt + output)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    plan: LoadPlan
+    generation_config: dict[str, Any] = field(default_factory=dict)
 
 
 def load_model(
@@ -58,67 +90,76 @@ def load_model(
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise QwenkitError(f"unsupported quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
     resolved = resolve_model(spec)
+    is_gguf = resolved.format == WeightFormat.GGUF
     if quantize == "auto":
-        quantize = "gguf" if resolved.format == "gguf" and dtype is None and native_gguf_available() else None
+        quantize = "gguf" if is_gguf and dtype is None and native_gguf_available() else None
     if quantize == "gguf":
-        if resolved.format != "gguf":
+        if not is_gguf:
             raise QwenkitError(f"--quantize gguf runs GGUF blocks in place; {resolved.path} is not a GGUF file")
         if not native_gguf_available():
             raise QwenkitError("--quantize gguf needs the native CPU kernels: an x86-64 CPU with AVX-512 VNNI and a C++ "
                                "compiler (see the warning above); use --dtype float32 or --quantize int4 instead")
-    loaded = load_resolved(resolved, DTYPES[dtype or "float32"], quantize)
-    if quantize in ("int8", "int4"):
-        from qwenkit.quantization.quantize import quantize_model
-
-        quantize_model(loaded.model, quantize, group_size)
+    compute_dtype = DTYPES[dtype or "float32"]
+    requested = Quantization.NONE if quantize is None else Quantization(quantize)
+    loaded = load_resolved(resolved, compute_dtype, requested)
+    if requested in (Quantization.INT8, Quantization.INT4):
+        quantize_model(loaded.model, requested.value, group_size)
     return loaded
 
 
 def native_gguf_available() -> bool:
-    from qwenkit.kernels import cpu_kernels
-
     return cpu_kernels() is not None
 
 
-def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantize: str | None = None) -> LoadedModel:
+def _plan(resolved: ResolvedModel, config: ModelConfig, dtype: torch.dtype, quantization: Quantization) -> LoadPlan:
+    # float16 for GGUF blocks in place (llama.cpp's default cache type: half of float32's memory);
+    # otherwise the model's own dtype, so a float model's cache is exact.
+    kv = torch.float16 if quantization == Quantization.GGUF_BLOCKS else dtype
+    return LoadPlan(resolved.format, quantization, dtype, kv, config.max_position_embeddings)
+
+
+def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantization: Quantization = Quantization.NONE) -> LoadedModel:
     path = resolved.path
-    if resolved.format == "gguf":
-        gguf = open_gguf(path)
+    if resolved.format == WeightFormat.GGUF:
+        gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
+        family = model_family(config.model_type)
         tokenizer = Tokenizer.from_gguf(gguf)
-        if quantize == "gguf":
+        if quantization == Quantization.GGUF_BLOCKS:
             kept = gguf_block_layers(gguf, config, dtype)
-        elif quantize == "int4":  # Q4_K blocks become int4 layers directly, exactly, never float
+        elif quantization == Quantization.INT4:  # Q4_K blocks become int4 layers directly, exactly, never float
             kept = int4_layers_from_q4_k(gguf, config)
         else:
             kept = {}
-        model = build_model(config, iter_gguf_tensors(gguf, config, frozenset(kept)), dtype, kept)
-        return LoadedModel(model, tokenizer, config, path, dict(GGUF_GENERATION_DEFAULTS))
-    config = read_hf_config(path)
+        model = build_model(family.model_class, config, iter_gguf_tensors(gguf, config, frozenset(kept)), dtype, kept)
+        plan = _plan(resolved, config, dtype, quantization)
+        return LoadedModel(model, tokenizer, config, path, plan, dict(GGUF_GENERATION_DEFAULTS))
+    raw_config = read_json(path / "config.json")
+    family = model_family(raw_config.get("model_type"))
+    config = ModelConfig.from_hf_dict(raw_config)
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     eos = generation_config.get("eos_token_id", [])
     tokenizer = Tokenizer.from_hf_dir(path, tuple(eos) if isinstance(eos, list) else (eos,))
-    tensors, quantized = iter_safetensors(path), {}
-    quantization_config = read_json(path / "config.json").get("quantization_config")
-    if quantization_config is not None:
-        from qwenkit.quantization.checkpoint import split_quantized
-
-        quantized, tensors = split_quantized(tensors, quantization_config)
-    model = build_model(config, tensors, dtype, quantized)
-    return LoadedModel(model, tokenizer, config, path, generation_config)
+    tensors, stored = iter_safetensors(path), {}
+    if raw_config.get("quantization_config") is not None:
+        stored, tensors = split_quantized(tensors, raw_config["quantization_config"])
+        quantization = Quantization.CHECKPOINT
+    model = build_model(family.model_class, config, tensors, dtype, stored)
+    return LoadedModel(model, tokenizer, config, path, _plan(resolved, config, dtype, quantization), generation_config)
 
 
 def build_model(
+    model_class: type[nn.Module],
     config: ModelConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype,
     quantized: dict[str, nn.Module] | None = None,
-) -> QwenForCausalLM:
+) -> nn.Module:
     """The model from a checkpoint's float tensors, plus already built `quantized` modules by name."""
     # Parameters are created on the meta device and replaced by the checkpoint's tensors, so a
     # model is never initialised randomly first (that would double load time and peak memory).
     with torch.device("meta"):
-        model = QwenForCausalLM(config)
+        model = model_class(config)
     for name, module in (quantized or {}).items():
         replace_module(model, name, module)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_meta}
@@ -126,7 +167,7 @@ def build_model(
     state: dict[str, torch.Tensor] = {}
     for name, tensor in _unfuse_experts(tensors):
         if name not in expected:
-            raise QwenkitError(f"checkpoint tensor {name!r} does not belong to a {config.architecture} model")
+            raise QwenkitError(f"checkpoint tensor {name!r} does not belong to a {config.model_type} model")
         shape = shapes[name]
         if tuple(tensor.shape) != shape:
             raise QwenkitError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")

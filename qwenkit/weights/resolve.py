@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from qwenkit.errors import QwenkitError
@@ -13,29 +14,34 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
 
 
+class WeightFormat(Enum):
+    HF = "hf"  # a directory with config.json and safetensors
+    GGUF = "gguf"  # one .gguf file
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path
-    format: str  # "gguf" | "hf"
+    format: WeightFormat
 
 
 def resolve_model(spec: str | None) -> ResolvedModel:
     if spec is None:
-        return ResolvedModel(ensure_assembled(), "gguf")
+        return ResolvedModel(ensure_assembled(), WeightFormat.GGUF)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
-            return ResolvedModel(path, "gguf")
+            return ResolvedModel(path, WeightFormat.GGUF)
         raise QwenkitError(f"{path} is neither a .gguf file nor a checkpoint directory")
     if path.is_dir():
         if (path / "config.json").exists():
-            return ResolvedModel(path, "hf")
+            return ResolvedModel(path, WeightFormat.HF)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ResolvedModel(ggufs[0], "gguf")
+            return ResolvedModel(ggufs[0], WeightFormat.GGUF)
         raise QwenkitError(f"{path} has no config.json (and not exactly one .gguf file)")
     if _REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return ResolvedModel(download_from_hub(spec), "hf")
+        return ResolvedModel(download_from_hub(spec), WeightFormat.HF)
     raise QwenkitError(f"no such model path: {spec}")
 
 

@@ -1,4 +1,5 @@
-"""Write a model as an HF-style directory: config.json, model.safetensors, tokenizer and generation config."""
+"""Write a model as an HF-style directory: config.json, model.safetensors, tokenizer and generation
+config; float, or with weight-only quantized codes (the layout quantization/checkpoint.py reads)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from qwenkit.errors import QwenkitError
+from qwenkit.quantization.checkpoint import QUANT_METHOD, pack_nibbles
+from qwenkit.quantization.linear import quantize_int4, quantize_int8
+from qwenkit.quantization.quantize import eligible_linears
 
 
 def model_tensors(loaded, skip_modules: set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -39,3 +45,26 @@ def save_tokenizer(loaded, out_dir: Path) -> None:
     generation = dict(loaded.generation_config)
     generation.setdefault("eos_token_id", sorted(tok.stop_token_ids))
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def save_quantized(loaded, out_dir: Path, bits: int, group_size: int) -> None:
+    """Write `loaded` (a float model with its tokenizer) as a quantized HF-style directory."""
+    mode = {4: "int4", 8: "int8"}.get(bits)
+    if mode is None:
+        raise QwenkitError(f"--bits must be 4 or 8, got {bits}")
+    model = loaded.model
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = set()
+    for name, linear, group in eligible_linears(model, mode, group_size):
+        weight = linear.weight.detach().float()
+        if group is None:
+            q, scale = quantize_int8(weight)
+            tensors.update({f"{name}.qweight": q, f"{name}.scales": scale})
+        else:
+            q, scale, zero = quantize_int4(weight, group)
+            tensors.update({f"{name}.qweight": pack_nibbles(q), f"{name}.scales": scale, f"{name}.zeros": zero})
+        if linear.bias is not None:
+            tensors[f"{name}.bias"] = linear.bias.detach().float()
+        quantized.add(name)
+    tensors.update(model_tensors(loaded, quantized))
+    save_hf_checkpoint(loaded, out_dir, tensors, {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size})

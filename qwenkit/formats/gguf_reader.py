@@ -2,7 +2,7 @@
 
 The `gguf` package's GGUFReader builds a numpy view per string of the 150k-token vocabulary,
 which takes ~12 s for a Qwen file; this reads the same header in well under a second. The
-quantization formats themselves stay the `gguf` package's business (see gguf_file.py).
+quantization formats themselves stay the `gguf` package's business (see gguf_tensors.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -22,10 +21,6 @@ def read_json(path: Path) -> dict:
         raise QwenkitError(f"{path} is missing") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QwenkitError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def read_hf_config(directory: Path) -> ModelConfig:
-    return ModelConfig.from_hf_dict(read_json(directory / "config.json"))
 
 
 def safetensors_files(directory: Path) -> list[Path]:
