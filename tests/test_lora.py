@@ -19,8 +19,9 @@ from qwenkit.engine.llm import LLM
 from qwenkit.engine.llm_engine import EngineConfig
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.errors import QwenkitError
-from qwenkit.lora.attach import adapter_weights, add_new_adapter, load_adapter, lora_routing
+from qwenkit.lora.attach import adapter_weights, add_new_adapter, load_adapter
 from qwenkit.lora.peft_format import LoraConfig, save_adapter
+from qwenkit.model.adapters import LoraRouting
 from qwenkit.model.attention import NoCache, PackedSequences
 from qwenkit.tokenizer.tokenizer import Tokenizer
 from qwenkit.training.data import IGNORE_INDEX, encode_record, load_dataset
@@ -59,10 +60,11 @@ def reference(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
 
 
-def qwenkit_logits(model, ids=IDS):
+def qwenkit_logits(model, ids=IDS, adapter=None):
     positions = torch.arange(len(ids))
+    lora = None if adapter is None else LoraRouting.all(adapter)
     with torch.no_grad():
-        return model.compute_logits(model(ids, positions, NoCache(positions)))
+        return model.compute_logits(model(ids, positions, NoCache(positions), lora), lora)
 
 
 def peft_model(base, tmp_path, **kwargs):
@@ -82,13 +84,12 @@ def test_peft_adapter_loads_in_qwenkit(tiny, tmp_path, arch, use_rslora):
                               rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})
     loaded = load_model(str(path))
     load_adapter(loaded.model, "a", tmp_path / "adapter")
-    lora_routing(loaded.model).route_all("a")
     with torch.no_grad():
         expected = made_by_peft(IDS[None]).logits[0]
         base = made_by_peft.get_base_model()
         with made_by_peft.disable_adapter():
             base_logits = base(IDS[None]).logits[0]
-    assert (qwenkit_logits(loaded.model) - expected).abs().max() < 1e-5
+    assert (qwenkit_logits(loaded.model, adapter="a") - expected).abs().max() < 1e-5
     assert (expected - base_logits).abs().max() > 1e-2  # the adapter matters
 
 
@@ -101,8 +102,7 @@ def test_qwenkit_adapter_loads_in_peft_and_merges(tiny, tmp_path):
         for _, b in adapter_weights(loaded.model, "mine").values():
             b.normal_(0, 0.2)
     save_adapter(tmp_path / "adapter", config, adapter_weights(loaded.model, "mine"))
-    lora_routing(loaded.model).route_all("mine")
-    ours = qwenkit_logits(loaded.model)
+    ours = qwenkit_logits(loaded.model, adapter="mine")
 
     in_peft = peft.PeftModel.from_pretrained(reference(path), tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -210,10 +210,9 @@ def test_tune_lowers_eval_loss_and_resumes_exactly(tiny, tmp_path, capsys):
     # The trained adapter is a plain peft adapter: same logits in peft.
     loaded = load_model(str(path))
     load_adapter(loaded.model, "t", tmp_path / "run")
-    lora_routing(loaded.model).route_all("t")
     in_peft = peft.PeftModel.from_pretrained(reference(path), tmp_path / "run").eval()
     with torch.no_grad():
-        assert (qwenkit_logits(loaded.model) - in_peft(IDS[None]).logits[0]).abs().max() < 1e-5
+        assert (qwenkit_logits(loaded.model, adapter="t") - in_peft(IDS[None]).logits[0]).abs().max() < 1e-5
 
 
 def test_two_torchrun_processes_equal_one(tiny, tmp_path):

@@ -107,18 +107,11 @@ class AsyncLLM:
                 pass
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a bug must not take the engine thread (and every client) down
+            except Exception as exc:  # the shared forward failed: every request in flight ends with the error
                 traceback.print_exc()
-                self._fail_all(exc)
-                continue
+                outputs = self.engine.fail_all(exc)
             for out in outputs:
                 self._deliver(out)
-
-    def _fail_all(self, exc: Exception) -> None:
-        """Abort every request in flight and hand each stream the error."""
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
-            self._deliver(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"), request_id)
 
     def _deliver(self, out: RequestOutput | BaseException, request_id: str | None = None) -> None:
         key = request_id or out.request_id
@@ -148,6 +141,9 @@ class AsyncLLM:
                 out = await q.get()
                 if isinstance(out, BaseException):
                     raise out
+                if out.error is not None:
+                    finished = True
+                    raise RuntimeError(out.error)
                 yield out
                 if out.finished:
                     finished = True

@@ -9,19 +9,18 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenkit.engine.block_manager import BlockManager
+from qwenkit.engine.logits_process import ProcessorContext, make_processors
 from qwenkit.engine.model_runner import ModelRunner
 from qwenkit.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenkit.engine.paged_attention import PagedKVCache
-from qwenkit.engine.sampler import SamplingRow, sample
+from qwenkit.engine.sampler import RowSamplingError, SamplingRow, sample
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.engine.scheduler import Scheduler
-from qwenkit.engine.sequence import Sequence
+from qwenkit.engine.sequence import SamplingState, Sequence
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
-from qwenkit.tokenizer.reasoning import THINK_CLOSE, THINK_OPEN, prompt_opens_thinking
+from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 from qwenkit.weights.loader import LoadedModel, LoadPlan
-
-THINKING_BUDGET_CLOSE = "\n" + THINK_CLOSE + "\n\n"
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,12 @@ class Request:
     metrics: RequestMetrics
     thinking_open: bool
     new_tokens: list[list[int]] = field(default_factory=list)
+    error: str | None = None  # why the request failed (its own fault, or the batch's)
+    ended: bool = False  # aborted or failed before every sample finished
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+        return self.ended or (len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs))
 
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,6 +63,14 @@ def kv_cache_dtype(name: str, plan: LoadPlan) -> torch.dtype:
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
     return KV_CACHE_DTYPES[name]
+
+
+class PromptTooLong(QwenkitError):
+    """The prompt leaves no room in the context; says both numbers."""
+
+    def __init__(self, prompt_tokens: int, max_model_len: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens; the model's context holds {max_model_len} (prompt + output)")
+        self.prompt_tokens, self.max_model_len = prompt_tokens, max_model_len
 
 
 class LLMEngine:
@@ -88,8 +97,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        self.think_open_id = self.tokenizer.token_to_id(THINK_OPEN)
-        self.think_close_id = self.tokenizer.token_to_id(THINK_CLOSE)
         self.num_computed_tokens = 0  # tokens that went through the model (prefix-cache hits excluded)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -113,28 +120,28 @@ class LLMEngine:
             raise QwenkitError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.validate_prompt(ids, params)
+        self.validate_request(ids, params)
         now = time.monotonic()
         opens = prompt_opens_thinking(prompt_text if prompt_text is not None else self.tokenizer.decode(ids[-64:]))
-        first = self._new_sequence(request_id, 0, ids, params, now, opens, lora_name)
-        self.requests[request_id] = Request(
-            request_id, prompt_text, ids, params, [first], [TextOutput(self.tokenizer, params)],
-            RequestMetrics(now), opens, [[]],
-        )
+        request = Request(request_id, prompt_text, ids, params, [], [], RequestMetrics(now), opens)
+        first = self._new_sequence(request, 0, ids, now, lora_name)  # may raise (a request's own factory): nothing is queued yet
+        self.requests[request_id] = request
         self.scheduler.add(first)
         return request_id
 
-    def validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Everything about a request that could otherwise fail inside a shared batch: checked once, here."""
         n = len(ids)
         if n == 0:
             raise QwenkitError("the prompt is empty")
         vocab = self.loaded.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:  # caught here, not as an index error inside a batch
+        if min(ids) < 0 or max(ids) >= vocab:
             raise QwenkitError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        for what, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            if any(t >= vocab for t in token_ids):
+                raise QwenkitError(f"{what} has token ids outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
-            raise QwenkitError(
-                f"the prompt has {n} tokens; the model's context holds {self.max_model_len} (prompt + output)"
-            )
+            raise PromptTooLong(n, self.max_model_len)
         worst = min(n + params.max_tokens, self.max_model_len)
         if self.block_manager.blocks_needed(worst) > self.block_manager.num_blocks:
             raise QwenkitError(
@@ -151,25 +158,42 @@ class LLMEngine:
         load_adapter(self.loaded.model, name, directory)
         self.lora_adapters[name] = str(directory)
 
-    def _new_sequence(self, request_id, index, ids, params, now, thinking_open, lora_name=None) -> Sequence:
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed + index)
-        seq = Sequence(next(self._seq_ids), request_id, index, list(ids), len(ids), params, now, generator=generator,
-                       lora_name=lora_name)
-        seq.in_thinking = thinking_open and params.thinking_budget is not None
+    def _new_sequence(self, request: Request, index: int, ids: list[int], now: float, lora_name: str | None) -> Sequence:
+        """Sample `index` of `request`, with its own generator and logits processors, added to the request."""
+        params = request.params
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed + index)
+        context = ProcessorContext(self.tokenizer, params, request.prompt_token_ids, request.thinking_open)
+        seq = Sequence(next(self._seq_ids), request.request_id, index, list(ids), len(request.prompt_token_ids), params,
+                       now, lora_name, SamplingState(generator, make_processors(context)))
+        request.seqs.append(seq)
+        request.texts.append(TextOutput(self.tokenizer, params))
+        request.new_tokens.append([])
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._end_request(request, "abort")
+        return self._output(request)
+
+    def fail_all(self, exc: BaseException) -> list[RequestOutput]:
+        """The shared step failed: end every request in flight, each with the error as its final output."""
+        outputs = []
+        for request in list(self.requests.values()):
+            del self.requests[request.request_id]
+            request.error = f"generation failed: {type(exc).__name__}: {exc}"
+            self._end_request(request, "error")
+            outputs.append(self._output(request))
+        return outputs
+
+    def _end_request(self, request: Request, reason: str) -> None:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
+                seq.finish_reason = reason
+        request.ended = True
         request.metrics.finished_time = time.monotonic()
-        return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -177,6 +201,9 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one batch. Raises only if the batch's shared forward pass fails (see fail_all); a
+        failure that belongs to one request (its sampling, its processors, its text) ends that
+        request alone, with `error` set on its final output."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -188,21 +215,28 @@ class LLMEngine:
                 sampling.append(item.seq)
             item.seq.num_computed_tokens += item.num_tokens
             self.block_manager.register_computed_blocks(item.seq)
-        rows = self._fork_samples(sampling, logits)
-        seqs = [seq for seq, _ in rows]
-        if not seqs:
-            return []
-        row_logits = logits[torch.tensor([r for _, r in rows])]
-        tokens, logprobs = sample(row_logits, [self._sampling_row(s) for s in seqs])
+        failed: dict[str, Exception] = {}
+        rows = self._fork_samples(sampling, failed)
+        rows = [(seq, row) for seq, row in rows if seq.request_id not in failed]
+        tokens = self._sample(rows, logits, failed)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        for (seq, _), (token, lp) in zip(rows, tokens):
+            if seq.request_id in failed or token is None:
+                continue
             request = self.requests[seq.request_id]
             touched[request.request_id] = request
-            if seq.forced_tokens:
-                token, lp = seq.forced_tokens.pop(0), None
-            self._append(request, seq, token, lp, now)
+            try:
+                self._append(request, seq, token, lp, now)
+            except Exception as exc:
+                failed[request.request_id] = exc
         outputs = []
+        for request_id, exc in failed.items():
+            request = self.requests.pop(request_id)
+            touched.pop(request_id, None)
+            request.error = f"generation failed: {type(exc).__name__}: {exc}"
+            self._end_request(request, "error")
+            outputs.append(self._output(request))
         for request in touched.values():
             outputs.append(self._output(request))
             if request.finished:
@@ -210,26 +244,62 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
-    def _fork_samples(self, sampling: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
-        """(sequence, logits row) pairs; a request with n > 1 gets its other samples at its first token."""
+    def _sample(self, rows: list[tuple[Sequence, int]], logits: torch.Tensor, failed: dict[str, Exception]) -> list[tuple]:
+        """(token, logprobs) per row, batched; a row whose own sampling fails gets (None, None) and fails its request."""
+        if not rows:
+            return []
+        sampling_rows = [self._sampling_row(seq) for seq, _ in rows]
+        row_logits = logits[torch.tensor([r for _, r in rows])]
+        try:
+            return list(zip(*sample(row_logits, sampling_rows)))
+        except RowSamplingError as exc:
+            culprits = {exc.row: exc.cause}
+        except Exception:
+            culprits = {}
+        # Find the rows at fault one by one; the others sample as they would have.
+        tokens: list[tuple] = []
+        for i, (seq, _) in enumerate(rows):
+            if i in culprits:
+                failed.setdefault(seq.request_id, culprits[i])
+                tokens.append((None, None))
+                continue
+            try:
+                token, lp = sample(row_logits[i : i + 1], [sampling_rows[i]])
+                tokens.append((token[0], lp[0]))
+            except RowSamplingError as exc:
+                failed.setdefault(seq.request_id, exc.cause)
+                tokens.append((None, None))
+            except Exception as exc:
+                failed.setdefault(seq.request_id, exc)
+                tokens.append((None, None))
+        return tokens
+
+    def _fork_samples(self, sampling: list[Sequence], failed: dict[str, Exception]) -> list[tuple[Sequence, int]]:
+        """(sequence, logits row) pairs; a request with n > 1 gets its other samples at its first token.
+
+        A sample shares the first one's full KV blocks; its partial last block is copied when the
+        pool has a free block, else it waits in the queue and recomputes that tail (at most one
+        block of tokens, found through the prefix cache), so a full pool never fails a fork.
+        """
         rows = []
         for row, seq in enumerate(sampling):
             rows.append((seq, row))
             request = self.requests[seq.request_id]
-            if seq.num_output_tokens == 0 and len(request.seqs) < request.params.n:
+            if seq.num_output_tokens or len(request.seqs) >= request.params.n:
+                continue
+            try:
                 for index in range(1, request.params.n):
-                    child = self._new_sequence(
-                        seq.request_id, index, seq.token_ids, request.params, seq.arrival_time, request.thinking_open,
-                        seq.lora_name,
-                    )
-                    copy_from = self.block_manager.fork(seq, child)
-                    if copy_from is not None:
-                        self.cache.copy_block(copy_from, child.block_table[-1])
-                    request.seqs.append(child)
-                    request.texts.append(TextOutput(self.tokenizer, request.params))
-                    request.new_tokens.append([])
-                    self.scheduler.add_running(child)
+                    child = self._new_sequence(request, index, seq.token_ids, seq.arrival_time, seq.lora_name)
+                    if self.block_manager.num_free_blocks:
+                        copy_from = self.block_manager.fork(seq, child)
+                        if copy_from is not None:
+                            self.cache.copy_block(copy_from, child.block_table[-1])
+                        self.scheduler.add_running(child)
+                    else:
+                        self.scheduler.add(child)
                     rows.append((child, row))
+            except Exception as exc:
+                failed[seq.request_id] = exc
         return rows
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -237,17 +307,19 @@ class LLMEngine:
         blocked = set(p.stop_token_ids)
         if not p.ignore_eos:
             blocked |= self.tokenizer.stop_token_ids
-        return SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.generator, frozenset(blocked))
+        return SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.sampling.generator, frozenset(blocked),
+                           seq.sampling.processors)
 
     def _append(self, request: Request, seq: Sequence, token: int, lp, now: float) -> None:
         seq.append_token(token, now)
         if lp is not None:
-            seq.logprobs.append(lp)
+            seq.sampling.logprobs.append(lp)
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
             request.metrics.num_cached_tokens = seq.num_cached_tokens
         request.new_tokens[seq.index].append(token)
-        self._track_thinking(seq, token)
+        for processor in seq.sampling.processors:
+            processor.accept(token)
         text = request.texts[seq.index]
         p = seq.params
         if token in p.stop_token_ids:
@@ -257,22 +329,10 @@ class LLMEngine:
         stop = text.add_token(token)
         if stop is not None:
             return self._finish(seq, text, "stop", stop, flush=False)
+        if any(processor.is_finished() for processor in seq.sampling.processors):
+            return self._finish(seq, text, "stop", None)
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             return self._finish(seq, text, "length", None)
-
-    def _track_thinking(self, seq: Sequence, token: int) -> None:
-        if seq.params.thinking_budget is None:
-            return
-        if token == self.think_open_id:
-            seq.in_thinking, seq.thinking_tokens = True, 0
-            return
-        if token == self.think_close_id:  # sampled, or the forced close (whose "\n\n" still follows)
-            seq.in_thinking = False
-            return
-        if seq.in_thinking:
-            seq.thinking_tokens += 1
-            if seq.thinking_tokens >= seq.params.thinking_budget and not seq.forced_tokens:
-                seq.forced_tokens = self.tokenizer.encode(THINKING_BUDGET_CLOSE, add_special_tokens=False)
 
     def _finish(self, seq: Sequence, text: TextOutput, reason: str, stop_reason, flush: bool = True) -> None:
         if flush:
@@ -295,12 +355,12 @@ class LLMEngine:
                     delta_token_ids=list(new),
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
-                    logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                    logprobs=list(seq.sampling.logprobs) if seq.params.logprobs is not None else None,
                     thinking_open=request.thinking_open,
                 )
             )
             new.clear()
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished,
-            request.metrics, [list(s.token_times) for s in request.seqs],
+            request.metrics, [list(s.token_times) for s in request.seqs], request.error,
         )

@@ -6,11 +6,11 @@ import torch
 
 from qwenkit.engine.paged_attention import BatchAttention, PagedKVCache, PrefillSlice, slots_for
 from qwenkit.engine.scheduler import ScheduledSequence
-from qwenkit.model.qwen import QwenForCausalLM
+from qwenkit.model.adapters import LoraRouting
 
 
 class ModelRunner:
-    def __init__(self, model: QwenForCausalLM, cache: PagedKVCache):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache):
         self.model = model
         self.cache = cache
         self.block_size = cache.block_size
@@ -24,7 +24,8 @@ class ModelRunner:
         decode_rows, decode_slots, decode_lengths = [], [], []
         prefills: list[PrefillSlice] = []
         sample_rows: list[int] = []
-        adapter_rows: dict[str, list[int]] = {}
+        adapter_rows: dict[str, list[int]] = {}  # rows of the forward's tokens
+        adapter_samples: dict[str, list[int]] = {}  # rows of the sampled tokens (for the output head)
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens
@@ -43,6 +44,8 @@ class ModelRunner:
             else:
                 prefills.append(PrefillSlice(slice(row, row + item.num_tokens), pos, context))
             if item.completes_prompt:
+                if seq.lora_name is not None:
+                    adapter_samples.setdefault(seq.lora_name, []).append(len(sample_rows))
                 sample_rows.append(row + item.num_tokens - 1)
         padded = torch.zeros(len(decode_slots), max(decode_lengths, default=0), dtype=torch.long)
         for i, slots in enumerate(decode_slots):
@@ -55,10 +58,14 @@ class ModelRunner:
             torch.tensor(decode_lengths, dtype=torch.long),
             prefills,
         )
-        routing = getattr(self.model, "lora_routing", None)
-        if routing is not None:  # each adapter's rows; base-model rows take no LoRA path
-            routing.groups = [(name, torch.tensor(rows)) for name, rows in adapter_rows.items()]
-        hidden = self.model(torch.tensor(input_ids), torch.cat(positions), attention)
+        hidden = self.model(torch.tensor(input_ids), torch.cat(positions), attention, _routing(adapter_rows))
         if not sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows)], _routing(adapter_samples))
+
+
+def _routing(rows_by_adapter: dict[str, list[int]]) -> LoraRouting | None:
+    """Each adapter's rows; base-model rows take no LoRA path."""
+    if not rows_by_adapter:
+        return None
+    return LoraRouting(tuple((name, torch.tensor(rows)) for name, rows in rows_by_adapter.items()))

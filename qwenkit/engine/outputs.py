@@ -15,7 +15,7 @@ class CompletionOutput:
     token_ids: list[int]
     delta_text: str = ""  # what this step added (for streaming)
     delta_token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprobs] | None = None
     thinking_open: bool = False  # the prompt ended inside <think> (the template opened it)
@@ -54,6 +54,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     token_times: list[list[float]] = field(default_factory=list)  # per sample, when each token arrived
+    error: str | None = None  # set (with finish_reason "error") when generation failed for this request
 
     @property
     def num_prompt_tokens(self) -> int:

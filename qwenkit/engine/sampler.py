@@ -8,10 +8,11 @@ the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from qwenkit.engine.logits_process import LogitsProcessor, apply_processors
 from qwenkit.engine.sampling_params import SamplingParams
 
 
@@ -22,6 +23,7 @@ class SamplingRow:
     num_prompt_tokens: int
     generator: torch.Generator | None
     blocked_token_ids: frozenset[int]  # masked while below min_tokens
+    processors: list[LogitsProcessor] = field(default_factory=list)
 
 
 @dataclass
@@ -50,10 +52,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     vocab = logits.shape[-1]
     for i, row in enumerate(rows):
         p = row.params
-        if p.logit_bias:
-            ids = torch.tensor([t for t in p.logit_bias if 0 <= t < vocab], dtype=torch.long)
-            if len(ids):
-                logits[i, ids] += torch.tensor([p.logit_bias[int(t)] for t in ids])
+        if p.logit_bias:  # ids checked against the vocabulary when the request came in
+            logits[i, torch.tensor(list(p.logit_bias), dtype=torch.long)] += torch.tensor(list(p.logit_bias.values()))
         if _blocks_tokens(row):
             logits[i, torch.tensor(sorted(row.blocked_token_ids))] = float("-inf")
         if p.repetition_penalty != 1.0 and row.token_ids:
@@ -95,12 +95,28 @@ def shape_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return probs
 
 
+class RowSamplingError(Exception):
+    """Sampling failed for one row (its own parameters or processors), not for the batch."""
+
+    def __init__(self, row: int, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.row, self.cause = row, cause
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [len(rows), vocab] fp32. Returns a token per row and, where asked, its logprobs."""
+    """logits: [len(rows), vocab] fp32. Returns a token per row and, where asked, its logprobs.
+
+    Raises RowSamplingError naming the first row whose own logits processors failed.
+    """
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     processed = apply_penalties(logits, rows)
+    if any(r.processors for r in rows):
+        failed = apply_processors(processed, [r.processors for r in rows])
+        if failed:
+            row = min(failed)
+            raise RowSamplingError(row, failed[row])
     tokens: list[int] = []
     for i, row in enumerate(rows):
         if row.params.greedy:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qwenkit.errors import QwenkitError
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
     skip_special_tokens: bool = True
     thinking_budget: int | None = None  # end the <think> section after this many tokens
+    # Factories of the request's own logits processors (see engine/logits_process.py), each called
+    # with a ProcessorContext per sample; the built-in ones (thinking budget, ...) come on top.
+    logits_processors: tuple[Callable[..., Any], ...] = ()
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -35,6 +42,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+        object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
@@ -48,6 +56,12 @@ class SamplingParams:
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
+            # Sample i of a request draws from a generator seeded with seed + i: all must fit torch's 64 bits.
+            (self.seed is None or SEED_MIN <= self.seed and self.seed + self.n - 1 <= SEED_MAX,
+             f"seed must be in [{SEED_MIN}, {SEED_MAX} - (n - 1)], got {self.seed}"),
+            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (all(t >= 0 for t in (*self.logit_bias, *self.stop_token_ids)),
+             "token ids in logit_bias and stop_token_ids must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -5,16 +5,30 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwenkit.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from qwenkit.engine.logits_process import LogitsProcessor
+    from qwenkit.engine.sampler import TokenLogprobs
 
 
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class SamplingState:
+    """What sampling keeps per sequence between steps."""
+
+    generator: torch.Generator | None = None  # the request's seed + the sample's index
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -26,20 +40,17 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    lora_name: str | None = None  # the adapter this sequence runs with, None for the base model
+    sampling: SamplingState = field(default_factory=SamplingState)
+    # scheduling
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache at admission
-    generator: torch.Generator | None = None
-    forced_tokens: list[int] = field(default_factory=list)  # emitted instead of sampling (thinking budget)
-    thinking_tokens: int = 0
-    in_thinking: bool = False
-    finish_reason: str | None = None
+    # outcome
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None
-    logprobs: list[dict] = field(default_factory=list)
-    first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    lora_name: str | None = None  # the adapter this sequence runs with, None for the base model
+    token_times: list[float] = field(default_factory=list)  # when each output token arrived
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -67,6 +78,4 @@ class Sequence:
 
     def append_token(self, token: int, now: float) -> None:
         self.token_ids.append(token)
-        if self.first_token_time is None:
-            self.first_token_time = now
         self.token_times.append(now)

@@ -8,18 +8,9 @@ import torch
 from torch import nn
 
 from qwenkit.errors import QwenkitError
-from qwenkit.lora.layer import LoraLinear, LoraRouting
+from qwenkit.lora.layer import LoraLinear
 from qwenkit.lora.peft_format import LoraConfig, read_adapter
 from qwenkit.modules import replace_module
-
-
-def lora_routing(model: nn.Module) -> LoraRouting:
-    """The routing shared by all of `model`'s LoraLinear layers (created on first use)."""
-    routing = getattr(model, "lora_routing", None)
-    if routing is None:
-        routing = LoraRouting()
-        model.lora_routing = routing
-    return routing
 
 
 def _projections(model: nn.Module) -> dict[str, nn.Module]:
@@ -36,7 +27,7 @@ def _projections(model: nn.Module) -> dict[str, nn.Module]:
 def _wrapped(model: nn.Module, name: str, module: nn.Module) -> LoraLinear:
     if isinstance(module, LoraLinear):
         return module
-    wrapper = LoraLinear(module, lora_routing(model)).train(module.training)
+    wrapper = LoraLinear(module).train(module.training)
     replace_module(model, name, wrapper)
     return wrapper
 

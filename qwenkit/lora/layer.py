@@ -2,29 +2,19 @@
 
 PEFT's naming is kept in memory too (`lora_A.<adapter>`, `lora_B.<adapter>`), so an adapter's
 tensors map to its file one to one. Which rows of a forward pass use which adapter is decided
-outside the model, by a `LoraRouting` shared by every LoraLinear: the training loop routes all
-rows to one adapter, the engine routes each sequence's rows to the adapter its request named.
+outside the model and passed to its forward (see qwenkit/model/adapters.py): the training loop
+routes all rows to one adapter, the engine each sequence's rows to the adapter its request named.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-ALL_ROWS = slice(None)
-
-
-@dataclass
-class LoraRouting:
-    """(adapter name, rows) for the current forward pass; rows are a slice or an index tensor."""
-
-    groups: list[tuple[str, slice | torch.Tensor]] = field(default_factory=list)
-
-    def route_all(self, adapter: str) -> None:
-        self.groups = [(adapter, ALL_ROWS)]
+from qwenkit.model.adapters import ALL_ROWS, active_routing
 
 
 @dataclass(frozen=True)
@@ -35,7 +25,7 @@ class AdapterWeights:
 
 
 class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, routing: LoraRouting):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -43,7 +33,6 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.adapters: dict[str, AdapterWeights] = {}
-        self.routing = routing
 
     def add_adapter(self, name: str, rank: int, scaling: float, dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
         """A new adapter initialised as PEFT does: A Kaiming-uniform, B zero (so it starts as a no-op)."""
@@ -69,7 +58,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for name, rows in self.routing.groups:
+        routing = active_routing()
+        for name, rows in routing.groups if routing is not None else ():
             if name not in self.adapters:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]

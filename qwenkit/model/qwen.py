@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qwenkit.config import ModelConfig
+from qwenkit.model.adapters import LoraRouting, routing_scope
 from qwenkit.model.attention import AttentionBackend
 from qwenkit.model.layers import MLP, Attention, RMSNorm
 from qwenkit.model.moe import SparseMoeBlock
@@ -29,9 +30,10 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, attention: AttentionBackend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attention: AttentionBackend, lora: LoraRouting | None = None):
+        with routing_scope(lora):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+            return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class QwenBackbone(nn.Module):
@@ -61,16 +63,19 @@ class QwenForCausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, lora: LoraRouting | None = None
     ) -> torch.Tensor:
-        """Final hidden states [T, hidden] for flat token ids [T] at `positions` [T]."""
+        """Final hidden states [T, hidden] for flat token ids [T] at `positions` [T]; `lora` says
+        which rows run through which adapter (None: the base model only)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False) if recompute else layer(x, cos, sin, attention)
+            x = checkpoint(layer, x, cos, sin, attention, lora, use_reentrant=False) if recompute else layer(x, cos, sin, attention, lora)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits; call on the rows that need them only (the last of each sequence when decoding)."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
+        """fp32 logits; call on the rows that need them only (the last of each sequence when
+        decoding), with a routing whose rows index `hidden`."""
+        with routing_scope(lora):
+            return self.lm_head(hidden).float()

@@ -114,7 +114,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
     thinking_open = prompt_opens_thinking(prompt)
     request_id = new_id("chatcmpl")
-    state.engine.validate_prompt(prompt_ids, params)  # errors become a 400 before any streaming starts
+    state.engine.validate_request(prompt_ids, params)  # errors become a 400 before any streaming starts
     stream = state.generate(key, prompt_ids, params, request_id, model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -41,7 +41,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     max_tokens = state.admit(key, prompt_ids, body.max_tokens or 16)
     params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
     request_id = new_id("cmpl")
-    state.engine.validate_prompt(prompt_ids, params)  # errors become a 400 before any streaming starts
+    state.engine.validate_request(prompt_ids, params)  # errors become a 400 before any streaming starts
     stream = state.generate(key, prompt_ids, params, request_id, model)
     echo = state.tokenizer.decode(prompt_ids) if body.echo else ""
     if body.stream:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qwenkit.errors import QwenkitError
-from qwenkit.lora.attach import adapter_parameters, adapter_weights, add_new_adapter, lora_routing
+from qwenkit.lora.attach import adapter_parameters, adapter_weights, add_new_adapter
 from qwenkit.lora.peft_format import LoraConfig, read_adapter, save_adapter
+from qwenkit.model.adapters import LoraRouting
 from qwenkit.model.attention import PackedSequences
 from qwenkit.training.data import IGNORE_INDEX, Example
 from qwenkit.training.distributed import ProcessGroup
@@ -81,7 +82,7 @@ class LoraTrainer:
         self.group = group
         self.model.gradient_checkpointing = config.gradient_checkpointing
         add_new_adapter(self.model, ADAPTER, config.lora, config.seed)
-        lora_routing(self.model).route_all(ADAPTER)
+        self.routing = LoraRouting.all(ADAPTER)
         self.params = adapter_parameters(self.model, ADAPTER)
         for p in self.params:
             p.requires_grad_(True)
@@ -116,10 +117,10 @@ class LoraTrainer:
         return [Batch.of(mine[i : i + size]) for i in range(0, len(mine), size)]
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        hidden = self.model(batch.token_ids, batch.positions, PackedSequences(batch.lengths, batch.positions))
+        hidden = self.model(batch.token_ids, batch.positions, PackedSequences(batch.lengths, batch.positions), self.routing)
         trained = batch.targets != IGNORE_INDEX
         # Logits only where a token is predicted: the vocabulary is large, the trained share often small.
-        logits = self.model.compute_logits(hidden[trained])
+        logits = self.model.compute_logits(hidden[trained], self.routing)
         return F.cross_entropy(logits, batch.targets[trained], reduction="sum")
 
     # ---- steps ----------------------------------------------------------------------------------
