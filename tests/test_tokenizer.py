@@ -75,3 +75,12 @@ def test_incremental_detokenizer_never_breaks_utf8(text, from_gguf):
     # Some byte-level tokens end mid-character; the detokenizer must have held text back at least once.
     if any(len(c.encode()) > 1 for c in text):
         assert any(p == "" for p in pieces[:-1]) or len(pieces) - 1 < len(text)
+
+
+def test_detokenizer_flush_gives_a_cut_character_as_the_full_decode_does(from_gguf):
+    """max_tokens can cut a multi-byte character: the deltas must still add up to the full decode."""
+    ids = from_gguf.encode("ok 🚀🔥")
+    cut = next(n for n in range(1, len(ids)) if from_gguf.decode(ids[:n]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(from_gguf)
+    pieces = [detok.add(i) for i in ids[:cut]] + [detok.flush()]
+    assert "".join(pieces) == from_gguf.decode(ids[:cut])

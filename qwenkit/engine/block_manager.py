@@ -132,7 +132,8 @@ class BlockManager:
             previous = block.hash
 
     def fork(self, parent: Sequence, child: Sequence) -> int | None:
-        """Share the parent's blocks with the child. Returns (source, dest) of a partial last block to copy."""
+        """Share the parent's full blocks with the child, and give it a fresh block for a partial
+        last one (the caller copies its K/V). Returns the parent's block to copy from, or None."""
         full = parent.num_computed_tokens // self.block_size
         for block_id in parent.block_table[:full]:
             self._hold(block_id)

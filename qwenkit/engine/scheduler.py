@@ -39,9 +39,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []

@@ -55,7 +55,8 @@ def int4_module(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int, b
     return linear
 
 
-def _bits_and_group(config: dict, in_features: int) -> int:
+def _group_size(config: dict, in_features: int) -> int:
+    """The checkpoint's int4 group size (-1 means one group per row); refuses other bit widths."""
     if config.get("bits", 4) != 4:
         raise QwenkitError(f"only 4-bit {config.get('quant_method')} checkpoints are supported, this one has {config['bits']} bits")
     group = int(config.get("group_size", 128))
@@ -71,7 +72,7 @@ def awq_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, config
     q = unpack_int32(parts["qweight"], AWQ_PACK_ORDER).t()  # [out, in]
     z = unpack_int32(parts["qzeros"], AWQ_PACK_ORDER).t()  # [out, groups]
     s = parts["scales"].t()
-    group = _bits_and_group(config, q.shape[1])
+    group = _group_size(config, q.shape[1])
     if s.shape != z.shape or q.shape[1] != s.shape[1] * group:
         raise QwenkitError(f"AWQ layer shapes do not agree: qweight {tuple(parts['qweight'].shape)}, scales {tuple(parts['scales'].shape)}")
     return int4_module(q.contiguous(), s, z, group, bias)
@@ -84,7 +85,7 @@ def gptq_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, confi
     z = unpack_int32(parts["qzeros"]) + 1  # [groups, out]; v1 stores zero - 1
     s = parts["scales"]
     in_features = q.shape[0]
-    group = _bits_and_group(config, in_features)
+    group = _group_size(config, in_features)
     g_idx = parts.get("g_idx")
     g_idx = torch.arange(in_features) // group if g_idx is None else g_idx.long()
     permutation = None

@@ -25,10 +25,6 @@ class Example:
     token_ids: list[int]
     labels: list[int]  # the token id where it is trained on, IGNORE_INDEX elsewhere
 
-    @property
-    def num_trained(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
-
 
 @dataclass
 class Dataset:
