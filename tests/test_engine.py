@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qwenkit.engine import LLM, AsyncLLM, EngineConfig, SamplingParams
+from qwenkit.engine.logits_process import LogitsProcessor
 from qwenkit.errors import QwenkitError
 from qwenkit.weights.loader import load_model
 from tiny_models import save_tiny
@@ -210,3 +211,87 @@ def test_out_of_vocabulary_prompt_ids_are_refused(tiny):
     _, _, loaded = tiny
     with pytest.raises(QwenkitError, match=r"token ids must be in \[0, 300\)"):
         LLM(loaded).generate([1, 2, 300], GREEDY)
+
+
+class BanTokens(LogitsProcessor):
+    """A user's logits processor: these tokens never come out."""
+
+    calls = 0
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    @classmethod
+    def apply(cls, logits, rows, processors):
+        cls.calls += 1
+        for row, p in zip(rows, processors):
+            logits[row, p.ids] = float("-inf")
+
+    def accept(self, token_id):
+        pass
+
+
+def test_user_logits_processor_equals_transformers_bad_words(tiny):
+    path, ref, loaded = tiny
+    llm = LLM(loaded)
+    batch = prompts(4)
+    plain = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)]
+    banned = sorted({ids[0] for ids in plain} | {ids[1] for ids in plain})
+    BanTokens.calls = 0
+    params = GREEDY.with_changes(logits_processors=[lambda ctx: BanTokens(banned)])
+    outs = llm.generate(batch, params)
+    assert BanTokens.calls == GREEDY.max_tokens  # one batched call per step for all four rows
+    for ids, out in zip(batch, outs):
+        with torch.inference_mode():
+            expected = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0, bad_words_ids=[[t] for t in banned])[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == expected
+        assert not set(banned) & set(expected)
+    assert_pool_free(llm)
+
+
+class Explodes(LogitsProcessor):
+    @classmethod
+    def apply(cls, logits, rows, processors):
+        raise RuntimeError("this request's own processor is broken")
+
+    def accept(self, token_id):
+        pass
+
+
+def test_a_failing_request_fails_alone(tiny):
+    _, _, loaded = tiny
+    llm = LLM(loaded)
+    good, bad = prompts(2)
+    alone = llm.generate(good, GREEDY)[0].outputs[0].token_ids
+    outs = llm.generate([good, bad], [GREEDY, GREEDY.with_changes(logits_processors=[lambda ctx: Explodes()])])
+    assert outs[0].error is None and outs[0].outputs[0].token_ids == alone
+    assert outs[1].finished and outs[1].outputs[0].finish_reason == "error"
+    assert "this request's own processor is broken" in outs[1].error
+    assert_pool_free(llm)
+
+
+def test_n_samples_fork_on_a_full_kv_pool(tiny):
+    """Samples forked when no block is free wait and recompute their tail instead of failing."""
+    _, _, loaded = tiny
+    per_token = 2 * 3 * 2 * 24 * 4  # as in test_preemption_when_pool_is_too_small
+    llm = LLM(loaded, engine_config=EngineConfig(kv_cache_memory=per_token * 16 * 8, block_size=16))
+    ids = prompts(1, length=40)[0]  # 3 blocks; 8 samples of 52 tokens would need 18
+    single = llm.generate(ids, GREEDY)[0].outputs[0].token_ids
+    out = llm.generate(ids, GREEDY.with_changes(n=8))[0]
+    assert [o.token_ids for o in out.outputs] == [single] * 8
+    assert_pool_free(llm)
+
+
+def test_token_ids_and_seeds_outside_their_range_are_refused(tiny):
+    _, _, loaded = tiny
+    llm = LLM(loaded)
+    vocab = loaded.config.vocab_size
+    for params in (GREEDY.with_changes(stop_token_ids=(vocab + 5,), min_tokens=2), GREEDY.with_changes(logit_bias={vocab: 1.0})):
+        with pytest.raises(QwenkitError, match="outside the vocabulary"):
+            llm.generate(prompts(1)[0], params)
+    with pytest.raises(QwenkitError, match="seed"):
+        SamplingParams(seed=2**64 - 1, n=2)
+    with pytest.raises(QwenkitError, match="logit_bias"):
+        SamplingParams(logit_bias={5: 101})
+    assert_pool_free(llm)
