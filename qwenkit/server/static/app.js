@@ -621,11 +621,13 @@ function bindSettings() {
   for (const name of ["system", "temperature", "top_p", "max_tokens", "tools", "tool_choice"]) {
     const input = $(name);
     input.value = s[name];
-    input.addEventListener("change", () => {
+    const update = () => {
       s[name] = input.value;
       saveSettings();
       if (name === "tools") checkTools();
-    });
+    };
+    input.addEventListener("input", update);
+    input.addEventListener("change", update);
   }
   $("thinking").checked = !!s.thinking;
   $("thinking").addEventListener("change", () => {
