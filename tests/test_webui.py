@@ -28,7 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-# Where to write the README's screenshots (docs/webui-light.png, docs/webui-dark.png); unset: a temporary folder.
+# Where test_readme_screenshots writes docs/webui-light.png and docs/webui-dark.png (unset: that test is skipped).
 SCREENSHOTS = os.environ.get("QWENKIT_WEBUI_SCREENSHOTS")
 
 
@@ -200,9 +200,8 @@ def test_stream_stop_regenerate_edit_and_conversations_after_reload(context, ser
     page.wait_for_selector("#conversations li")
     assert page.eval_on_selector_all("#conversations .title", "ts => ts.map(t => t.textContent)") == ["Primes"]
 
-    # Both themes: the toggle flips the page's colours; the screenshots are the README's.
+    # Both themes: the toggle flips the page's colours.
     page.click("#conversations li:nth-child(1) .title")
-    folder = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     backgrounds = {}
     for theme in ("light", "dark"):
         if page.get_attribute("html", "data-theme") != theme:
@@ -210,7 +209,7 @@ def test_stream_stop_regenerate_edit_and_conversations_after_reload(context, ser
         assert page.get_attribute("html", "data-theme") == theme
         backgrounds[theme] = page.evaluate("getComputedStyle(document.body).backgroundColor")
         page.mouse.move(0, 0)
-        page.screenshot(path=str(folder / f"webui-{theme}.png"))
+        page.screenshot(path=str(tmp_path / f"webui-{theme}.png"))
     assert backgrounds["light"] == "rgb(255, 255, 255)" and backgrounds["dark"] != backgrounds["light"]
     assert not page.errors
 
@@ -295,5 +294,33 @@ def test_dark_theme_follows_the_system_until_toggled(browser, server):
         assert page.get_attribute("html", "data-theme") == "light"  # the choice is kept
         # No vision in the model card: no image attachment.
         assert page.is_hidden("#attach")
+    finally:
+        context.close()
+
+
+@pytest.mark.skipif(not SCREENSHOTS, reason="set QWENKIT_WEBUI_SCREENSHOTS=docs to write the README's screenshots")
+def test_readme_screenshots(browser, server):
+    """docs/webui-light.png and docs/webui-dark.png: real replies of the default model, nothing staged."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+    try:
+        page = open_page(context, server)
+        settings(page, temperature=0, max_tokens=16)
+        send(page, "Say hello.")
+        wait_done(page)
+        page.click("#new-chat")
+        settings(page, max_tokens=220)
+        send(page, "Write a Python function that checks whether a number is prime. Answer with a code block.")
+        wait_done(page)
+        settings(page, max_tokens=64, tools=json.dumps(WEATHER), tool_choice="required")
+        send(page, "What is the weather like in Paris?")
+        wait_done(page)
+        page.click("#settings-button")  # closed again
+        page.mouse.move(0, 0)
+        for theme in ("light", "dark"):
+            if page.get_attribute("html", "data-theme") != theme:
+                page.click("#theme-toggle")
+            page.mouse.move(0, 0)
+            page.evaluate("document.getElementById('messages').scrollTop = 1e9")
+            page.screenshot(path=str(Path(SCREENSHOTS) / f"webui-{theme}.png"))
     finally:
         context.close()

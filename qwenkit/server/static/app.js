@@ -64,7 +64,7 @@ function applyTheme() {
   document.documentElement.dataset.theme = dark ? "dark" : "light";
   $("hljs-light").disabled = dark;
   $("hljs-dark").disabled = !dark;
-  $("theme-toggle").textContent = dark ? "Light theme" : "Dark theme";
+  $("theme-toggle").textContent = dark ? "Light" : "Dark";
 }
 
 // ---------- Markdown ----------
@@ -272,9 +272,15 @@ function fillMessage(el, msg, streaming) {
     const box = document.createElement("div");
     box.className = "tool-call";
     const head = document.createElement("div");
-    head.className = "tool-name";
-    head.textContent = call.name;
+    head.className = "tool-head";
     head.title = `tool call ${call.id || ""}`.trim();
+    const label = document.createElement("span");
+    label.className = "tool-label";
+    label.textContent = "Tool call";
+    const name = document.createElement("span");
+    name.className = "tool-name";
+    name.textContent = call.name;
+    head.append(label, name);
     const args = document.createElement("pre");
     args.className = "tool-arguments";
     args.textContent = prettyJson(call.arguments);
@@ -517,10 +523,10 @@ async function generate(conv) {
           if (call.function?.name) t.name += call.function.name;
           if (call.function?.arguments) t.arguments += call.function.arguments;
         }
-        if (d.reasoning_content || d.content || d.tool_calls) {
-          first ??= performance.now();
-          chunks += 1;
-        }
+        // The server's first chunk (the role) comes with the first token, even when the text is held back
+        // (a tool call is sent once parsed), so it times the first token and starts the decode clock.
+        first ??= performance.now();
+        if (d.reasoning_content || d.content || d.tool_calls) chunks += 1;
         if (choice.finish_reason) reply.finish_reason = choice.finish_reason;
       }
       repaint();
