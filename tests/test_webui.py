@@ -324,3 +324,42 @@ def test_readme_screenshots(browser, server):
             page.screenshot(path=str(Path(SCREENSHOTS) / f"webui-{theme}.png"))
     finally:
         context.close()
+
+
+def test_model_cards_drive_the_picker_thinking_and_image_attachment(context, server):
+    """The cards are the server's shape plus `capabilities`, which the server may add later; served through
+    page.route (this server has no adapter and no vision model), as is the reply."""
+    base = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
+    cards = [{**base, "capabilities": ["vision"]},
+             {**base, "id": "sql-adapter", "root": "/adapters/sql", "parent": base["id"], "capabilities": ["thinking"]}]
+    bodies = []
+
+    def chat(route):
+        bodies.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=recorded_stream())
+
+    page = context.new_page()
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": cards}))
+    page.route("**/v1/chat/completions", chat)
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model option", state="attached")
+    assert page.eval_on_selector_all("#model option", "os => os.map(o => o.textContent)") == [
+        base["id"], f"sql-adapter (adapter on {base['id']})"]
+    # A vision card without "thinking": the image button is offered, the thinking switch is not.
+    assert page.is_visible("#attach") and page.is_hidden("#thinking-label")
+    png = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                        "1f15c4890000000d49444154789c6360000002000100ffff03000006000557bfabd40000000049454e44ae426082")
+    page.set_input_files("#file", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": png}])
+    page.wait_for_selector("#attachments img")
+    send(page, "What is in this picture?")
+    wait_done(page)
+    parts = bodies[0]["messages"][-1]["content"]
+    assert parts[0] == {"type": "text", "text": "What is in this picture?"}
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert "chat_template_kwargs" not in bodies[0] and bodies[0]["model"] == base["id"]
+    # The adapter's card says it thinks and has no vision: the switch comes back, the image button goes.
+    page.select_option("#model", "sql-adapter")
+    assert page.is_visible("#thinking-label") and page.is_hidden("#attach")
+    send(page, "And now?")
+    wait_done(page)
+    assert bodies[1]["model"] == "sql-adapter" and bodies[1]["chat_template_kwargs"] == {"enable_thinking": True}
