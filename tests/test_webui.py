@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from server_process import ServerProcess
+from tiny_models import QWEN3_THINKING_TEMPLATE, save_tiny, tiny_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -35,6 +36,17 @@ SCREENSHOTS = os.environ.get("QWENKIT_WEBUI_SCREENSHOTS")
 @pytest.fixture(scope="module")
 def server():
     server = ServerProcess("--api-key", KEY, "--served-model-name", "qwen-default")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory):
+    """A tiny random Qwen3 with a Qwen3-style thinking template: real reasoning_content from the server."""
+    path = tmp_path_factory.mktemp("tiny-thinking")
+    save_tiny("qwen3", path)
+    tiny_tokenizer(chat_template=QWEN3_THINKING_TEMPLATE).save_pretrained(path)
+    server = ServerProcess("--model", str(path), "--api-key", KEY, "--served-model-name", "tiny")
     yield server
     server.stop()
 
@@ -227,9 +239,37 @@ def test_tool_call_from_the_server_is_shown(context, server):
     assert not page.errors
 
 
+def test_reasoning_from_the_server_collapsed_once_answered(context, thinking_server):
+    page = open_page(context, thinking_server)
+    requests = []
+    page.on("request", lambda request: requests.append(request))
+    settings(page, temperature=0, max_tokens=12, thinking_budget=4)  # the engine closes the reasoning after 4 tokens
+    send(page, "hi")
+    wait_done(page)
+    body = last_request(requests)
+    assert body["thinking_budget"] == 4 and body["chat_template_kwargs"] == {"enable_thinking": True}
+    reference = api_reply(thinking_server, body)["choices"][0]["message"]
+    assert reference["reasoning_content"] and reference["content"]
+    assert page.get_attribute(".message.assistant .reasoning", "open") is None
+    # .strip(): the server's stream keeps the newline before </think> that its non-streamed answer drops
+    assert page.text_content(".message.assistant .reasoning-text").strip() == reference["reasoning_content"].strip()
+    assert stored_conversations(page)[0]["messages"][1]["content"] == reference["content"]
+    # A reply cut off while still thinking has no answer: its reasoning stays open.
+    page.click("#new-chat")
+    settings(page, max_tokens=3, thinking_budget="")
+    send(page, "hi")
+    wait_done(page)
+    reference = api_reply(thinking_server, last_request(requests))["choices"][0]["message"]
+    assert reference["reasoning_content"] and not reference["content"]
+    assert page.get_attribute(".message.assistant .reasoning", "open") is not None
+    assert page.text_content(".message.assistant .reasoning-text").strip() == reference["reasoning_content"].strip()
+    assert not page.errors
+
+
 # A stream in qwenkit's own shape (what /v1/chat/completions sends for a Qwen3 reply that thinks,
-# answers and calls a tool), written out by hand: the default model does not think, so the
-# reasoning block is checked on this recorded stream, served through page.route instead of the server.
+# answers and calls a tool), written out by hand and served through page.route: the default model does
+# not think and the tiny one above answers gibberish, so this stream carries reasoning, an answer, a tool
+# call and markup together.
 RECORDED = [
     {"delta": {"role": "assistant", "content": ""}},
     {"delta": {"reasoning_content": "The user wants the weather. "}},

@@ -8,7 +8,8 @@ const STORE = {
   key: "qwenkit.apiKey", theme: "qwenkit.theme",
 };
 const DEFAULT_SETTINGS = {
-  model: "", system: "", temperature: "", top_p: "", max_tokens: "", thinking: true, tools: "", tool_choice: "auto",
+  model: "", system: "", temperature: "", top_p: "", max_tokens: "", thinking_budget: "", thinking: true, tools: "",
+  tool_choice: "auto",
 };
 const $ = (id) => document.getElementById(id);
 
@@ -258,9 +259,10 @@ function fillMessage(el, msg, streaming) {
   details.hidden = !msg.reasoning;
   if (msg.reasoning) {
     el.querySelector(".reasoning-text").textContent = msg.reasoning;
-    // Open while the model is only thinking; collapsed once the answer starts (unless the user opened it since).
+    // Open while the model is only thinking (and when thinking is all it did); collapsed once the answer
+    // starts, and left as the user sets it after that.
     if (!el.dataset.reasoningSettled) {
-      const answering = msg.content || (msg.tool_calls || []).length || !streaming;
+      const answering = msg.content || (msg.tool_calls || []).length;
       details.open = !answering;
       if (answering) el.dataset.reasoningSettled = "1";
     }
@@ -467,7 +469,10 @@ function requestBody(messages) {
   for (const name of ["temperature", "top_p", "max_tokens"]) {
     if (s[name] !== "" && s[name] !== null) body[name] = Number(s[name]);
   }
-  if (!$("thinking-label").hidden) body.chat_template_kwargs = { enable_thinking: !!s.thinking };
+  if (!$("thinking-label").hidden) {
+    body.chat_template_kwargs = { enable_thinking: !!s.thinking };
+    if (s.thinking && s.thinking_budget !== "") body.thinking_budget = Number(s.thinking_budget);
+  }
   if (s.tools.trim()) {
     try {
       body.tools = JSON.parse(s.tools);
@@ -624,7 +629,7 @@ function readImage(file) {
 
 function bindSettings() {
   const s = state.settings;
-  for (const name of ["system", "temperature", "top_p", "max_tokens", "tools", "tool_choice"]) {
+  for (const name of ["system", "temperature", "top_p", "max_tokens", "thinking_budget", "tools", "tool_choice"]) {
     const input = $(name);
     input.value = s[name];
     const update = () => {
