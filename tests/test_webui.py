@@ -74,6 +74,7 @@ def open_page(context, server, key: str | None = KEY):
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(error))
+    page.on("console", lambda message: "Content Security Policy" in message.text and page.errors.append(message.text))
     page.on("dialog", lambda dialog: dialog.accept())  # the delete confirmation
     page.goto(server.url + "/")
     if key is not None:
@@ -147,9 +148,9 @@ def test_stream_stop_regenerate_edit_and_conversations_after_reload(context, ser
 
     # Streaming: the reply grows while the Stop button is up; Stop ends it and the engine lets the request go.
     send(page, "Write a long story about a robot who learns to paint.")
-    page.wait_for_function("document.querySelector('.message.assistant .content')?.textContent.length > 30")
+    page.wait_for_function("() => document.querySelector('.message.assistant .content')?.textContent.length > 30")
     seen = len(page.text_content(".message.assistant .content"))
-    page.wait_for_function(f"document.querySelector('.message.assistant .content').textContent.length > {seen}")
+    page.wait_for_function(f"() => document.querySelector('.message.assistant .content').textContent.length > {seen}")
     assert page.is_visible("#stop") and page.is_hidden("#send")
     page.click("#stop")
     wait_done(page)
@@ -317,6 +318,7 @@ def test_recorded_stream_reasoning_collapsed_tool_call_and_no_html_injection(con
     assert '<img src=x onerror="window.pwned=1">' in content and "<script>window.pwned=2</script>" in content
     assert page.query_selector("#messages img, #messages script, #messages b") is None
     assert page.evaluate("window.pwned") is None
+    assert httpx.get(server.url + "/").headers["content-security-policy"].startswith("default-src 'self';")
     assert page.text_content(".message.user .content") == "<b>weather</b> in Paris?"
     assert page.text_content(".message.assistant pre code") == "print('hi')\n"
     assert "30 tokens" in page.text_content(".message.assistant .stats")

@@ -20,6 +20,9 @@ from qwenkit.server.state import ServerConfig, ServerState
 
 
 WEB_CHAT_DIR = Path(__file__).parent / "static"  # the browser chat page: plain files, no build step
+# The page runs only its own scripts and talks only to this server, whatever a model's reply contains.
+WEB_CHAT_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 class BodySizeLimit:
@@ -119,6 +122,6 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def _web_chat():
-        return FileResponse(WEB_CHAT_DIR / "index.html")
+        return FileResponse(WEB_CHAT_DIR / "index.html", headers={"Content-Security-Policy": WEB_CHAT_CSP})
 
     return app
