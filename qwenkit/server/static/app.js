@@ -19,6 +19,7 @@ const state = {
   settings: { ...DEFAULT_SETTINGS, ...load(STORE.settings, {}) },
   models: [],          // the cards of /v1/models
   controller: null,    // the AbortController of the reply being streamed
+  streamingId: null,   // the conversation it belongs to
   attachments: [],     // data: URLs of the images for the next message
 };
 
@@ -198,7 +199,7 @@ function startRename(li, conv) {
 
 function deleteConversation(conv) {
   if (!window.confirm(`Delete the conversation "${conv.title}"?`)) return;
-  if (state.controller && conv.id === state.currentId) state.controller.abort();
+  if (state.controller && conv.id === state.streamingId) state.controller.abort();
   state.conversations = state.conversations.filter((c) => c !== conv);
   if (state.currentId === conv.id) state.currentId = state.conversations[0]?.id || null;
   saveConversations();
@@ -485,14 +486,15 @@ function requestBody(messages) {
 }
 
 async function generate(conv) {
+  conv.updated = Date.now();
+  saveConversations();  // the question is kept even if the page goes away mid-reply
   const reply = { role: "assistant", content: "", reasoning: "", tool_calls: [], model: $("model").value };
   conv.messages.push(reply);
-  conv.updated = Date.now();
   const box = $("messages");
   renderMessages();
-  const el = box.lastElementChild;
   const controller = new AbortController();
   state.controller = controller;
+  state.streamingId = conv.id;
   setBusy(true);
   const maxModelLen = currentCard()?.max_model_len;
   const started = performance.now();
@@ -505,8 +507,9 @@ async function generate(conv) {
     pending = true;
     requestAnimationFrame(() => {
       pending = false;
+      if (conv.id !== state.currentId) return;  // another conversation is on screen; this one renders when back
       const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-      fillMessage(el, reply, state.controller === controller);
+      fillMessage(box.lastElementChild, reply, state.controller === controller);
       if (atBottom) box.scrollTop = box.scrollHeight;
     });
   };
@@ -557,10 +560,12 @@ async function generate(conv) {
       max_model_len: maxModelLen,
     };
     state.controller = null;
+    state.streamingId = null;
     conv.updated = Date.now();
     saveConversations();
     setBusy(false);
     if (conv.id === state.currentId) renderMessages();
+    if (document.activeElement === document.body) $("input").focus();  // e.g. after Stop, which is now hidden
   }
 }
 
