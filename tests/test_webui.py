@@ -325,7 +325,7 @@ def test_recorded_stream_reasoning_collapsed_tool_call_and_no_html_injection(con
     assert not page.errors
 
 
-def test_dark_theme_follows_the_system_until_toggled(browser, server):
+def test_theme_follows_the_system_until_toggled_and_narrow_screens(browser, server):
     context = browser.new_context(color_scheme="dark")
     try:
         page = open_page(context, server)
@@ -336,6 +336,13 @@ def test_dark_theme_follows_the_system_until_toggled(browser, server):
         assert page.get_attribute("html", "data-theme") == "light"  # the choice is kept
         # No vision in the model card: no image attachment.
         assert page.is_hidden("#attach")
+        # A narrow screen: the conversation list comes over the chat from the ☰ button and goes on a click outside.
+        page.set_viewport_size({"width": 400, "height": 700})
+        assert page.is_hidden("#sidebar")
+        page.click("#sidebar-toggle")
+        assert page.is_visible("#sidebar") and page.is_visible("#new-chat")
+        page.click("#messages", position={"x": 350, "y": 300})
+        assert page.is_hidden("#sidebar")
     finally:
         context.close()
 

@@ -207,6 +207,7 @@ function deleteConversation(conv) {
 }
 
 function switchTo(id) {
+  document.body.classList.remove("sidebar-open");
   if (id === state.currentId) return;
   state.currentId = id;
   saveConversations();
@@ -681,10 +682,15 @@ function init() {
     applyTheme();
   });
   $("new-chat").addEventListener("click", () => {
+    document.body.classList.remove("sidebar-open");
     state.currentId = null;
     saveConversations();
     renderAll();
     $("input").focus();
+  });
+  $("sidebar-toggle").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
+  document.querySelector("main").addEventListener("click", (event) => {
+    if (event.target.id !== "sidebar-toggle") document.body.classList.remove("sidebar-open");
   });
   $("settings-button").addEventListener("click", () => {
     const panel = $("settings");
