@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from qwenkit import __version__
@@ -15,6 +17,12 @@ from qwenkit.server.completions import completions
 from qwenkit.server.errors import error_response, install_error_handlers
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
+
+
+WEB_CHAT_DIR = Path(__file__).parent / "static"  # the browser chat page: plain files, no build step
+# The page runs only its own scripts and talks only to this server, whatever a model's reply contains.
+WEB_CHAT_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
 class BodySizeLimit:
@@ -108,5 +116,12 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def _metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # The web chat: the page at / and its files under /ui/; it calls only the API above, with the user's key.
+    app.mount("/ui", StaticFiles(directory=WEB_CHAT_DIR), name="web_chat")
+
+    @app.get("/", include_in_schema=False)
+    async def _web_chat():
+        return FileResponse(WEB_CHAT_DIR / "index.html", headers={"Content-Security-Policy": WEB_CHAT_CSP})
 
     return app
