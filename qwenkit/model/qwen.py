@@ -64,7 +64,15 @@ class QwenForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] for flat token ids [T] at `positions` [T]."""
-        x = self.model.embed_tokens(input_ids)
+        return self.forward_embeddings(self.model.embed_tokens(input_ids), positions, attention)
+
+    def forward_embeddings(
+        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        """The decoder on input embeddings [T, hidden] (multimodal models put encoder outputs among them).
+
+        `positions` are the rotary positions: [T], or [3, T] for M-RoPE models.
+        """
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:

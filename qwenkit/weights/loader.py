@@ -113,12 +113,13 @@ def build_model(
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype,
     quantized: dict[str, nn.Module] | None = None,
+    model_class: type[QwenForCausalLM] = QwenForCausalLM,
 ) -> QwenForCausalLM:
     """The model from a checkpoint's float tensors, plus already built `quantized` modules by name."""
     # Parameters are created on the meta device and replaced by the checkpoint's tensors, so a
     # model is never initialised randomly first (that would double load time and peak memory).
     with torch.device("meta"):
-        model = QwenForCausalLM(config)
+        model = model_class(config)
     for name, module in (quantized or {}).items():
         replace_module(model, name, module)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_meta}
