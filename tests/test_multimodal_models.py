@@ -1,0 +1,192 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen2-Audio give transformers' logits (fp32, eager) to 1e-4.
+
+Tiny random models are built and saved by transformers, loaded by qwenkit, and fed the same
+pixels / mel features; the prompts hold one image, two images of different sizes, a video, or an
+audio clip. A second check runs the prompt in two prefill chunks (the first ending inside an
+image) and then token by token through the paged KV cache, at M-RoPE positions continuing from
+the rope delta, against transformers' logits for the whole sequence.
+"""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from qwenkit.config import ModelConfig
+from qwenkit.engine.paged_attention import BatchAttention, PagedKVCache, PrefillSlice, slots_for
+from qwenkit.errors import QwenkitError
+from qwenkit.model.attention import NoCache
+from qwenkit.model.mrope import VisionItem, mrope_positions
+from qwenkit.model.qwen2_audio import audio_token_count
+from qwenkit.multimodal.audio import log_mel_features
+from qwenkit.multimodal.image import ImageLimits, preprocess_image
+from qwenkit.multimodal.video import PatchedVideo, VideoLimits, preprocess_video
+from qwenkit.weights.multimodal import load_multimodal_model
+from tiny_multimodal import AUDIO, IMAGE, VIDEO, VISION_END, VISION_START, save_tiny_multimodal
+
+TOL = 1e-4
+VL_ARCHS = ("qwen2_vl", "qwen2_5_vl")
+RNG = np.random.default_rng(0)
+
+
+def random_image(width: int, height: int) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def media_items(case: str):
+    if case == "one-image":
+        return [preprocess_image(random_image(100, 70))]
+    if case == "two-images":
+        return [preprocess_image(random_image(60, 200)), preprocess_image(random_image(150, 150))]
+    # 4 frames -> 2 temporal patches of 8x10 patches; a small per-request pixel budget keeps it tiny.
+    frames = [random_image(140, 112) for _ in range(4)]
+    return [preprocess_video(frames, VideoLimits(min_pixels=56 * 56, max_pixels=28 * 28 * 30))]
+
+
+def vl_prompt(items) -> list[int]:
+    ids = [5, 17, 250]
+    for k, item in enumerate(items):
+        token = VIDEO if isinstance(item, PatchedVideo) else IMAGE
+        ids += [VISION_START] + [token] * item.num_tokens + [VISION_END] + [40 + k, 41 + k]
+    return ids + [7, 99, 3, 11]
+
+
+def reference_vl_logits(ref, arch, ids, items):
+    ids_t = torch.tensor(ids)[None]
+    images = [i for i in items if not isinstance(i, PatchedVideo)]
+    videos = [i for i in items if isinstance(i, PatchedVideo)]
+    kwargs = {"mm_token_type_ids": (ids_t == IMAGE).long() + 2 * (ids_t == VIDEO).long()}
+    if images:
+        kwargs.update(pixel_values=torch.cat([i.pixel_values for i in images]),
+                      image_grid_thw=torch.tensor([i.grid for i in images]))
+    if videos:
+        kwargs.update(pixel_values_videos=torch.cat([v.pixel_values for v in videos]),
+                      video_grid_thw=torch.tensor([v.grid for v in videos]))
+        if arch == "qwen2_5_vl":
+            kwargs["second_per_grid_ts"] = torch.tensor([v.seconds_per_grid for v in videos])
+    with torch.inference_mode():
+        return ref(input_ids=ids_t, **kwargs).logits[0]
+
+
+def vision_items(items):
+    return [VisionItem(i.grid, isinstance(i, PatchedVideo), getattr(i, "seconds_per_grid", 1.0)) for i in items]
+
+
+@pytest.fixture(scope="module", params=VL_ARCHS)
+def vl_models(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    ref = save_tiny_multimodal(request.param, directory)
+    return request.param, ref, load_multimodal_model(directory)
+
+
+@pytest.mark.parametrize("case", ["one-image", "two-images", "video"])
+def test_vl_logits_match_transformers(vl_models, case):
+    arch, ref, model = vl_models
+    items = media_items(case)
+    ids = vl_prompt(items)
+    expected = reference_vl_logits(ref, arch, ids, items)
+    with torch.inference_mode():
+        media = torch.cat(model.encode_vision(torch.cat([i.pixel_values for i in items]), [i.grid for i in items]))
+        mrope = mrope_positions(ids, vision_items(items), model.config.vision)
+        order = torch.arange(len(ids))
+        got = model.compute_logits(model(torch.tensor(ids), mrope.positions, NoCache(order), media))
+        without_media = model.compute_logits(model(torch.tensor(ids), mrope.positions, NoCache(order)))
+        flat = model.compute_logits(model(torch.tensor(ids), order, NoCache(order), media))
+    assert (got - expected).abs().max().item() < TOL
+    assert (without_media - expected).abs().max().item() > 1e-2  # the pixels do reach the logits
+    assert (flat - expected).abs().max().item() > 1e-3  # and so do the M-RoPE positions
+
+
+def run_stepwise(model, ids, positions, media, chunk_end: int, prompt_len: int, block_size: int = 4):
+    """Logits of rows chunk_end-1 .. len(ids)-1: prefill [0, chunk_end), [chunk_end, prompt_len), then decode."""
+    cfg = model.config
+    cache = PagedKVCache(cfg.num_hidden_layers, 128, block_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+    table = list(range(128))
+    is_media = torch.isin(torch.tensor(ids), model.placeholder_ids)
+    empty = torch.zeros(0, dtype=torch.long)
+    rows, used = [], 0
+    steps = [(0, chunk_end), (chunk_end, prompt_len)] + [(p, p + 1) for p in range(prompt_len, len(ids))]
+    for start, end in steps:
+        slots = slots_for(table, start, end, block_size)
+        if end - start > 1 or start < prompt_len:
+            attention = BatchAttention(cache, slots, empty, empty[None], empty,
+                                       [PrefillSlice(slice(0, end - start), torch.arange(start, end), slots_for(table, 0, end, block_size))])
+        else:
+            attention = BatchAttention(cache, slots, torch.tensor([0]), slots_for(table, 0, end, block_size)[None], torch.tensor([end]), [])
+        count = int(is_media[start:end].sum())
+        step_media = media[used : used + count] if count else None
+        used += count
+        hidden = model(torch.tensor(ids[start:end]), positions[..., start:end], attention, step_media)
+        rows.append(model.compute_logits(hidden[-1:]))
+    return torch.cat(rows)
+
+
+def test_vl_chunked_prefill_and_decode_through_paged_cache(vl_models):
+    arch, ref, model = vl_models
+    items = media_items("two-images")
+    prompt = vl_prompt(items)
+    ids = prompt + [60, 61, 62]  # tokens "generated" after the prompt
+    expected = reference_vl_logits(ref, arch, ids, items)
+    with torch.inference_mode():
+        media = torch.cat(model.encode_vision(torch.cat([i.pixel_values for i in items]), [i.grid for i in items]))
+        mrope = mrope_positions(prompt, vision_items(items), model.config.vision)
+        positions = torch.cat([mrope.positions, mrope.for_decode(len(prompt), len(ids) - len(prompt))], dim=1)
+        chunk_end = 3 + 1 + items[0].num_tokens // 2  # inside the first image
+        got = run_stepwise(model, ids, positions, media, chunk_end, len(prompt))
+    want = torch.cat([expected[chunk_end - 1 : chunk_end], expected[len(prompt) - 1 :]])
+    assert (got - want).abs().max().item() < TOL
+
+
+@pytest.fixture(scope="module")
+def audio_models(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen2_audio")
+    ref = save_tiny_multimodal("qwen2_audio", directory)
+    return ref, load_multimodal_model(directory)
+
+
+@pytest.mark.parametrize("seconds", [0.73, 2.5])
+def test_audio_logits_match_transformers(audio_models, seconds):
+    ref, model = audio_models
+    samples = (0.1 * np.random.default_rng(1).standard_normal(int(16000 * seconds))).astype(np.float32)
+    extractor = transformers.WhisperFeatureExtractor(feature_size=128)
+    inputs = extractor(samples, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    features = log_mel_features(samples)
+    n = audio_token_count(features.num_frames)
+    ids = torch.tensor([5, 6, 40] + [AUDIO] * n + [41, 7, 8, 9])
+    with torch.inference_mode():
+        expected = ref(input_ids=ids[None], input_features=inputs["input_features"],
+                       feature_attention_mask=inputs["attention_mask"]).logits[0]
+        media = model.encode_audio(features.features, features.num_frames)
+        positions = torch.arange(len(ids))
+        got = model.compute_logits(model(ids, positions, NoCache(positions), media))
+        stepwise = run_stepwise(model, ids.tolist(), positions, media, 3 + n // 2, len(ids) - 3)
+    assert (got - expected).abs().max().item() < TOL
+    assert (stepwise - torch.cat([expected[2 + n // 2 : 3 + n // 2], expected[-4:]])).abs().max().item() < TOL
+
+
+def test_placeholder_count_must_match_media(vl_models):
+    _, _, model = vl_models
+    item = media_items("one-image")[0]
+    ids = vl_prompt([item])
+    with pytest.raises(QwenkitError, match="placeholder"):
+        mrope_positions(ids[:-8] + ids[-4:], [VisionItem(item.grid)], model.config.vision)  # image tokens cut short
+    with pytest.raises(QwenkitError, match="encoder outputs"):
+        media = torch.zeros(item.num_tokens - 1, model.config.hidden_size)
+        model(torch.tensor(ids), torch.arange(len(ids)), NoCache(torch.arange(len(ids))), media)
+
+
+def test_released_qwen2_vl_config_layout():
+    """Released Qwen2-VL configs keep text fields at the top level and say rope_scaling type "mrope"."""
+    config = ModelConfig.from_hf_dict({
+        "model_type": "qwen2_vl", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": True,
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2},
+    })
+    assert config.architecture == "qwen2_vl" and config.attention_bias and config.tie_word_embeddings
+    assert config.rope.theta == 1e6 and config.rope.rope_type == "default" and config.mrope_section == (16, 24, 24)
+    assert config.vision.intermediate_size == 5120 and config.vision.out_hidden_size == 1536
