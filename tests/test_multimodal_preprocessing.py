@@ -135,3 +135,16 @@ def test_wav_decoding_and_limits():
         decode_wav(b"RIFF....garbage")
     with pytest.raises(QwenkitError, match="at most 30 s"):
         log_mel_features(np.zeros(16000 * 31, dtype=np.float32))
+
+
+def test_placeholder_expansion():
+    from qwenkit.multimodal.prompt import expand_placeholders
+
+    ids = [1, 92, 90, 93, 2, 92, 91, 93, 3, 92, 90, 93]  # image, video, image between start/end tokens
+    assert expand_placeholders(ids, {90: [2, 3], 91: [4]}) == (
+        [1, 92, 90, 90, 93, 2, 92, 91, 91, 91, 91, 93, 3, 92, 90, 90, 90, 93]
+    )
+    with pytest.raises(QwenkitError, match="more placeholders"):
+        expand_placeholders(ids, {90: [2], 91: [4]})
+    with pytest.raises(QwenkitError, match="no placeholder"):
+        expand_placeholders(ids, {90: [2, 3, 4], 91: [4]})

@@ -4,6 +4,12 @@ Text tokens advance one position on all three axes. The tokens of an image or vi
 (temporal, height, width) positions of their merged grid, offset by where they start; the text
 after them resumes one past the largest position used. Decoding continues from there: token i of
 the sequence (i >= prompt length) sits at i + `delta` on every axis.
+
+"One past the largest position" is the rule Qwen's own code, vLLM and transformers 4 use. The
+transformers 5 in our venv advances text after a video by only max(height, width) of its grid,
+ignoring the temporal extent; the two agree for images and for videos whose last temporal
+position is below that (the tests use such a video), and differ for longer videos, where
+qwenkit keeps the rule the models were trained with.
 """
 
 from __future__ import annotations
