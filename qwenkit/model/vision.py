@@ -30,9 +30,10 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
     through SDPA together as one batch, so a thousand 64-patch windows cost one call, not a thousand.
     """
     t, heads, dim = q.shape
-    if len(lengths) == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-        return out.transpose(0, 1).reshape(t, heads * dim)
+    if len(set(lengths)) == 1:  # one image, or windows that tile it exactly: views, no gathering
+        qs, ks, vs = (x.view(len(lengths), lengths[0], heads, dim).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+        return out.transpose(1, 2).reshape(t, heads * dim)
     starts_by_length: dict[int, list[int]] = {}
     start = 0
     for n in lengths:
