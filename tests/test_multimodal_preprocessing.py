@@ -148,3 +148,55 @@ def test_placeholder_expansion():
         expand_placeholders(ids, {90: [2], 91: [4]})
     with pytest.raises(QwenkitError, match="no placeholder"):
         expand_placeholders(ids, {90: [2, 3, 4], 91: [4]})
+
+
+def encode_audio_file(samples: np.ndarray, rate: int, codec: str, container: str) -> bytes:
+    av = pytest.importorskip("av")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def test_flac_and_mp3_audio_through_pyav():
+    from qwenkit.multimodal.audio import decode_audio
+
+    rate = 44100
+    ints = (0.4 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate) * 32767).astype(np.int16)
+    samples, got_rate = decode_audio(encode_audio_file(ints, rate, "flac", "flac"))
+    assert got_rate == rate and np.array_equal(samples, ints / 32768)  # lossless: every sample back
+    samples, got_rate = decode_audio(encode_audio_file(ints, rate, "libmp3lame", "mp3"))
+    assert got_rate == rate and abs(len(samples) - rate) < 3000  # mp3 adds encoder delay and padding
+    assert abs(np.abs(samples).max() - 0.4) < 0.02
+    with pytest.raises(QwenkitError, match="cannot decode the audio"):
+        decode_audio(b"\x00\x01 definitely not audio" * 10)
+
+
+def test_video_file_is_sampled_while_decoding():
+    av = pytest.importorskip("av")
+    from qwenkit.multimodal.video import decode_video
+
+    frames = [np.full((112, 140, 3), 8 * i, dtype=np.uint8) for i in range(30)]  # 30 frames, 1 s at 30 fps
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 140, 112, "yuv420p"
+        for pixels in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    limits = VideoLimits(min_pixels=56 * 56, max_pixels=28 * 28 * 30)
+    video = decode_video(buffer.getvalue(), limits)
+    # 1 s at 2 fps is 2 frames, raised to min_frames 4: frames 0, 7, 15, 22, two per temporal patch.
+    assert video.grid == (2, 8, 10) and video.seconds_per_grid == pytest.approx(0.5)
+    expected = preprocess_video([Image.fromarray(frames[i]) for i in (0, 7, 15, 22)], limits)
+    assert (video.pixel_values - expected.pixel_values).abs().mean().item() < 0.05  # lossy codec
+    with pytest.raises(QwenkitError, match="cannot decode the video"):
+        decode_video(b"\x00 not a video" * 10)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.errors import QwenkitError
+from qwenkit.multimodal.ffmpeg import open_media
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -56,6 +57,27 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
         raise QwenkitError(f"unsupported WAV sample width of {width} bytes")
     samples = samples[: len(samples) // channels * channels].reshape(-1, channels).mean(axis=1)
     return samples.astype(np.float32), rate
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate) of an audio file: WAV by the standard library, anything
+    else (mp3, flac, ogg...) by PyAV. Channels are averaged."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return decode_wav(data)
+    with open_media(data, "audio") as container:
+        if not container.streams.audio:
+            raise QwenkitError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        import av
+
+        # Planar float32 whatever the codec's sample format: [channels, samples] per frame.
+        to_float = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+        chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
+        chunks += [f.to_ndarray() for f in to_float.resample(None)]
+        rate = stream.rate
+    if not chunks:
+        raise QwenkitError("the audio file holds no samples")
+    return np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32), rate
 
 
 def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:

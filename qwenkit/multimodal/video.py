@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from qwenkit.errors import QwenkitError
+from qwenkit.multimodal.ffmpeg import open_media
 from qwenkit.multimodal.image import TEMPORAL_PATCH_SIZE, PatchedVision, normalized_pixels, patchify, smart_resize
 
 
@@ -77,3 +78,23 @@ def preprocess_video(
     pixels += [pixels[-1]] * (-len(pixels) % TEMPORAL_PATCH_SIZE)
     values, grid = patchify(np.stack(pixels))
     return PatchedVideo(torch.from_numpy(values), grid, seconds_per_grid=TEMPORAL_PATCH_SIZE / fps)
+
+
+def decode_video(data: bytes, limits: VideoLimits = VideoLimits()) -> PatchedVideo:
+    """A video file (mp4, webm, mkv... by PyAV), sampled at limits.fps while decoding, so only the
+    kept frames are ever held as images."""
+    with open_media(data, "video") as container:
+        if not container.streams.video:
+            raise QwenkitError("the file has no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        total = stream.frames or (round(float(stream.duration * stream.time_base) * fps) if stream.duration else 0)
+        if fps <= 0 or total <= 0:
+            raise QwenkitError("the video does not say its frame rate and length")
+        keep = set(sample_frame_indices(total, fps, limits))
+        frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in keep]
+    if not frames:
+        raise QwenkitError("the video holds no frames")
+    frames += [frames[-1]] * (len(keep) - len(frames))  # a container that overstated its length
+    video = preprocess_video(frames, limits)
+    return PatchedVideo(video.pixel_values, video.grid, seconds_per_grid=TEMPORAL_PATCH_SIZE * total / fps / len(frames))
