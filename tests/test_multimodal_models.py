@@ -190,3 +190,39 @@ def test_released_qwen2_vl_config_layout():
     assert config.architecture == "qwen2_vl" and config.attention_bias and config.tie_word_embeddings
     assert config.rope.theta == 1e6 and config.rope.rope_type == "default" and config.mrope_section == (16, 24, 24)
     assert config.vision.intermediate_size == 5120 and config.vision.out_hidden_size == 1536
+
+
+def test_sharded_checkpoint_and_nested_tensor_names(tmp_path):
+    """Sharded save_pretrained output, and the same weights under transformers 5's in-memory names
+    (model.language_model.*, model.visual.*) as some 4.5x-era checkpoints store them, load alike."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ref = save_tiny_multimodal("qwen2_5_vl", tmp_path / "sharded")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in state) and any(k.startswith("model.visual.") for k in state)
+    save_file(state, nested / "model.safetensors")
+    (nested / "config.json").write_text(json.dumps(json.loads((tmp_path / "sharded" / "config.json").read_text())))
+    item = media_items("one-image")[0]
+    ids = vl_prompt([item])
+    expected = reference_vl_logits(ref, "qwen2_5_vl", ids, [item])
+    for directory in (tmp_path / "sharded", nested):
+        model = load_multimodal_model(directory)
+        with torch.inference_mode():
+            media = model.encode_vision(item.pixel_values, [item.grid])[0]
+            mrope = mrope_positions(ids, [VisionItem(item.grid)], model.config.vision)
+            got = model.compute_logits(model(torch.tensor(ids), mrope.positions, NoCache(torch.arange(len(ids))), media))
+        assert (got - expected).abs().max().item() < TOL
+
+
+def test_text_checkpoint_is_not_taken_for_multimodal(tmp_path):
+    from tiny_models import save_tiny
+
+    save_tiny("qwen2", tmp_path)
+    with pytest.raises(QwenkitError, match="not a multimodal one"):
+        load_multimodal_model(tmp_path)
