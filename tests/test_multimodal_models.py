@@ -226,3 +226,17 @@ def test_text_checkpoint_is_not_taken_for_multimodal(tmp_path):
     save_tiny("qwen2", tmp_path)
     with pytest.raises(QwenkitError, match="not a multimodal one"):
         load_multimodal_model(tmp_path)
+
+
+def test_released_qwen2_audio_config_layout():
+    """Qwen2-Audio-7B's config lists only the text fields that differ from transformers' Qwen2Config defaults."""
+    config = ModelConfig.from_hf_dict({
+        "model_type": "qwen2_audio", "audio_token_index": 151646,
+        "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 1280, "encoder_layers": 32,
+                         "encoder_attention_heads": 20, "encoder_ffn_dim": 5120, "num_mel_bins": 128},
+        "text_config": {"model_type": "qwen2", "vocab_size": 156032, "intermediate_size": 11008,
+                        "max_position_embeddings": 8192, "rope_theta": 10000},
+    })
+    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.vocab_size) == (4096, 32, 32, 156032)
+    assert config.audio.audio_token_id == 151646 and config.audio.max_source_positions == 1500
+    assert config.mrope_section == () and config.vision is None
