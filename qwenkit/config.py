@@ -154,6 +154,23 @@ class ModelConfig:
                 decoder_sparse_step=self.decoder_sparse_step,
                 mlp_only_layers=list(self.mlp_only_layers),
             )
+        if self.architecture not in MULTIMODAL_ARCHITECTURES:
+            return d
+        # transformers 5's layout: the language model's fields in text_config, each encoder in its own.
+        if self.mrope_section:
+            rope["mrope_section"] = list(self.mrope_section)
+        d["model_type"] = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}.get(self.architecture, "qwen2")
+        d = {"model_type": self.architecture, "tie_word_embeddings": self.tie_word_embeddings, "text_config": d}
+        if self.vision is not None:
+            d.update(_vision_to_hf(self.vision))
+        if self.audio is not None:
+            d["audio_token_index"] = self.audio.audio_token_id
+            d["audio_config"] = {
+                "model_type": "qwen2_audio_encoder",
+                **{k: getattr(self.audio, k) for k in (
+                    "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                    "max_source_positions", "activation_function", "scale_embedding")},
+            }
         return d
 
     @classmethod
@@ -320,6 +337,30 @@ def _vision_from_hf(arch: str, v: dict[str, Any], d: dict[str, Any]) -> VisionCo
         tokens_per_second=float(v.get("tokens_per_second", 2)),
         **common,
     )
+
+
+def _whole(x: float) -> float | int:
+    """transformers' strict configs want an int where the value is whole (mlp_ratio, tokens_per_second)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    """The released layout: token ids at the top level, the tower in vision_config."""
+    vision: dict[str, Any] = {
+        "depth": v.depth, "num_heads": v.num_heads, "hidden_act": v.hidden_act, "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+        "in_channels": v.in_channels, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    }
+    if v.variant == "qwen2_vl":
+        vision.update(embed_dim=v.hidden_size, mlp_ratio=_whole(v.intermediate_size / v.hidden_size), hidden_size=v.out_hidden_size)
+    else:
+        vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, out_hidden_size=v.out_hidden_size,
+                      window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                      tokens_per_second=_whole(v.tokens_per_second))
+    return {
+        "image_token_id": v.image_token_id, "video_token_id": v.video_token_id,
+        "vision_start_token_id": v.vision_start_token_id, "vision_config": vision,
+    }
 
 
 def _audio_from_hf(a: dict[str, Any], d: dict[str, Any]) -> AudioConfig:

@@ -240,3 +240,13 @@ def test_released_qwen2_audio_config_layout():
     assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.vocab_size) == (4096, 32, 32, 156032)
     assert config.audio.audio_token_id == 151646 and config.audio.max_source_positions == 1500
     assert config.mrope_section == () and config.vision is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen2_audio"])
+def test_config_round_trips_through_hf_dict(arch):
+    from tiny_multimodal import audio_config, vl_config
+
+    config = ModelConfig.from_hf_dict((audio_config() if arch == "qwen2_audio" else vl_config(arch)).to_dict())
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+    again = transformers.AutoConfig.for_model(**config.to_hf_dict())  # transformers reads it back too
+    assert ModelConfig.from_hf_dict(again.to_dict()) == config
