@@ -7,11 +7,14 @@ image) and then token by token through the paged KV cache, at M-RoPE positions c
 the rope delta, against transformers' logits for the whole sequence.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.torch import save_file
 
 from qwenkit.config import ModelConfig
 from qwenkit.engine.paged_attention import BatchAttention, PagedKVCache, PrefillSlice, slots_for
@@ -20,10 +23,11 @@ from qwenkit.model.attention import NoCache
 from qwenkit.model.mrope import VisionItem, mrope_positions
 from qwenkit.model.qwen2_audio import audio_token_count
 from qwenkit.multimodal.audio import log_mel_features
-from qwenkit.multimodal.image import ImageLimits, preprocess_image
+from qwenkit.multimodal.image import preprocess_image
 from qwenkit.multimodal.video import PatchedVideo, VideoLimits, preprocess_video
 from qwenkit.weights.multimodal import load_multimodal_model
-from tiny_multimodal import AUDIO, IMAGE, VIDEO, VISION_END, VISION_START, save_tiny_multimodal
+from tiny_models import save_tiny
+from tiny_multimodal import AUDIO, IMAGE, VIDEO, VISION_END, VISION_START, audio_config, save_tiny_multimodal, vl_config
 
 TOL = 1e-4
 VL_ARCHS = ("qwen2_vl", "qwen2_5_vl")
@@ -195,10 +199,6 @@ def test_released_qwen2_vl_config_layout():
 def test_sharded_checkpoint_and_nested_tensor_names(tmp_path):
     """Sharded save_pretrained output, and the same weights under transformers 5's in-memory names
     (model.language_model.*, model.visual.*) as some 4.5x-era checkpoints store them, load alike."""
-    import json
-
-    from safetensors.torch import save_file
-
     ref = save_tiny_multimodal("qwen2_5_vl", tmp_path / "sharded")
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
@@ -221,8 +221,6 @@ def test_sharded_checkpoint_and_nested_tensor_names(tmp_path):
 
 
 def test_text_checkpoint_is_not_taken_for_multimodal(tmp_path):
-    from tiny_models import save_tiny
-
     save_tiny("qwen2", tmp_path)
     with pytest.raises(QwenkitError, match="not a multimodal one"):
         load_multimodal_model(tmp_path)
@@ -244,9 +242,25 @@ def test_released_qwen2_audio_config_layout():
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen2_audio"])
 def test_config_round_trips_through_hf_dict(arch):
-    from tiny_multimodal import audio_config, vl_config
-
     config = ModelConfig.from_hf_dict((audio_config() if arch == "qwen2_audio" else vl_config(arch)).to_dict())
     assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
     again = transformers.AutoConfig.for_model(**config.to_hf_dict())  # transformers reads it back too
     assert ModelConfig.from_hf_dict(again.to_dict()) == config
+
+
+def test_mrope_positions_by_hand():
+    """Hand-computed: text, a 2x(4x6)-patch Qwen2.5-VL video at 2 tokens/s and 1 s per grid, text.
+
+    The video's merged grid is 2 x 2 x 3; temporal positions step by 2, so its largest position
+    (start + 2) exceeds its height/width extent, and the text after it starts one past that
+    (Qwen's rule; transformers 5 would start it at start + 3 and overlap).
+    """
+    vision = ModelConfig.from_hf_dict(vl_config("qwen2_5_vl").to_dict()).vision
+    ids = [1, 2, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, VIDEO, 3]
+    mrope = mrope_positions(ids, [VisionItem((2, 4, 6), is_video=True, seconds_per_grid=1.0)], vision)
+    t, h, w = mrope.positions.tolist()
+    assert t == [0, 1] + [2] * 6 + [4] * 6 + [5]
+    assert h == [0, 1] + [2, 2, 2, 3, 3, 3] * 2 + [5]
+    assert w == [0, 1] + [2, 3, 4, 2, 3, 4] * 2 + [5]
+    assert mrope.delta == 6 - len(ids)
+    assert mrope.for_decode(len(ids), 2).tolist() == [[6, 7]] * 3
