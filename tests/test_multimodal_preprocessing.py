@@ -200,3 +200,19 @@ def test_video_file_is_sampled_while_decoding():
     assert (video.pixel_values - expected.pixel_values).abs().mean().item() < 0.05  # lossy codec
     with pytest.raises(QwenkitError, match="cannot decode the video"):
         decode_video(b"\x00 not a video" * 10)
+
+
+def test_content_keys_follow_what_the_encoder_reads():
+    image = random_image(90, 61)
+    png, bmp = io.BytesIO(), io.BytesIO()
+    image.save(png, format="PNG")
+    image.save(bmp, format="BMP")
+    same = preprocess_image(png.getvalue())
+    assert same.key == preprocess_image(bmp.getvalue()).key  # same pixels, other file format
+    assert same.key != preprocess_image(random_image(90, 61)).key
+    assert same.key != preprocess_image(image, ImageLimits(max_pixels=28 * 28 * 4)).key  # other budget
+    frames = [random_image(56, 56) for _ in range(2)]
+    limits = VideoLimits(min_pixels=56 * 56, max_pixels=56 * 56)
+    assert preprocess_video(frames, limits).key != preprocess_video(frames, VideoLimits(min_pixels=56 * 56, max_pixels=56 * 56, fps=1.0)).key
+    clip = (0.1 * RNG.standard_normal(8000)).astype(np.float32)
+    assert log_mel_features(clip).key == log_mel_features(clip.copy()).key != log_mel_features(clip[:7000]).key

@@ -13,7 +13,7 @@ import io
 import math
 import wave
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from qwenkit.errors import QwenkitError
 from qwenkit.multimodal.ffmpeg import open_media
+from qwenkit.multimodal.key import content_key
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -34,6 +35,11 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
 class AudioFeatures:
     features: torch.Tensor  # [mel bins, 3000] float32
     num_frames: int  # frames that hold audio (the rest is padding)
+
+    @cached_property
+    def key(self) -> str:
+        """Content key (see qwenkit.multimodal.key)."""
+        return content_key("audio", (self.num_frames,), self.features)
 
 
 def decode_wav(data: bytes) -> tuple[np.ndarray, int]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from qwenkit.errors import QwenkitError
+from qwenkit.multimodal.key import content_key
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -54,6 +56,11 @@ class PatchedVision:
         """Placeholder tokens it takes in the prompt (one per 2x2 block of patches)."""
         t, h, w = self.grid
         return t * h * w // (MERGE_SIZE * MERGE_SIZE)
+
+    @cached_property
+    def key(self) -> str:
+        """Content key (see qwenkit.multimodal.key)."""
+        return content_key("vision", (self.grid, getattr(self, "seconds_per_grid", None)), self.pixel_values)
 
 
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
