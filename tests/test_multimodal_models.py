@@ -264,3 +264,26 @@ def test_mrope_positions_by_hand():
     assert w == [0, 1] + [2, 3, 4, 2, 3, 4] * 2 + [5]
     assert mrope.delta == 6 - len(ids)
     assert mrope.for_decode(len(ids), 2).tolist() == [[6, 7]] * 3
+
+
+def test_greedy_tokens_equal_transformers_generate(vl_models):
+    """transformers' generate decodes with its cached rope deltas; qwenkit continues at i + delta."""
+    arch, ref, model = vl_models
+    items = media_items("two-images")
+    ids = vl_prompt(items)
+    with torch.inference_mode():
+        ids_t = torch.tensor(ids)[None]
+        expected = ref.generate(
+            input_ids=ids_t, attention_mask=torch.ones_like(ids_t), mm_token_type_ids=(ids_t == IMAGE).long(),
+            pixel_values=torch.cat([i.pixel_values for i in items]), image_grid_thw=torch.tensor([i.grid for i in items]),
+            max_new_tokens=6, do_sample=False, pad_token_id=0,
+        )[0, len(ids):].tolist()
+        media = torch.cat(model.encode_vision(torch.cat([i.pixel_values for i in items]), [i.grid for i in items]))
+        mrope = mrope_positions(ids, vision_items(items), model.config.vision)
+        tokens = list(ids)
+        for _ in range(6):
+            positions = torch.cat([mrope.positions, mrope.for_decode(len(ids), len(tokens) - len(ids))], dim=1)
+            order = torch.arange(len(tokens))
+            hidden = model(torch.tensor(tokens), positions, NoCache(order), media)
+            tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
+    assert tokens[len(ids):] == expected
