@@ -105,8 +105,9 @@ def test_vl_logits_match_transformers(vl_models, case):
 def run_stepwise(model, ids, positions, media, chunk_end: int, prompt_len: int, block_size: int = 4):
     """Logits of rows chunk_end-1 .. len(ids)-1: prefill [0, chunk_end), [chunk_end, prompt_len), then decode."""
     cfg = model.config
-    cache = PagedKVCache(cfg.num_hidden_layers, 128, block_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
-    table = list(range(128))
+    blocks = -(-len(ids) // block_size)
+    cache = PagedKVCache(cfg.num_hidden_layers, blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+    table = list(range(blocks))[::-1]  # blocks out of order, as a long-running cache hands them out
     is_media = torch.isin(torch.tensor(ids), model.placeholder_ids)
     empty = torch.zeros(0, dtype=torch.long)
     rows, used = [], 0
@@ -149,7 +150,7 @@ def audio_models(tmp_path_factory):
     return ref, load_multimodal_model(directory)
 
 
-@pytest.mark.parametrize("seconds", [0.73, 2.5])
+@pytest.mark.parametrize("seconds", [0.73, 2.5, 30.0])  # 30 s: every frame is audio
 def test_audio_logits_match_transformers(audio_models, seconds):
     ref, model = audio_models
     samples = (0.1 * np.random.default_rng(1).standard_normal(int(16000 * seconds))).astype(np.float32)
