@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qwenkit.errors import QwenkitError
+
+# Multimodal checkpoints: a Qwen2 language model plus a vision or audio encoder (their own sub-configs).
+MULTIMODAL_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio")
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,47 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower of Qwen2-VL (variant "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl"), and its placeholder tokens."""
+
+    variant: str
+    depth: int
+    hidden_size: int  # width of the vision blocks (Qwen2-VL's config calls it embed_dim)
+    intermediate_size: int  # MLP width (Qwen2-VL: embed_dim * mlp_ratio)
+    num_heads: int
+    out_hidden_size: int  # what the patch merger emits: the language model's hidden size
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    hidden_act: str = "quick_gelu"
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+    # Qwen2.5-VL: blocks not listed in fullatt_block_indexes attend within windows of window_size pixels.
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    # Qwen2.5-VL: video temporal positions advance tokens_per_second per second of video (Qwen2-VL: 1 per grid step).
+    tokens_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Qwen2-Audio's Whisper-style encoder and its placeholder token."""
+
+    num_mel_bins: int
+    d_model: int
+    encoder_layers: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    max_source_positions: int
+    audio_token_id: int
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +92,11 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Multimodal models only: the encoders, and M-RoPE's split of the rotary frequencies into
+    # temporal/height/width sections (sums to head_dim // 2; empty for 1-D rotary positions).
+    vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
+    mrope_section: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -104,12 +153,31 @@ class ModelConfig:
                 decoder_sparse_step=self.decoder_sparse_step,
                 mlp_only_layers=list(self.mlp_only_layers),
             )
+        if self.model_type not in MULTIMODAL_ARCHITECTURES:
+            return d
+        # transformers 5's layout: the language model's fields in text_config, each encoder in its own.
+        if self.mrope_section:
+            rope["mrope_section"] = list(self.mrope_section)
+        d["model_type"] = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}.get(self.model_type, "qwen2")
+        d = {"model_type": self.model_type, "tie_word_embeddings": self.tie_word_embeddings, "text_config": d}
+        if self.vision is not None:
+            d.update(_vision_to_hf(self.vision))
+        if self.audio is not None:
+            d["audio_token_index"] = self.audio.audio_token_id
+            d["audio_config"] = {
+                "model_type": "qwen2_audio_encoder",
+                **{k: getattr(self.audio, k) for k in (
+                    "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                    "max_source_positions", "activation_function", "scale_embedding")},
+            }
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """The fields every Qwen text family shares; whether qwenkit has the family is the model registry's call."""
         arch = str(d.get("model_type"))
+        if arch in MULTIMODAL_ARCHITECTURES:
+            return _multimodal_from_hf(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise QwenkitError(f"unsupported activation {act!r}; Qwen models use 'silu'")
@@ -173,6 +241,8 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     theta = float(params.get("rope_theta") or d.get("rope_theta") or 10000.0)
     rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "mrope":  # older Qwen2-VL configs: plain rotary frequencies, split by mrope_section
+        rope_type = "default"
     if rope_type not in ("default", "linear", "yarn"):
         raise QwenkitError(f"unsupported rope type {rope_type!r}; qwenkit supports default, linear and yarn")
     orig = params.get("original_max_position_embeddings")
@@ -192,4 +262,111 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
+    )
+
+
+# transformers' Qwen2Config defaults: released Qwen2-Audio configs list only what differs from them.
+_QWEN2_TEXT_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+}
+
+
+def _multimodal_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """Qwen2-VL, Qwen2.5-VL, Qwen2-Audio: the Qwen2 language model's config plus the encoder's.
+
+    transformers 5 nests the language model's fields in text_config; released Qwen2-VL configs keep
+    them at the top level. Either way the text model is a Qwen2 (q/k/v bias, no QK-norm).
+    """
+    arch = d["model_type"]
+    sub = ("text_config", "vision_config", "audio_config")
+    text = {k: v for k, v in d.items() if k not in sub}
+    if arch == "qwen2_audio":
+        text = {**_QWEN2_TEXT_DEFAULTS, **text}
+    text.update(d.get("text_config") or {})
+    text["model_type"] = "qwen2"
+    base = ModelConfig.from_hf_dict(text)
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    mrope_section = tuple(int(n) for n in params.get("mrope_section") or ())
+    try:
+        vision = _vision_from_hf(arch, d["vision_config"], d) if arch != "qwen2_audio" else None
+        audio = _audio_from_hf(d["audio_config"], d) if arch == "qwen2_audio" else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QwenkitError(f"config.json is missing or has a bad value for {exc} in its encoder config") from exc
+    if vision is not None and sum(mrope_section) != base.head_dim // 2:
+        raise QwenkitError(f"mrope_section {list(mrope_section)} must sum to head_dim / 2 = {base.head_dim // 2}")
+    return replace(base, model_type=arch, vision=vision, audio=audio, mrope_section=mrope_section)
+
+
+def _vision_from_hf(arch: str, v: dict[str, Any], d: dict[str, Any]) -> VisionConfig:
+    rope = v.get("rope_parameters") or {}
+    common = dict(
+        variant=arch,
+        depth=int(v["depth"]),
+        num_heads=int(v["num_heads"]),
+        image_token_id=int(d["image_token_id"]),
+        video_token_id=int(d["video_token_id"]),
+        vision_start_token_id=int(d["vision_start_token_id"]),
+        hidden_act=v.get("hidden_act", "quick_gelu" if arch == "qwen2_vl" else "silu"),
+        # Released configs say spatial_patch_size and in_chans; transformers 5 writes patch_size and in_channels.
+        patch_size=int(v.get("patch_size") or v.get("spatial_patch_size") or 14),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        in_channels=int(v.get("in_channels") or v.get("in_chans") or 3),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+    )
+    if arch == "qwen2_vl":
+        embed_dim = int(v["embed_dim"])
+        return VisionConfig(
+            hidden_size=embed_dim,
+            intermediate_size=int(embed_dim * float(v.get("mlp_ratio", 4))),
+            out_hidden_size=int(v["hidden_size"]),  # Qwen2-VL: "hidden_size" is the merger's output
+            **common,
+        )
+    return VisionConfig(
+        hidden_size=int(v["hidden_size"]),
+        intermediate_size=int(v["intermediate_size"]),
+        out_hidden_size=int(v["out_hidden_size"]),
+        window_size=int(v.get("window_size", 112)),
+        fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes") or ()),
+        tokens_per_second=float(v.get("tokens_per_second", 2)),
+        **common,
+    )
+
+
+def _whole(x: float) -> float | int:
+    """transformers' strict configs want an int where the value is whole (mlp_ratio, tokens_per_second)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    """The released layout: token ids at the top level, the tower in vision_config."""
+    vision: dict[str, Any] = {
+        "depth": v.depth, "num_heads": v.num_heads, "hidden_act": v.hidden_act, "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+        "in_channels": v.in_channels, "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    }
+    if v.variant == "qwen2_vl":
+        vision.update(embed_dim=v.hidden_size, mlp_ratio=_whole(v.intermediate_size / v.hidden_size), hidden_size=v.out_hidden_size)
+    else:
+        vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, out_hidden_size=v.out_hidden_size,
+                      window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                      tokens_per_second=_whole(v.tokens_per_second))
+    return {
+        "image_token_id": v.image_token_id, "video_token_id": v.video_token_id,
+        "vision_start_token_id": v.vision_start_token_id, "vision_config": vision,
+    }
+
+
+def _audio_from_hf(a: dict[str, Any], d: dict[str, Any]) -> AudioConfig:
+    return AudioConfig(
+        num_mel_bins=int(a.get("num_mel_bins", 128)),
+        d_model=int(a["d_model"]),
+        encoder_layers=int(a["encoder_layers"]),
+        encoder_attention_heads=int(a["encoder_attention_heads"]),
+        encoder_ffn_dim=int(a["encoder_ffn_dim"]),
+        max_source_positions=int(a.get("max_source_positions", 1500)),
+        audio_token_id=int(d.get("audio_token_index", d.get("audio_token_id", 151646))),
+        activation_function=a.get("activation_function", "gelu"),
+        scale_embedding=bool(a.get("scale_embedding", False)),
     )

@@ -67,7 +67,15 @@ class QwenForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] for flat token ids [T] at `positions` [T]; `lora` says
         which rows run through which adapter (None: the base model only)."""
-        x = self.model.embed_tokens(input_ids)
+        return self.forward_embeddings(self.model.embed_tokens(input_ids), positions, attention, lora)
+
+    def forward_embeddings(
+        self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend, lora: LoraRouting | None = None
+    ) -> torch.Tensor:
+        """The decoder on input embeddings [T, hidden] (multimodal models put encoder outputs among them).
+
+        `positions` are the rotary positions: [T], or [3, T] for M-RoPE models.
+        """
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:

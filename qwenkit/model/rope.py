@@ -74,6 +74,31 @@ class RotaryEmbedding:
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
+class MultimodalRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2-VL, Qwen2.5-VL): each token has a temporal, a height and a width position.
+
+    The head's frequencies are split into `mrope_section` parts; part i rotates by the position on
+    axis i % 3. Text tokens have three equal positions, which makes this ordinary RoPE. The cos/sin
+    layout is the 1-D one, so attention applies them with the same `apply_rotary`.
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int, mrope_section: tuple[int, ...]):
+        super().__init__(rope, head_dim)
+        self.axis_of_frequency = torch.cat(
+            [torch.full((n,), i % 3, dtype=torch.int64, device="cpu") for i, n in enumerate(mrope_section)]
+        )
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, T] (temporal, height, width), or [T] for text-only tokens."""
+        if positions.dim() == 1:
+            return super().cos_sin(positions, dtype)
+        axis = self.axis_of_frequency.to(positions.device)
+        chosen = positions.to(torch.float32)[axis]  # [head_dim // 2, T]: each frequency's own axis
+        freqs = chosen.T * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
     if x.dtype == torch.float32 and cos.dtype == torch.float32 and not torch.is_grad_enabled():

@@ -144,7 +144,7 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantization: Qua
     if raw_config.get("quantization_config") is not None:
         stored, tensors = split_quantized(tensors, raw_config["quantization_config"])
         quantization = Quantization.CHECKPOINT
-    model = build_model(family.model_class, config, tensors, dtype, stored)
+    model = build_model(family.model_class, config, family.tensor_names(tensors), dtype, stored)
     return LoadedModel(model, tokenizer, config, path, _plan(resolved, config, dtype, quantization), generation_config)
 
 

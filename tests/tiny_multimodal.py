@@ -1,0 +1,78 @@
+"""Tiny random Qwen2-VL, Qwen2.5-VL and Qwen2-Audio models built with transformers' own classes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import transformers
+
+IMAGE, VIDEO, VISION_START, VISION_END, AUDIO = 290, 291, 292, 293, 294
+
+TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=2048,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+# head_dim 16: M-RoPE splits its 8 frequency pairs 2 temporal, 3 height, 3 width.
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
+def vl_config(arch: str) -> transformers.PretrainedConfig:
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    text = dict(TEXT, rope_parameters=dict(MROPE))
+    if arch == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    # window_size 56 px = 2x2 merged tokens per window; block 1 attends over the whole image.
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4,
+                  window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+    return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def audio_config() -> transformers.PretrainedConfig:
+    return transformers.Qwen2AudioConfig(
+        text_config=dict(TEXT, model_type="qwen2"),
+        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                          num_mel_bins=128, max_source_positions=1500),
+        audio_token_index=AUDIO,
+    )
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights large enough that every part moves the logits, scaled by fan-in so nothing saturates."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("norm" in name or "ln_q" in name) and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name or "embed_positions" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+
+
+MODEL_CLASSES = {
+    "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    "qwen2_audio": transformers.Qwen2AudioForConditionalGeneration,
+}
+
+
+def save_tiny_multimodal(arch: str, directory: Path) -> torch.nn.Module:
+    """Save a tiny random model; return the transformers reference (fp32, eager attention)."""
+    config = audio_config() if arch == "qwen2_audio" else vl_config(arch)
+    model = MODEL_CLASSES[arch]._from_config(config, attn_implementation="eager").eval()
+    randomize(model)
+    model.save_pretrained(directory)
+    return model
