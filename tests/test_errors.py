@@ -189,3 +189,66 @@ def test_default_model_part_with_wrong_sha256(tmp_path):
         ensure_assembled(spec, tmp_path / "cache")
     assert not (tmp_path / "cache" / "model.gguf").exists()
     assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+# ---- crafted GGUF headers (a file anyone can hand you): one error line each ----------------------
+
+def gguf_header(*kvs: bytes, n_tensors: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs)) + b"".join(kvs)
+
+
+def gguf_kv(key: str, kind: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + payload
+
+
+def gguf_string(s: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s)) + s.encode()
+
+
+def test_gguf_alignment_zero(tmp_path):
+    import struct
+
+    path = tmp_path / "zero.gguf"
+    path.write_bytes(gguf_header(gguf_kv("general.architecture", 8, gguf_string("qwen3")),
+                                 gguf_kv("general.alignment", 4, struct.pack("<I", 0))))
+    assert_one_line_error(chat_with(path), "general.alignment")
+
+
+def test_gguf_deeply_nested_metadata_arrays(tmp_path):
+    import struct
+
+    depth = 5000  # arrays of arrays of ...: a recursive reader would end in a RecursionError
+    value = struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 0, 0)
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(gguf_header(gguf_kv("general.architecture", 8, gguf_string("qwen3")), gguf_kv("x.nested", 9, value)))
+    assert_one_line_error(chat_with(path), "nested deeper")
+
+
+def test_gguf_metadata_of_the_wrong_type(tiny_gguf, tmp_path):
+    """qwen3.block_count as a string: the config reader refuses it by name, no TypeError."""
+    reader = gguf.GGUFReader(tiny_gguf)
+    out = tmp_path / "wrong.gguf"
+    w = gguf.GGUFWriter(str(out), "qwen3")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value, kind = field.contents(), field.types[0]
+        if field.name == "qwen3.block_count":
+            w.add_key_value(field.name, "two", gguf.GGUFValueType.STRING)
+        elif kind == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(field.name, value, kind, sub_type=field.types[-1])
+        else:
+            w.add_key_value(field.name, value, kind)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(chat_with(out))

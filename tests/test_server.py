@@ -204,14 +204,20 @@ def test_errors_have_openai_shape_and_server_keeps_serving(tiny_server, tiny_cli
 
 
 def test_rate_limit(tiny_path):
+    """Every authenticated request counts, whatever becomes of it (an over-long prompt too), and
+    /tokenize and /detokenize are limited like the generation endpoints."""
     server = ServerProcess("--model", str(tiny_path), "--api-key", KEY, "--served-model-name", "tiny", "--rate-limit-rpm", "2")
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-        for _ in range(2):
-            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the " * 200}], max_tokens=1)
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1)
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1)
         assert int(e.value.response.headers["retry-after"]) >= 1
+        for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+            r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and "retry-after" in r.headers
         assert server.health()["status"] == "ok"
     finally:
         server.stop()

@@ -29,7 +29,7 @@ def local_replies(args: argparse.Namespace):
 
     def pieces(history: list[dict]):
         # Each turn is a new request; the prefix cache finds the earlier turns' blocks.
-        prompt = llm.tokenizer.chat_template.render(history, add_generation_prompt=True)
+        prompt = llm.tokenizer.encode_chat(history)
         for out in llm.stream(prompt, params):
             yield out.outputs[0].delta_text
 

@@ -33,7 +33,10 @@ class RemoteChat:
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    for choice in json.loads(line[6:]).get("choices", []):
+                    event = json.loads(line[6:])
+                    if "error" in event:  # the server's generation failed mid-stream
+                        raise QwenkitError(f"the server reported: {event['error'].get('message')}")
+                    for choice in event.get("choices", []):
                         text = choice.get("delta", {}).get("content")
                         if text:
                             yield text

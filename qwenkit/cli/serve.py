@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -23,7 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-messages", type=int, default=512)
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests in flight after SIGTERM")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt text in characters, refused before tokenizing (default: 32 x the context length)")
+    p.add_argument("--metrics-require-key", action="store_true",
+                   help="/metrics needs the API key too (use when the server is reachable beyond loopback)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to finish requests in flight after SIGTERM; then they end with finish_reason abort")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a PEFT-format LoRA adapter under NAME (repeatable); requests pick it with model=NAME")
     p.add_argument("--log-requests", action="store_true", help="log each request line (prompts and outputs are never logged)")
@@ -31,11 +35,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from qwenkit.engine.llm import AsyncLLM
     from qwenkit.errors import QwenkitError
-    from qwenkit.server.app import create_app
+    from qwenkit.server.app import serve
     from qwenkit.server.state import ServerConfig
 
     keys = args.api_key or [k for k in os.environ.get("QWENKIT_API_KEY", "").split(",") if k]
@@ -52,11 +54,10 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         served_model_name=name, api_keys=keys, requests_per_minute=args.rate_limit_rpm,
         tokens_per_minute=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
-        max_tokens_limit=args.max_tokens_limit, log_requests=args.log_requests,
+        max_tokens_limit=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars,
+        metrics_require_key=args.metrics_require_key,
     )
-    app = create_app(llm, config)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({'API key required' if keys else 'no API key'})",
           file=sys.stderr, flush=True)
-    logging.getLogger("uvicorn.access").disabled = not args.log_requests
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_timeout)
+    serve(llm, config, args.host, args.port, args.drain_timeout, args.log_requests)
     return 0

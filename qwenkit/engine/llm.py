@@ -8,6 +8,7 @@ import queue
 import threading
 import traceback
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from qwenkit.engine.llm_engine import EngineConfig, LLMEngine
@@ -57,9 +58,10 @@ class LLM:
         lora: str | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
-        """One conversation or a list of them, rendered with the model's chat template."""
+        """One conversation or a list of them, through the model's chat template (Tokenizer.encode_chat:
+        text in the messages stays text, even when it spells a control token)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [render_chat(self.tokenizer, c, tools, **template_kwargs) for c in conversations]
+        prompts = [self.tokenizer.encode_chat(c, tools, **template_kwargs) for c in conversations]
         return self.generate(prompts, params, lora)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[RequestOutput]:
@@ -76,12 +78,24 @@ class LLM:
             self.engine.abort_request(request_id)  # a no-op once finished; frees blocks if abandoned
 
 
-def render_chat(tokenizer, messages: Messages, tools=None, **template_kwargs) -> str:
-    return tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine looked like after its last step, published by the engine thread: the event
+    loop reads this (for /health and /metrics) instead of the scheduler the engine is mutating."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
 
 
 class AsyncLLM:
-    """Asyncio front end: the engine steps in its own thread; each request streams through a queue."""
+    """Asyncio front end: the engine steps in its own thread; each request streams through a queue.
+
+    A request's outputs end with one whose `finished` is set; if generation failed (the request's
+    own sampling, or the shared forward: see LLMEngine.step and fail_all), that last output has
+    `error` set and finish_reason "error". Nothing is raised mid-stream.
+    """
 
     def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None):
         self.engine = _engine(model, dtype, engine_config)
@@ -90,6 +104,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopped = False
+        self.stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
         self._thread.start()
 
@@ -112,38 +127,63 @@ class AsyncLLM:
                 outputs = self.engine.fail_all(exc)
             for out in outputs:
                 self._deliver(out)
+            self._publish_stats()
 
-    def _deliver(self, out: RequestOutput | BaseException, request_id: str | None = None) -> None:
-        key = request_id or out.request_id
-        stream = self._streams.get(key)
+    def _publish_stats(self) -> None:
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting), blocks.usage, blocks.stats.hit_rate)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
         if stream is None:
             return
         loop, q = stream
         loop.call_soon_threadsafe(q.put_nowait, out)
+        if out.finished:  # nothing more will come (and a consumer that never started cannot leak it)
+            self._streams.pop(out.request_id, None)
 
-    async def generate(
+    async def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None
     ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and wait until the engine has accepted it: a request the engine refuses
+        (LLMEngine.validate_request: empty or too long prompt, ids outside the vocabulary...) raises
+        its QwenkitError here, before anything is streamed. Returns the request's outputs."""
         request_id = request_id or f"async-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        accepted = loop.create_future()
+        self._streams[request_id] = (loop, q)
+
+        def settle(error: Exception | None) -> None:
+            if accepted.done():
+                return
+            if error is None:
+                accepted.set_result(None)
+            else:
+                accepted.set_exception(error)
 
         def add():
             try:
                 self.engine.add_request(prompt, params, request_id, lora)
             except Exception as exc:  # reported to the caller, not to the engine thread
-                self._deliver(exc, request_id)
+                loop.call_soon_threadsafe(settle, exc)
+            else:
+                loop.call_soon_threadsafe(settle, None)
 
         self._commands.put(add)
+        try:
+            await accepted
+        except BaseException:
+            self._streams.pop(request_id, None)
+            self.abort(request_id)  # cancelled while queued: a no-op unless the engine took it after all
+            raise
+        return self._outputs(request_id, q)
+
+    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
                 out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
-                if out.error is not None:
-                    finished = True
-                    raise RuntimeError(out.error)
                 yield out
                 if out.finished:
                     finished = True
@@ -153,8 +193,19 @@ class AsyncLLM:
             if not finished:  # the consumer went away (disconnect, cancel): free its blocks
                 self.abort(request_id)
 
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """add_request and its outputs in one call (a refused request raises on the first iteration)."""
+        stream = await self.add_request(prompt, params, request_id, lora)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # now, not at garbage collection: an abandoned request is aborted at once
+
     async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, lora=None, **template_kwargs):
-        prompt = render_chat(self.tokenizer, messages, tools, **template_kwargs)
+        prompt = self.tokenizer.encode_chat(messages, tools, **template_kwargs)
         async for out in self.generate(prompt, params, request_id, lora):
             yield out
 
@@ -165,6 +216,16 @@ class AsyncLLM:
                 self._deliver(out)
 
         self._commands.put(abort)
+
+    def abort_all(self) -> None:
+        """End every request in flight with finish_reason "abort" (a drain that ran out of time)."""
+        def abort_all():
+            for request_id in list(self.engine.requests):
+                out = self.engine.abort_request(request_id)
+                if out is not None:
+                    self._deliver(out)
+
+        self._commands.put(abort_all)
 
     def call_in_engine_thread(self, fn) -> "asyncio.Future":
         """Run fn() between engine steps (for consistent reads of engine state)."""

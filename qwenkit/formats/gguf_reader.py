@@ -22,6 +22,9 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 DEFAULT_ALIGNMENT = 32
+# Arrays of arrays are legal GGUF but no model needs more than a level or two; a crafted file with
+# thousands of levels would otherwise end in a RecursionError.
+MAX_ARRAY_NESTING = 8
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,12 @@ class _Cursor:
         self.pos = end
         return s
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise ValueError(f"metadata arrays nested deeper than {MAX_ARRAY_NESTING} levels")
             item, count = self.scalar("<I"), self.scalar("<Q")
             if item == _STRING:
                 return [self.string() for _ in range(count)]
@@ -63,7 +68,9 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
                 self.pos += dtype.itemsize * count
                 return arr.tolist()
-            return [self.value(item) for _ in range(count)]
+            if count > len(self.buf) - self.pos:  # every element takes at least a byte
+                raise ValueError(f"a metadata array claims {count} elements, more than the file holds")
+            return [self.value(item, depth + 1) for _ in range(count)]
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
         raise ValueError(f"unknown GGUF value type {kind}")
@@ -100,7 +107,9 @@ class GGUFFile:
             dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
             kind, offset = c.scalar("<I"), c.scalar("<Q")
             infos.append((name, dims, kind, offset))
-        alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment must be a positive power of two, not {alignment!r}")
         data_start = -(-c.pos // alignment) * alignment
         tensors: dict[str, GGUFTensor] = {}
         for name, dims, kind, offset in infos:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+import uvicorn
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from qwenkit import __version__
 from qwenkit.engine.llm import AsyncLLM
+from qwenkit.server.body import BodySizeLimit, StrictJSONRoute
 from qwenkit.server.chat import chat_completions, template_message
 from qwenkit.server.completions import completions
-from qwenkit.server.errors import error_response, install_error_handlers
+from qwenkit.server.errors import APIError, install_error_handlers
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
 
@@ -23,42 +28,6 @@ WEB_CHAT_DIR = Path(__file__).parent / "static"  # the browser chat page: plain 
 # The page runs only its own scripts and talks only to this server, whatever a model's reply contains.
 WEB_CHAT_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                 "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-
-
-class BodySizeLimit:
-    """Refuse bodies over the limit with 413, whether or not they declare a Content-Length."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope, receive, send):
-        response = error_response(413, f"request body larger than {self.limit} bytes", "body_too_large")
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
@@ -70,50 +39,61 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         llm.shutdown()  # after uvicorn has drained the requests in flight
 
     app = FastAPI(title="qwenkit", version=__version__, lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
     app.state.qwenkit = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
+    # Dependencies run before FastAPI validates the body: a caller without the key learns nothing
+    # about the schema. `authorized` also counts the request against the key's rate limit.
+    authenticated = Depends(state.authenticate)
+    authorized = Depends(state.authorize)
 
-    @app.post("/v1/chat/completions")
-    async def _chat(body: ChatCompletionRequest, request: Request):
-        return await chat_completions(state, body, request)
+    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 429, 503))
+    async def _chat(body: ChatCompletionRequest, request: Request, key: str = authorized):
+        return await chat_completions(state, body, request, key)
 
-    @app.post("/v1/completions")
-    async def _completions(body: CompletionRequest, request: Request):
-        return await completions(state, body, request)
+    @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 429, 503))
+    async def _completions(body: CompletionRequest, request: Request, key: str = authorized):
+        return await completions(state, body, request, key)
 
-    @app.get("/v1/models")
-    async def _models(request: Request):
-        state.authenticate(request)
+    @app.get("/v1/models", responses=_errors(401, 429))
+    async def _models(_: str = authorized):
         return {"object": "list", "data": state.model_cards()}
 
-    @app.post("/tokenize")
-    async def _tokenize(body: TokenizeRequest, request: Request):
-        state.authenticate(request)
+    @app.post("/tokenize", responses=_errors(400, 401, 404, 413, 429))
+    async def _tokenize(body: TokenizeRequest, key: str = authorized):
+        """A chat body is tokenized exactly as /v1/chat/completions would (its text stays text); a
+        prompt raw, as /v1/completions would (control-token strings in it are control tokens)."""
         state.check_model(body.model)
         if body.messages is not None:
-            text = state.tokenizer.chat_template.render([template_message(m) for m in body.messages],
-                                                       add_generation_prompt=body.add_generation_prompt)
+            if len(body.messages) > config.max_messages:
+                raise APIError(400, f"too many messages: {len(body.messages)} (limit {config.max_messages})", "invalid_value", "messages")
+            messages = [template_message(m) for m in body.messages]
+            state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+            tokens = await state.off_loop(state.tokenizer.encode_chat, messages, add_generation_prompt=body.add_generation_prompt)
         else:
-            text = body.prompt or ""
-        tokens = state.tokenizer.encode(text)
+            state.check_prompt_chars(len(body.prompt or ""), "prompt")
+            tokens = await state.off_loop(state.tokenizer.encode, body.prompt or "")
+        state.rate_limiter.take_tokens(key, len(tokens))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
-    @app.post("/detokenize")
-    async def _detokenize(body: DetokenizeRequest, request: Request):
-        state.authenticate(request)
+    @app.post("/detokenize", responses=_errors(400, 401, 404, 413, 429))
+    async def _detokenize(body: DetokenizeRequest, key: str = authorized):
         state.check_model(body.model)
-        if any(not 0 <= t < state.tokenizer.vocab_size for t in body.tokens):
-            return error_response(400, "token ids out of the vocabulary range", "invalid_value", "tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        if any(t >= state.tokenizer.vocab_size for t in body.tokens):
+            raise APIError(400, "token ids out of the vocabulary range", "invalid_value", "tokens")
+        state.rate_limiter.take_tokens(key, len(body.tokens))
+        return {"prompt": await state.off_loop(state.tokenizer.decode, body.tokens)}
 
     @app.get("/health")
     async def _health():
-        engine = state.engine
-        return {"status": "ok", "model": config.served_model_name, "queue_depth": len(engine.scheduler.waiting),
-                "running": len(engine.scheduler.running), "kv_cache_usage": engine.block_manager.usage}
+        stats = llm.stats  # published by the engine thread after each step
+        return {"status": "ok", "model": config.served_model_name, "queue_depth": stats.waiting,
+                "running": stats.running, "kv_cache_usage": stats.kv_cache_usage}
 
-    @app.get("/metrics")
+    metrics_auth = [authenticated] if config.metrics_require_key else []
+
+    @app.get("/metrics", dependencies=metrics_auth, responses=_errors(401) if metrics_auth else None)
     async def _metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -124,4 +104,72 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def _web_chat():
         return FileResponse(WEB_CHAT_DIR / "index.html", headers={"Content-Security-Policy": WEB_CHAT_CSP})
 
+    _document_real_status_codes(app)
     return app
+
+
+# ---- the OpenAPI schema says what the server really sends ------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 405: "Method not allowed",
+                 413: "Body too large", 429: "Rate limit reached", 503: "Generation failed (retry)"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+def _document_real_status_codes(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body; this server answers validation errors with 400
+    (OpenAI's status), so the schema drops 422 and schema-driven fuzzers test the real contract."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+# ---- running it -----------------------------------------------------------------------------------
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: when a drain (SIGTERM/SIGINT) runs out of time, every request still in flight
+    is ended by the engine with finish_reason "abort", so each stream closes with its final chunk
+    and `data: [DONE]` instead of being cut when uvicorn cancels it."""
+
+    def __init__(self, config: uvicorn.Config, llm: AsyncLLM, drain_timeout: float):
+        super().__init__(config)
+        self.llm, self.drain_timeout = llm, drain_timeout
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self._drain_timer is None:
+            loop = asyncio.get_event_loop()
+            self._drain_timer = loop.call_later(self.drain_timeout, self.llm.abort_all)
+
+
+def serve(llm: AsyncLLM, config: ServerConfig, host: str, port: int, drain_timeout: float, log_requests: bool) -> None:
+    app = create_app(llm, config)
+    logging.getLogger("uvicorn.access").disabled = not log_requests
+    # uvicorn's own limit comes a little after ours: the aborted streams need a moment to finish.
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout + 5)
+    DrainingServer(uv_config, llm, drain_timeout).run()

@@ -12,11 +12,11 @@ from fastapi.responses import StreamingResponse
 
 from qwenkit.engine.outputs import CompletionOutput, RequestOutput
 from qwenkit.engine.sampler import TokenLogprobs
-from qwenkit.server.errors import APIError
+from qwenkit.errors import QwenkitError
+from qwenkit.server.errors import SSE_DONE, APIError, sse_error, sse_event
 from qwenkit.server.protocol import ChatCompletionRequest, ChatMessage
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.output_parser import TOOL_OPEN, Delta, OutputParser, ToolCall, parse_output
-from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 
 JSON_OBJECT_HINT = "Respond with a single valid JSON object and nothing else."
 ARGUMENT_FRAGMENT = 16  # characters of tool-call arguments per streamed delta
@@ -42,15 +42,30 @@ def template_message(m: ChatMessage) -> dict[str, Any]:
                     arguments = json.loads(arguments)
                 except json.JSONDecodeError:
                     pass  # the template renders it as given
+                except RecursionError:
+                    raise APIError(400, "tool call arguments nest too deeply", "invalid_value", "messages") from None
             calls.append({"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}})
         out["tool_calls"] = calls
     return out
 
 
-def build_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[str, bool, str]:
-    """(prompt text, whether to parse tool calls, text forced at the start of the reply)."""
-    if len(body.messages) > state.config.max_messages:
-        raise APIError(400, f"too many messages: {len(body.messages)} (limit {state.config.max_messages})", "invalid_value", "messages")
+def _chars(value: Any) -> int:
+    """Characters of text in a JSON-like value (its strings, keys included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(k) + _chars(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
+def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], bool, str]:
+    """(prompt ids, whether to parse tool calls, text forced at the start of the reply).
+
+    CPU work: the server runs it in a worker thread (ServerState.off_loop). Tokenizer.encode_chat
+    keeps every string from the request as text: only the template writes control tokens.
+    """
     messages = [template_message(m) for m in body.messages]
     if body.response_format is not None and body.response_format.type == "json_object":
         # Not grammar-constrained: the model is asked for JSON in the system prompt.
@@ -60,6 +75,8 @@ def build_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[str, 
             messages.insert(0, {"role": "system", "content": JSON_OBJECT_HINT})
     choice = body.tool_choice
     tools = [t.model_dump() for t in body.tools] if body.tools and choice != "none" else None
+    kwargs = body.chat_template_kwargs or {}
+    state.check_prompt_chars(_chars(messages) + _chars(tools) + _chars(kwargs), "messages")
     prefix = ""
     if tools and choice == "required":
         prefix = TOOL_OPEN + '\n{"name": "'  # the model must name one of the tools
@@ -67,9 +84,13 @@ def build_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[str, 
         names = [t["function"]["name"] for t in tools]
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools", "invalid_value", "tool_choice")
+        # The name matches FUNCTION_NAME (letters, digits, _ and -): safe inside the trusted prefix.
         prefix = TOOL_OPEN + '\n{"name": ' + json.dumps(choice.function.name) + ', "arguments": '
-    prompt = state.tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=True, **(body.chat_template_kwargs or {}))
-    return prompt + prefix, tools is not None, prefix
+    try:
+        ids = state.tokenizer.encode_chat(messages, tools, add_generation_prompt=True, reply_prefix=prefix, template_kwargs=kwargs)
+    except QwenkitError as exc:
+        raise APIError(400, str(exc), "invalid_value", "chat_template_kwargs" if "template kwargs" in str(exc) else "messages") from exc
+    return ids, tools is not None, prefix
 
 
 def logprobs_json(state: ServerState, entries: list[TokenLogprobs]) -> dict:
@@ -104,48 +125,49 @@ def usage(out: RequestOutput) -> dict:
             "prompt_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens}}
 
 
-async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
-    key = state.authenticate(request)
+async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request, key: str):
     model = state.check_model(body.model)
-    prompt, parse_tools, prefix = build_prompt(state, body)
-    prompt_ids = state.tokenizer.encode(prompt)
-    max_tokens = state.admit(key, prompt_ids, body.max_completion_tokens or body.max_tokens)
+    if len(body.messages) > state.config.max_messages:
+        raise APIError(400, f"too many messages: {len(body.messages)} (limit {state.config.max_messages})", "invalid_value", "messages")
+    prompt_ids, parse_tools, prefix = await state.off_loop(chat_prompt, state, body)
+    max_tokens = state.max_tokens(key, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
     top = body.top_logprobs or 0
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
-    thinking_open = prompt_opens_thinking(prompt)
     request_id = new_id("chatcmpl")
-    state.engine.validate_request(prompt_ids, params)  # errors become a 400 before any streaming starts
-    stream = state.generate(key, prompt_ids, params, request_id, model)
+    stream = await state.start(key, prompt_ids, params, request_id, model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = stream_chat(state, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage)
+        chunks = stream_chat(state, stream, request_id, model, parse_tools, prefix, body, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
     out = await final_output(request, stream)
     choices = []
     for c in out.outputs:
-        message, finish = message_for(c, parse_output(c.text, thinking_open, parse_tools, prefix), body.parallel_tool_calls)
+        parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix)
+        message, finish = message_for(c, parsed, body.parallel_tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": logprobs_json(state, c.logprobs) if body.logprobs else None})
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(out)}
 
 
-async def stream_chat(state, stream, request_id, model, thinking_open, parse_tools, prefix, body, include_usage) -> AsyncIterator[str]:
+async def stream_chat(state, stream, request_id, model, parse_tools, prefix, body, include_usage) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[dict], **extra) -> str:
-        # ASCII-escaped JSON: U+2028 and friends inside a data line would split it for clients
-        # that break lines the way str.splitlines() does.
-        return "data: " + json.dumps({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                                      "model": model, "choices": choices, **extra}) + "\n\n"
+        return sse_event({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                          "model": model, "choices": choices, **extra})
 
     parsers: dict[int, OutputParser] = {}
     tool_counts: dict[int, int] = {}
     out = None
     async for out in stream:
+        if out.error is not None:  # generation failed: say so, then end the stream properly
+            yield sse_error(out.error)
+            yield SSE_DONE
+            return
         for c in out.outputs:
             if c.index not in parsers:
-                parsers[c.index] = OutputParser(thinking_open, parse_tools, prefix)
+                parsers[c.index] = OutputParser(c.thinking_open, parse_tools, prefix)
                 tool_counts[c.index] = 0
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             deltas = parsers[c.index].feed(c.delta_text)
@@ -157,12 +179,12 @@ async def stream_chat(state, stream, request_id, model, thinking_open, parse_too
                 lp = None
             if lp is not None:
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": lp, "finish_reason": None}])
-            if c.finished:
+            if c.finished:  # "abort" too, when a drain ran out of time
                 finish = "tool_calls" if tool_counts[c.index] else c.finish_reason
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
     if out is not None and include_usage:
         yield chunk([], usage=usage(out))
-    yield "data: [DONE]\n\n"
+    yield SSE_DONE
 
 
 def _openai_deltas(deltas: list[Delta], index: int, tool_counts: dict[int, int], parallel: bool) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import Request
@@ -10,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from qwenkit.engine.outputs import CompletionOutput
 from qwenkit.server.chat import usage
-from qwenkit.server.errors import APIError
+from qwenkit.server.errors import SSE_DONE, APIError, sse_error, sse_event
 from qwenkit.server.protocol import CompletionRequest
 from qwenkit.server.state import ServerState, final_output, new_id
 
@@ -29,21 +28,28 @@ def legacy_logprobs(state: ServerState, c: CompletionOutput) -> dict:
     }
 
 
-async def completions(state: ServerState, body: CompletionRequest, request: Request):
-    key = state.authenticate(request)
+def completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+    """The prompt's ids. A text prompt is raw: strings like "<|im_start|>" in it ARE control tokens
+    (this endpoint is for callers who write the whole prompt themselves; chat keeps them as text)."""
+    if isinstance(prompt, list):
+        return list(prompt)
+    state.check_prompt_chars(len(prompt), "prompt")
+    return state.tokenizer.encode(prompt)
+
+
+async def completions(state: ServerState, body: CompletionRequest, request: Request, key: str):
     model = state.check_model(body.model)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
             raise APIError(400, "send one prompt per request (batched string prompts are not supported)", "invalid_value", "prompt")
         prompt = prompt[0]
-    prompt_ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    max_tokens = state.admit(key, prompt_ids, body.max_tokens or 16)
+    prompt_ids = await state.off_loop(completion_prompt, state, prompt)
+    max_tokens = state.max_tokens(key, len(prompt_ids), body.max_tokens or 16)
     params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
+    echo = await state.off_loop(state.tokenizer.decode, prompt_ids) if body.echo else ""
     request_id = new_id("cmpl")
-    state.engine.validate_request(prompt_ids, params)  # errors become a 400 before any streaming starts
-    stream = state.generate(key, prompt_ids, params, request_id, model)
-    echo = state.tokenizer.decode(prompt_ids) if body.echo else ""
+    stream = await state.start(key, prompt_ids, params, request_id, model)
     if body.stream:
         return StreamingResponse(stream_completion(state, stream, request_id, model, body, echo), media_type="text/event-stream")
     out = await final_output(request, stream)
@@ -55,19 +61,25 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
 
 async def stream_completion(state, stream, request_id, model, body: CompletionRequest, echo: str):
     created = int(time.time())
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return sse_event({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                          "choices": choices, **extra})
+
     started: set[int] = set()
     out = None
     async for out in stream:
+        if out.error is not None:  # generation failed: say so, then end the stream properly
+            yield sse_error(out.error)
+            yield SSE_DONE
+            return
         for c in out.outputs:
             text = c.delta_text
             if c.index not in started:
                 started.add(c.index)
                 text = echo + text
             if text or c.finished:
-                choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
-                yield "data: " + json.dumps({"id": request_id, "object": "text_completion", "created": created,
-                                             "model": model, "choices": [choice]}) + "\n\n"
+                yield chunk([{"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": None}])
     if out is not None and body.stream_options and body.stream_options.include_usage:
-        yield "data: " + json.dumps({"id": request_id, "object": "text_completion", "created": created,
-                                     "model": model, "choices": [], "usage": usage(out)}) + "\n\n"
-    yield "data: [DONE]\n\n"
+        yield chunk([], usage=usage(out))
+    yield SSE_DONE

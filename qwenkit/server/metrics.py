@@ -1,16 +1,20 @@
-"""Prometheus metrics (served at /metrics)."""
+"""Prometheus metrics: request counters and latency histograms, engine gauges from its published stats."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from qwenkit.engine.llm import EngineStats
 from qwenkit.engine.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class ServerMetrics:
-    def __init__(self, engine):
+    def __init__(self, stats: Callable[[], EngineStats]):
+        """`stats`: the snapshot the engine thread published after its last step (never the live scheduler)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("qwenkit_requests", "Finished requests", ["finish_reason"], registry=r)
@@ -20,12 +24,11 @@ class ServerMetrics:
         self.tpot = Histogram("qwenkit_time_per_output_token_seconds", "Time per output token after the first",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("qwenkit_e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, registry=r)
-        # Engine state is read between steps without a lock: a gauge may lag by one step.
-        Gauge("qwenkit_num_requests_running", "Sequences running", registry=r).set_function(lambda: len(engine.scheduler.running))
-        Gauge("qwenkit_num_requests_waiting", "Sequences waiting", registry=r).set_function(lambda: len(engine.scheduler.waiting))
-        Gauge("qwenkit_kv_cache_usage_perc", "Fraction of KV blocks in use", registry=r).set_function(lambda: engine.block_manager.usage)
+        Gauge("qwenkit_num_requests_running", "Sequences running", registry=r).set_function(lambda: stats().running)
+        Gauge("qwenkit_num_requests_waiting", "Sequences waiting", registry=r).set_function(lambda: stats().waiting)
+        Gauge("qwenkit_kv_cache_usage_perc", "Fraction of KV blocks in use", registry=r).set_function(lambda: stats().kv_cache_usage)
         Gauge("qwenkit_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r).set_function(
-            lambda: engine.block_manager.stats.hit_rate)
+            lambda: stats().prefix_cache_hit_rate)
 
     def record(self, out: RequestOutput, end_time: float) -> None:
         for completion in out.outputs:

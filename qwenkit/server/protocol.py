@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qwenkit.engine.sampling_params import SEED_MAX, SEED_MIN
+
+# OpenAI's rule for function names; it also keeps a name that reaches the forced reply prefix
+# (tool_choice) free of anything a tokenizer could read as a control token.
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+TokenId = Annotated[int, Field(ge=0)]
+Bias = Annotated[float, Field(ge=-100, le=100)]  # OpenAI's documented range
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
+
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use; ignore them as OpenAI does
+    # Clients send fields we do not use: ignore them as OpenAI does. Floats must be finite.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(Model):
@@ -37,7 +47,7 @@ class ChatMessage(Model):
 
 
 class FunctionDef(Model):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
@@ -48,7 +58,7 @@ class Tool(Model):
 
 
 class NamedFunction(Model):
-    name: str
+    name: str = Field(pattern=FUNCTION_NAME)
 
 
 class NamedToolChoice(Model):
@@ -71,10 +81,10 @@ class SamplingFields(Model):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[TokenIdKey, Bias] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -84,7 +94,7 @@ class SamplingFields(Model):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -115,4 +125,4 @@ class TokenizeRequest(Model):
 
 class DetokenizeRequest(Model):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -16,7 +16,7 @@ def check_api_key(authorization: str | None, keys: list[str]) -> str:
     if not keys:
         return "anonymous"
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer":
+    if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 11.1): "bearer" works too
         # Compare against every key, always, so the time taken does not reveal which prefix matched.
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
         if any(matches):
@@ -54,11 +54,16 @@ class RateLimiter:
                            "rate_limit_exceeded", headers={"Retry-After": str(wait)})
         bucket.tokens -= amount
 
-    def admit(self, key: str, prompt_tokens: int) -> None:
-        with self.lock:
-            if self.rpm:
+    def take_request(self, key: str) -> None:
+        """One request, counted when it arrives (every authenticated request, valid or not)."""
+        if self.rpm:
+            with self.lock:
                 self._take(self.requests, key, self.rpm, 1, "requests")
-            if self.tpm:
+
+    def take_tokens(self, key: str, prompt_tokens: int) -> None:
+        """A prompt's tokens, counted once it has been tokenized (before the engine judges it)."""
+        if self.tpm:
+            with self.lock:
                 self._take(self.tokens, key, self.tpm, prompt_tokens, "tokens")
 
     def charge(self, key: str, completion_tokens: int) -> None:

@@ -22,6 +22,9 @@ CHATML_TEMPLATE = (
 )
 
 
+TEMPLATE_GLOBALS = ("raise_exception", "strftime_now")
+
+
 def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -71,6 +74,7 @@ class ChatTemplate:
         **template_kwargs: Any,
     ) -> str:
         """The prompt text. `template_kwargs` reach the template as variables (e.g. enable_thinking)."""
+        self.check_kwargs(template_kwargs)
         try:
             return _compile(self.source).render(
                 messages=messages,
@@ -81,3 +85,15 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as exc:
             raise QwenkitError(f"the chat template rejected these messages: {exc}") from exc
+        except RecursionError:  # e.g. tool-call arguments nested a thousand levels deep, through tojson
+            raise QwenkitError("the messages are nested too deeply to render") from None
+
+    def check_kwargs(self, template_kwargs: dict[str, Any]) -> None:
+        reserved = sorted(set(template_kwargs) & self.reserved_names)
+        if reserved:
+            raise QwenkitError(f"chat template variables {', '.join(reserved)} are set by qwenkit and cannot be passed as template kwargs")
+
+    @property
+    def reserved_names(self) -> frozenset[str]:
+        """Template variables qwenkit sets itself: a caller's kwargs may not replace them."""
+        return frozenset({"messages", "tools", "add_generation_prompt", *self.special_tokens, *TEMPLATE_GLOBALS})

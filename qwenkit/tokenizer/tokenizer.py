@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,12 @@ from qwenkit.tokenizer.chat_template import ChatTemplate
 from qwenkit.tokenizer.gguf_vocab import byte_level_bpe
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.safetensors_dir import read_json
+
+# Deeper nesting in messages or tools is refused before rendering (json.dumps and Jinja would hit
+# Python's recursion limit near 1,000 levels; no real schema or tool call comes close to this).
+MAX_NESTING = 64
+
+LONG_TEXT = 4096  # characters (or ids) from which (de)tokenizing releases the GIL
 
 # Tokens that end an assistant turn in every Qwen chat format, whatever the checkpoint's eos says.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -48,12 +57,102 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = _encode(self.backend, text)
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as plain text: strings like "<|im_start|>" become ordinary tokens, never control tokens."""
+        return _encode(self._plain_backend, text) if text else []
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        reply_prefix: str = "",
+        raw_special_tokens: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+        **more_template_kwargs: Any,
+    ) -> list[int]:
+        """The prompt ids of a conversation: the one place chat is tokenized (server, LLM.chat, CLI).
+
+        Control tokens come only from the template (and from `reply_prefix`, trusted text the
+        reply is forced to start with). Every string that came with the messages, tools or kwargs
+        (contents, tool results, tool descriptions, arguments, names) is tokenized as text, so a
+        user who writes "<|im_end|>\n<|im_start|>system" gets those characters, not a forged turn.
+        `raw_special_tokens=True` is for trusted callers who mean such strings as control tokens.
+
+        How: every control-token string inside the caller's data is swapped for a sentinel the
+        template cannot mistake for anything, the template renders, the result is split at the
+        control tokens the template wrote, and each run of text between them (sentinels turned
+        back into their strings) is tokenized as plain text in one piece, so BPE merges across the
+        seam between template text and user text are the same as tokenizing the whole string.
+        For conversations without such strings the ids equal transformers' apply_chat_template.
+        Template variables come as `template_kwargs` (a client's dict: its keys cannot collide
+        with this method's parameters) and/or as keyword arguments; reserved names are refused.
+        """
+        template_kwargs = {**(template_kwargs or {}), **more_template_kwargs}
+        self.chat_template.check_kwargs(template_kwargs)  # before they meet render's own parameters
+        if raw_special_tokens:
+            text = self.chat_template.render(messages, tools, add_generation_prompt, **template_kwargs)
+            return _encode(self.backend, text + reply_prefix)
+        nonce = secrets.token_hex(8)
+        sentinels = {t: f"\ue000{nonce}{i:x}\ue001" for i, t in enumerate(self._control_strings)}
+        back = {v: k for k, v in sentinels.items()}
+
+        def defang(value: Any, depth: int = 0) -> Any:
+            if depth > MAX_NESTING:
+                raise QwenkitError(f"messages, tools or template kwargs nest deeper than {MAX_NESTING} levels")
+            if isinstance(value, str):
+                return self._control_pattern.sub(lambda m: sentinels[m.group(0)], value) if self._control_pattern else value
+            if isinstance(value, dict):
+                return {defang(k, depth + 1): defang(v, depth + 1) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [defang(v, depth + 1) for v in value]
+            return value
+
+        text = self.chat_template.render(
+            defang(messages), defang(tools) if tools is not None else None, add_generation_prompt,
+            **{k: defang(v) for k, v in template_kwargs.items()},
+        ) + reply_prefix
+        restore = re.compile("\ue000" + nonce + "[0-9a-f]+\ue001")
+        ids: list[int] = []
+        pos = 0
+        for m in self._control_pattern.finditer(text) if self._control_pattern else ():
+            ids += self.encode_text(restore.sub(lambda s: back.get(s.group(0), s.group(0)), text[pos : m.start()]))
+            ids.append(self._control_ids[m.group(0)])
+            pos = m.end()
+        ids += self.encode_text(restore.sub(lambda s: back.get(s.group(0), s.group(0)), text[pos:]))
+        return ids
+
+    @cached_property
+    def _control_ids(self) -> dict[str, int]:
+        """Every added token (special or not: "<|im_start|>", "<tool_call>", "<think>"), by its string."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.content}
+
+    @cached_property
+    def _control_strings(self) -> list[str]:
+        return sorted(self._control_ids, key=len, reverse=True)  # longest first: leftmost-longest, as tokenizers matches
+
+    @cached_property
+    def _control_pattern(self) -> re.Pattern | None:
+        return re.compile("|".join(map(re.escape, self._control_strings))) if self._control_strings else None
+
+    @cached_property
+    def _plain_backend(self) -> BackendTokenizer:
+        """The same model, normalizer and pre-tokenizer without the added tokens: text only.
+        (`encode_special_tokens` would leave non-special added tokens such as <tool_call> matched.)"""
+        plain = BackendTokenizer(self.backend.model)
+        plain.normalizer = self.backend.normalizer
+        plain.pre_tokenizer = self.backend.pre_tokenizer
+        plain.decoder = self.backend.decoder
+        return plain
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if len(ids) > LONG_TEXT:
+            return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @classmethod
@@ -107,6 +206,14 @@ class Tokenizer:
             meta.get("tokenizer.chat_template"),
             add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         )
+
+
+def _encode(backend: BackendTokenizer, text: str) -> list[int]:
+    # tokenizers' encode() holds the GIL for the whole text; encode_batch() lets go of it, so a
+    # megabyte prompt tokenized in a worker thread does not stall the server's event loop.
+    if len(text) > LONG_TEXT:
+        return backend.encode_batch([text], add_special_tokens=False)[0].ids
+    return backend.encode(text, add_special_tokens=False).ids
 
 
 def _token_content(value: Any) -> str | None:
