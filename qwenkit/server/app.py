@@ -12,6 +12,7 @@ from qwenkit import __version__
 from qwenkit.engine.llm import AsyncLLM
 from qwenkit.server.chat import chat_completions, template_message
 from qwenkit.server.completions import completions
+from qwenkit.server.infill import add_infill_routes
 from qwenkit.server.errors import error_response, install_error_handlers
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
@@ -73,6 +74,8 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def _completions(body: CompletionRequest, request: Request):
         return await completions(state, body, request)
+
+    add_infill_routes(app, state)
 
     @app.get("/v1/models")
     async def _models(request: Request):

@@ -13,12 +13,12 @@ from fastapi.responses import StreamingResponse
 from qwenkit.engine.outputs import CompletionOutput, RequestOutput
 from qwenkit.engine.sampler import TokenLogprobs
 from qwenkit.server.errors import APIError
+from qwenkit.server.guided import declared_tools, with_guidance
 from qwenkit.server.protocol import ChatCompletionRequest, ChatMessage
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.output_parser import TOOL_OPEN, Delta, OutputParser, ToolCall, parse_output
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 
-JSON_OBJECT_HINT = "Respond with a single valid JSON object and nothing else."
 ARGUMENT_FRAGMENT = 16  # characters of tool-call arguments per streamed delta
 
 
@@ -52,12 +52,6 @@ def build_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[str, 
     if len(body.messages) > state.config.max_messages:
         raise APIError(400, f"too many messages: {len(body.messages)} (limit {state.config.max_messages})", "invalid_value", "messages")
     messages = [template_message(m) for m in body.messages]
-    if body.response_format is not None and body.response_format.type == "json_object":
-        # Not grammar-constrained: the model is asked for JSON in the system prompt.
-        if messages[0]["role"] == "system":
-            messages[0]["content"] = f"{messages[0]['content']}\n\n{JSON_OBJECT_HINT}"
-        else:
-            messages.insert(0, {"role": "system", "content": JSON_OBJECT_HINT})
     choice = body.tool_choice
     tools = [t.model_dump() for t in body.tools] if body.tools and choice != "none" else None
     prefix = ""
@@ -112,6 +106,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     max_tokens = state.admit(key, prompt_ids, body.max_completion_tokens or body.max_tokens)
     top = body.top_logprobs or 0
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
+    params = with_guidance(state, body, params, prefix)
     thinking_open = prompt_opens_thinking(prompt)
     request_id = new_id("chatcmpl")
     state.engine.validate_request(prompt_ids, params)  # errors become a 400 before any streaming starts
@@ -123,7 +118,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     out = await final_output(request, stream)
     choices = []
     for c in out.outputs:
-        message, finish = message_for(c, parse_output(c.text, thinking_open, parse_tools, prefix), body.parallel_tool_calls)
+        message, finish = message_for(c, parse_output(c.text, thinking_open, parse_tools, prefix, declared_tools(body)), body.parallel_tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": logprobs_json(state, c.logprobs) if body.logprobs else None})
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -145,7 +140,7 @@ async def stream_chat(state, stream, request_id, model, thinking_open, parse_too
     async for out in stream:
         for c in out.outputs:
             if c.index not in parsers:
-                parsers[c.index] = OutputParser(thinking_open, parse_tools, prefix)
+                parsers[c.index] = OutputParser(thinking_open, parse_tools, prefix, declared_tools(body))
                 tool_counts[c.index] = 0
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             deltas = parsers[c.index].feed(c.delta_text)

@@ -11,6 +11,8 @@ from fastapi.responses import StreamingResponse
 from qwenkit.engine.outputs import CompletionOutput
 from qwenkit.server.chat import usage
 from qwenkit.server.errors import APIError
+from qwenkit.server.guided import with_guidance
+from qwenkit.server.infill import fim_ids
 from qwenkit.server.protocol import CompletionRequest
 from qwenkit.server.state import ServerState, final_output, new_id
 
@@ -38,8 +40,12 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
             raise APIError(400, "send one prompt per request (batched string prompts are not supported)", "invalid_value", "prompt")
         prompt = prompt[0]
     prompt_ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if body.suffix is not None:  # fill in the middle: the prompt is the code before the cursor
+        if not isinstance(prompt, str):
+            raise APIError(400, "suffix needs a text prompt (the code before the cursor)", "invalid_value", "suffix")
+        prompt_ids = fim_ids(state, prompt, body.suffix)
     max_tokens = state.admit(key, prompt_ids, body.max_tokens or 16)
-    params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
+    params = with_guidance(state, body, state.sampling_params(body, max_tokens, logprobs=body.logprobs))
     request_id = new_id("cmpl")
     state.engine.validate_request(prompt_ids, params)  # errors become a 400 before any streaming starts
     stream = state.generate(key, prompt_ids, params, request_id, model)
