@@ -117,3 +117,21 @@ def test_suffix_and_infill_equal_the_hand_built_fim_prompt(http, client):
     infill = http.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": extra,
                                         "n_predict": 12, "temperature": 0}).json()
     assert infill["content"] == reference
+
+
+def test_agent_against_the_server(http):
+    """The agent loop over HTTP (OpenAI-compatible backend), on the issue's example."""
+    from qwenkit.agent import Agent, OpenAIBackend, ToolResultEvent
+
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city.
+
+        Args:
+            city: The city name.
+        """
+        return f"18 C and sunny in {city}"
+
+    backend = OpenAIBackend("http://testserver/v1", "m", http_client=http, max_tokens=40, temperature=0)
+    result = Agent(backend, [get_weather], max_turns=2).run("What is the weather in Paris right now? Use the tool.")
+    results = [e for e in result.events if isinstance(e, ToolResultEvent)]
+    assert results and results[0].content == "18 C and sunny in Paris"
