@@ -49,7 +49,8 @@ def tool_call_guidance(tools: list[dict[str, Any]], forced_prefix: str = "", par
     call the tools; None when the prefix is not one this module knows how to continue."""
     if not tools:
         return None
-    named = {TAGGED_START + _name(n) + ARGUMENTS: (n, p) for n, p in map(_parameters, tools)}
+    # The opening the server forces for a named function (its name JSON-escaped, ASCII only).
+    named = {TAGGED_START + json.dumps(n)[1:-1] + ARGUMENTS: (n, p) for n, p in map(_parameters, tools)}
     more = [TriggeredTagsFormat(triggers=[TOOL_OPEN], tags=_tagged_tags(tools))] if parallel else []
     if forced_prefix == "":
         bare = [TagFormat(begin=BARE_START + _name(n) + ARGUMENTS, content=_arguments(p), end="}")
