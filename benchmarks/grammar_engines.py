@@ -116,6 +116,58 @@ def run_llguidance(tok: Tokenizer, rows: list[tuple[dict, list[int]]]) -> dict[s
             "apply_ms_median": statistics.median(apply) * 1e3, "accept_ms_median": statistics.median(accept) * 1e3}
 
 
+COVERAGE_SCHEMA = {"type": "object", "properties": {
+    "n": {"type": "number", "minimum": -1.5, "exclusiveMaximum": 10}, "k": {"enum": ["a", "b"]},
+    "v": {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^x+$"}]},
+    "l": {"type": "array", "items": {"type": "string", "format": "date"}, "minItems": 1, "maxItems": 2}}, "required": ["n", "k", "v", "l"]}
+LARK = 'start: "a" NUM\nNUM: /[0-9]+/'
+GBNF = 'root ::= "a" [0-9]+'
+
+
+def coverage(tok: Tokenizer) -> None:
+    """Which features each library compiles here (a feature that raises is a no)."""
+    vocab = [tok.id_to_token(i) or "" for i in range(tok.vocab_size)]
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=VOCAB, stop_token_ids=sorted(tok.stop_token_ids))
+    xc = xgr.GrammarCompiler(info, max_threads=2)
+    lltok = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=VOCAB, eos_token=sorted(tok.stop_token_ids))
+
+    def llg(grammar: str):
+        err = llguidance.LLMatcher.validate_grammar(grammar, lltok)
+        if err:
+            raise ValueError(err)
+        return llguidance.LLMatcher(lltok, grammar)
+
+    def xgr_jump_forward():
+        m = xgr.GrammarMatcher(xc.compile_json_schema(COVERAGE_SCHEMA, any_whitespace=False))
+        return m.find_jump_forward_string() == '{"n": '
+
+    def llg_jump_forward():
+        m = llg(llguidance.LLMatcher.grammar_from_json_schema(COVERAGE_SCHEMA, defaults={"whitespace_flexible": False}))
+        return bool(m.compute_ff_tokens())
+
+    tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<tool_call>"], "tags": [
+        {"begin": "<tool_call>", "content": {"type": "json_schema", "json_schema": COVERAGE_SCHEMA}, "end": "</tool_call>"}]}}
+    lazy_lark = 'start: TEXT | call\nTEXT: /[^{](.|\\n)*/\ncall: %json ' + json.dumps(COVERAGE_SCHEMA)
+    checks = {
+        "JSON schema (bounds, enum, anyOf, pattern, format)": (lambda: xc.compile_json_schema(COVERAGE_SCHEMA),
+                                                               lambda: llg(llguidance.LLMatcher.grammar_from_json_schema(COVERAGE_SCHEMA))),
+        "regex": (lambda: xc.compile_regex("[0-9]{3}-[a-z]+"), lambda: llg(llguidance.LLMatcher.grammar_from_regex("[0-9]{3}-[a-z]+"))),
+        "EBNF / GBNF": (lambda: xc.compile_grammar(GBNF), lambda: llg(llguidance.LLMatcher.grammar_from_lark(llguidance.gbnf_to_lark.gbnf_to_lark(GBNF)))),
+        "Lark": (lambda: xc.compile_lark(LARK), lambda: llg(llguidance.LLMatcher.grammar_from_lark(LARK))),
+        "lazy tool-call grammar (trigger)": (lambda: xc.compile_structural_tag(tag), lambda: llg(llguidance.LLMatcher.grammar_from_lark(lazy_lark))),
+        "jump-forward (forced text)": (xgr_jump_forward, llg_jump_forward),
+    }
+    print(f"{'feature':52}{'xgrammar':>10}{'llguidance':>12}")
+    for name, (x, l) in checks.items():
+        row = []
+        for f in (x, l):
+            try:
+                row.append("yes" if f() is not False else "no")
+            except Exception as exc:  # noqa: BLE001 - a library's refusal is the answer here
+                row.append("no (" + type(exc).__name__ + ")")
+        print(f"{name:52}{row[0]:>10}{row[1]:>12}")
+
+
 def main() -> None:
     torch.set_num_threads(2)
     tok = Tokenizer.from_gguf(GGUFFile(ensure_assembled()))
@@ -128,6 +180,7 @@ def main() -> None:
         print(f"{name:22}" + "".join(f"{r[k]:20.3f}" for k in keys))
     (x, xr), (l, lr) = results.items()
     print(f"fill ratio llguidance/xgrammar: {lr['fill_ms_median'] / xr['fill_ms_median']:.2f}x")
+    coverage(tok)
 
 
 if __name__ == "__main__":
