@@ -59,3 +59,46 @@ def test_forced_tool_call_prefix():
 def test_tools_not_parsed_when_disabled():
     text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     assert parse_output(text, parse_tools=False).content == text
+
+
+WEATHER_TOOLS = {"get_weather": {"type": "object", "properties": {"city": {"type": "string"}}},
+                 "add": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}, "note": {"type": "string"}}}}
+
+TOOL_CASES = [
+    # (text, content, tool calls) with the tools above declared
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "", [ToolCall("get_weather", '{"city": "Paris"}')]),
+    ('\n{"name":"get_weather","arguments":{"city":"Paris"}}\n{"name": "add", "arguments": {"a": 1, "b": 2}}',
+     "", [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("add", '{"a": 1, "b": 2}')]),
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}\nI will check.', "I will check.",
+     [ToolCall("get_weather", '{"city": "Paris"}')]),
+    # Not a declared tool, not at the start, or not a call object: plain content.
+    ('{"name": "launch_rockets", "arguments": {}}', '{"name": "launch_rockets", "arguments": {}}', []),
+    ('Call: {"name": "get_weather", "arguments": {"city": "Paris"}}', 'Call: {"name": "get_weather", "arguments": {"city": "Paris"}}', []),
+    ('{"name": "get_weather", "city": "Paris"}', '{"name": "get_weather", "city": "Paris"}', []),
+    ('{"name": "get_weather", "arguments": {"city": ', '{"name": "get_weather", "arguments": {"city": ', []),
+    ('{"a": 1}', '{"a": 1}', []),
+    # Qwen3-Coder's XML form, parameters typed by the declared schema.
+    ('<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n</parameter>\n'
+     '<parameter=note>\n42\n</parameter>\n</function>\n</tool_call>',
+     "", [ToolCall("add", '{"a": 1, "b": 2, "note": "42"}')]),
+    ('Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork\n</parameter>\n</function>\n</tool_call>',
+     "Sure.\n", [ToolCall("get_weather", '{"city": "New\\nYork"}')]),
+]
+
+
+@pytest.mark.parametrize("text, content, calls", TOOL_CASES)
+@pytest.mark.parametrize("piece", [1, 3, 1000])
+def test_bare_and_xml_tool_calls(text, content, calls, piece):
+    parser = OutputParser(tools=WEATHER_TOOLS)
+    deltas = []
+    for i in range(0, len(text), piece):
+        deltas += parser.feed(text[i : i + piece])
+    deltas += parser.finish()
+    assert "".join(d.content for d in deltas) == content
+    assert [d.tool_call for d in deltas if d.tool_call] == calls
+
+
+def test_bare_call_needs_declared_tools():
+    text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert parse_output(text).content == text
+    assert parse_output(text, tools=WEATHER_TOOLS, parse_tools=False).content == text

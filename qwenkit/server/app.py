@@ -20,6 +20,7 @@ from qwenkit.server.body import BodySizeLimit, StrictJSONRoute
 from qwenkit.server.chat import chat_completions, template_message
 from qwenkit.server.completions import completions
 from qwenkit.server.errors import APIError, install_error_handlers
+from qwenkit.server.infill import add_infill_routes
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
 
@@ -55,6 +56,8 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 429, 503))
     async def _completions(body: CompletionRequest, request: Request, key: str = authorized):
         return await completions(state, body, request, key)
+
+    add_infill_routes(app, state)
 
     @app.get("/v1/models", responses=_errors(401, 429))
     async def _models(_: str = authorized):

@@ -14,11 +14,11 @@ from qwenkit.engine.outputs import CompletionOutput, RequestOutput
 from qwenkit.engine.sampler import TokenLogprobs
 from qwenkit.errors import QwenkitError
 from qwenkit.server.errors import SSE_DONE, APIError, sse_error, sse_event
+from qwenkit.server.guided import declared_tools, with_guidance
 from qwenkit.server.protocol import ChatCompletionRequest, ChatMessage
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.output_parser import TOOL_OPEN, Delta, OutputParser, ToolCall, parse_output
 
-JSON_OBJECT_HINT = "Respond with a single valid JSON object and nothing else."
 ARGUMENT_FRAGMENT = 16  # characters of tool-call arguments per streamed delta
 
 
@@ -67,12 +67,6 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[i
     keeps every string from the request as text: only the template writes control tokens.
     """
     messages = [template_message(m) for m in body.messages]
-    if body.response_format is not None and body.response_format.type == "json_object":
-        # Not grammar-constrained: the model is asked for JSON in the system prompt.
-        if messages[0]["role"] == "system":
-            messages[0]["content"] = f"{messages[0]['content']}\n\n{JSON_OBJECT_HINT}"
-        else:
-            messages.insert(0, {"role": "system", "content": JSON_OBJECT_HINT})
     choice = body.tool_choice
     tools = [t.model_dump() for t in body.tools] if body.tools and choice != "none" else None
     kwargs = body.chat_template_kwargs or {}
@@ -133,6 +127,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     max_tokens = state.max_tokens(key, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
     top = body.top_logprobs or 0
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
+    params = with_guidance(state, body, params, prefix)
     request_id = new_id("chatcmpl")
     stream = await state.start(key, prompt_ids, params, request_id, model)
     if body.stream:
@@ -142,7 +137,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     out = await final_output(request, stream)
     choices = []
     for c in out.outputs:
-        parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix)
+        parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix, declared_tools(body))
         message, finish = message_for(c, parsed, body.parallel_tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": logprobs_json(state, c.logprobs) if body.logprobs else None})
@@ -167,7 +162,7 @@ async def stream_chat(state, stream, request_id, model, parse_tools, prefix, bod
             return
         for c in out.outputs:
             if c.index not in parsers:
-                parsers[c.index] = OutputParser(c.thinking_open, parse_tools, prefix)
+                parsers[c.index] = OutputParser(c.thinking_open, parse_tools, prefix, declared_tools(body))
                 tool_counts[c.index] = 0
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             deltas = parsers[c.index].feed(c.delta_text)

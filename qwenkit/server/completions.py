@@ -10,6 +10,8 @@ from fastapi.responses import StreamingResponse
 from qwenkit.engine.outputs import CompletionOutput
 from qwenkit.server.chat import usage
 from qwenkit.server.errors import SSE_DONE, APIError, sse_error, sse_event
+from qwenkit.server.guided import with_guidance
+from qwenkit.server.infill import fim_ids
 from qwenkit.server.protocol import CompletionRequest
 from qwenkit.server.state import ServerState, final_output, new_id
 
@@ -44,9 +46,15 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
         if len(prompt) != 1:
             raise APIError(400, "send one prompt per request (batched string prompts are not supported)", "invalid_value", "prompt")
         prompt = prompt[0]
-    prompt_ids = await state.off_loop(completion_prompt, state, prompt)
+    if body.suffix is not None:  # fill in the middle: the prompt is the code before the cursor
+        if not isinstance(prompt, str):
+            raise APIError(400, "suffix needs a text prompt (the code before the cursor)", "invalid_value", "suffix")
+        state.check_prompt_chars(len(prompt) + len(body.suffix), "prompt")
+        prompt_ids = await state.off_loop(fim_ids, state, prompt, body.suffix)
+    else:
+        prompt_ids = await state.off_loop(completion_prompt, state, prompt)
     max_tokens = state.max_tokens(key, len(prompt_ids), body.max_tokens or 16)
-    params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
+    params = with_guidance(state, body, state.sampling_params(body, max_tokens, logprobs=body.logprobs))
     echo = await state.off_loop(state.tokenizer.decode, prompt_ids) if body.echo else ""
     request_id = new_id("cmpl")
     stream = await state.start(key, prompt_ids, params, request_id, model)

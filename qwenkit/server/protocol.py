@@ -66,8 +66,26 @@ class NamedToolChoice(Model):
     function: NamedFunction
 
 
+class JSONSchemaFormat(Model):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None  # the schema is enforced by the grammar either way
+
+
 class ResponseFormat(Model):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(Model):
+    """vLLM's `structured_outputs` object (exactly one of these)."""
+    json_: dict[str, Any] | str | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
 
 
 class StreamOptions(Model):
@@ -95,6 +113,12 @@ class SamplingFields(Model):
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    # grammar-constrained output (vLLM's names; see server/guided.py)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -114,6 +138,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None  # fill in the middle, between the prompt and this
 
 
 class TokenizeRequest(Model):

@@ -1,7 +1,11 @@
 """Split Qwen chat output, as it streams, into reasoning, answer text and tool calls.
 
 Qwen writes reasoning as `<think>...</think>` (Qwen3) and tool calls as
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen2.5 and Qwen3). The parser takes
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen2.5 and Qwen3) or, with
+Qwen3-Coder's template, `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`.
+Small Qwen2.5 models often drop the tags and answer a bare `{"name": ..., "arguments": ...}`: when
+the request declared tools, a reply that starts with such an object naming a declared tool is a
+call too (and so are further objects after it, one per line). The parser takes
 text in arbitrary pieces (token by token while streaming, or all at once) and gives the same
 result either way: text that might be the start of a tag is held back until it is decided. A
 tool call whose JSON does not parse is handed back as ordinary content, never dropped.
@@ -10,10 +14,17 @@ tool call whose JSON does not parse is handed back as ordinary content, never dr
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+BARE_CALL_START = '{"name":"'  # with whitespace removed
+_BARE_NAME = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,34 @@ def _partial_tag_at_end(text: str, tag: str) -> int:
     return 0
 
 
-def parse_tool_call(body: str) -> ToolCall | None:
+def _xml_value(raw: str, schema: Any) -> Any:
+    """A Qwen3-Coder parameter value: text for string parameters, else JSON when it parses."""
+    value = raw[1:] if raw.startswith("\n") else raw
+    value = value[:-1] if value.endswith("\n") else value
+    declared = schema.get("type") if isinstance(schema, dict) else None
+    if declared == "string" or (isinstance(declared, list) and "string" in declared):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def parse_xml_tool_call(body: str, tools: Mapping[str, Any] | None = None) -> ToolCall | None:
+    """Qwen3-Coder's `<function=NAME><parameter=P>value</parameter></function>`."""
+    match = _XML_FUNCTION.search(body)
+    if match is None or body[: match.start()].strip():
+        return None
+    name = match.group(1).strip()
+    properties = ((tools or {}).get(name) or {}).get("properties", {}) if isinstance((tools or {}).get(name), dict) else {}
+    arguments = {p.group(1).strip(): _xml_value(p.group(2), properties.get(p.group(1).strip()))
+                 for p in _XML_PARAMETER.finditer(match.group(2))}
+    return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def parse_tool_call(body: str, tools: Mapping[str, Any] | None = None) -> ToolCall | None:
+    if body.startswith("<function="):
+        return parse_xml_tool_call(body, tools)
     try:
         call = json.loads(body)
     except json.JSONDecodeError:
@@ -54,12 +92,43 @@ def parse_tool_call(body: str) -> ToolCall | None:
     return ToolCall(call["name"], json.dumps(arguments, ensure_ascii=False))
 
 
+def _bare_call(buffer: str, tools: Mapping[str, Any], final: bool) -> ToolCall | tuple[ToolCall, str] | str:
+    """A bare call at the start of `buffer`: (call, rest), "maybe" (undecided yet) or "no"."""
+    match = _BARE_NAME.match(buffer)
+    if match is None:
+        compact = "".join(buffer.split())
+        if compact.startswith(BARE_CALL_START):  # the name is still being written
+            partial = compact[len(BARE_CALL_START) :]
+            undecided = any(name.startswith(partial) for name in tools)
+        else:
+            undecided = BARE_CALL_START.startswith(compact)
+        return "maybe" if undecided and not final else "no"
+    try:
+        name = json.loads('"' + match.group(1) + '"')
+    except json.JSONDecodeError:
+        return "no"
+    if name not in tools:
+        return "no"
+    try:
+        call, end = json.JSONDecoder().raw_decode(buffer)
+    except json.JSONDecodeError:
+        return "no" if final else "maybe"
+    parsed = parse_tool_call(json.dumps(call)) if isinstance(call, dict) and set(call) <= {"name", "arguments", "parameters"} else None
+    return (parsed, buffer[end:]) if parsed is not None else "no"
+
+
 class OutputParser:
-    def __init__(self, thinking_open: bool = False, parse_tools: bool = True, prefix: str = ""):
+    def __init__(self, thinking_open: bool = False, parse_tools: bool = True, prefix: str = "",
+                 tools: Mapping[str, Any] | None = None):
         """`thinking_open`: the prompt already opened <think>. `prefix`: text the prompt put in the
-        model's mouth (e.g. "<tool_call>\\n" to force a call), parsed as if the model wrote it."""
+        model's mouth (e.g. "<tool_call>\\n" to force a call), parsed as if the model wrote it.
+        `tools`: the declared tools (name -> parameters schema): a reply that starts with a bare
+        JSON call of one of them is a call, and XML parameters are typed by the schema."""
         self.mode = "reasoning" if thinking_open else "start"
         self.parse_tools = parse_tools
+        self.tools = dict(tools or {})
+        self.bare = parse_tools and bool(self.tools)  # bare calls are still possible here
+        self.bare_calls = 0
         self.buffer = ""
         self.saw_reasoning = thinking_open
         self.after_think = False  # strip the blank lines that follow </think>
@@ -102,6 +171,22 @@ class OutputParser:
                     if not self.buffer and not final:
                         return out
                     self.after_think = False
+                if self.bare:
+                    found = _bare_call(self.buffer.lstrip(), self.tools, final)
+                    if found == "maybe":
+                        return out
+                    if found == "no":
+                        self.bare = False
+                        if self.bare_calls:  # the text after bare calls starts on its own line
+                            self.buffer = self.buffer.lstrip()
+                    else:
+                        self.bare_calls += 1
+                        call, rest = found
+                        out.append(Delta(tool_call=call))
+                        self.buffer = rest.lstrip()  # further bare calls may follow, one per line
+                        if not self.buffer and final:
+                            return out
+                        continue
                 start = self.buffer.find(TOOL_OPEN) if self.parse_tools else -1
                 if start < 0:
                     partial = self.parse_tools and not final
@@ -118,7 +203,7 @@ class OutputParser:
                 body = self.buffer if end < 0 else self.buffer[:end]
                 closed = end >= 0
                 self.buffer = self.buffer[end + len(TOOL_CLOSE) :] if closed else ""
-                call = parse_tool_call(body.strip())
+                call = parse_tool_call(body.strip(), self.tools)
                 if call is not None:
                     out.append(Delta(tool_call=call))
                 else:  # malformed: give the text back as it was written
@@ -141,8 +226,9 @@ class ParsedOutput:
     tool_calls: list[ToolCall]
 
 
-def parse_output(text: str, thinking_open: bool = False, parse_tools: bool = True, prefix: str = "") -> ParsedOutput:
-    parser = OutputParser(thinking_open, parse_tools, prefix)
+def parse_output(text: str, thinking_open: bool = False, parse_tools: bool = True, prefix: str = "",
+                 tools: Mapping[str, Any] | None = None) -> ParsedOutput:
+    parser = OutputParser(thinking_open, parse_tools, prefix, tools)
     deltas = parser.feed(text) + parser.finish()
     reasoning = "".join(d.reasoning for d in deltas)
     return ParsedOutput(

@@ -1,0 +1,124 @@
+"""Grammar-constrained decoding: spec checks, compile errors, the mask against a reference
+computed independently over the vocabulary, and short runs of the default model."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from qwenkit.engine.logits_process import ProcessorContext
+from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.errors import QwenkitError
+from qwenkit.structured import GuidedDecoding
+from qwenkit.structured.processor import GrammarProcessor
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from qwenkit.formats.gguf_reader import GGUFFile
+    from qwenkit.tokenizer.tokenizer import Tokenizer
+    from qwenkit.weights.default_model import ensure_assembled
+
+    return Tokenizer.from_gguf(GGUFFile(ensure_assembled()))
+
+
+def context(tokenizer, spec):
+    return ProcessorContext(tokenizer, SamplingParams(logits_processors=(spec,)), [], False)
+
+
+def test_spec_needs_exactly_one_kind():
+    with pytest.raises(QwenkitError, match="exactly one"):
+        GuidedDecoding()
+    with pytest.raises(QwenkitError, match="exactly one"):
+        GuidedDecoding(regex="a", choice=("b",))
+    with pytest.raises(QwenkitError, match="non-empty"):
+        GuidedDecoding(choice=())
+    with pytest.raises(QwenkitError, match="not valid JSON"):
+        GuidedDecoding.from_json_schema("{nope")
+    # Equal schemas written differently are one cache key.
+    assert GuidedDecoding.from_json_schema({"b": 1, "a": 2}) == GuidedDecoding.from_json_schema('{"a": 2, "b": 1}')
+
+
+@pytest.mark.parametrize("spec, reason", [
+    (GuidedDecoding.from_json_schema({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}), "missing"),
+    (GuidedDecoding(regex="(unclosed"), "regex"),
+    (GuidedDecoding(grammar="root ::= undefined_rule"), "undefined_rule"),
+])
+def test_uncompilable_spec_is_one_line_naming_why(tokenizer, spec, reason):
+    with pytest.raises(QwenkitError) as info:
+        spec(context(tokenizer, spec))
+    message = str(info.value)
+    assert "cannot be compiled" in message and reason in message and "\n" not in message
+
+
+def allowed_after_apply(tokenizer, processors, width):
+    logits = torch.zeros(len(processors) + 1, width)  # the last row carries no grammar
+    GrammarProcessor.apply(logits, list(range(len(processors))), processors)
+    assert torch.isfinite(logits[-1]).all()
+    return [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in logits[:-1]]
+
+
+def test_mask_matches_a_reference_over_the_vocabulary(tokenizer):
+    """The first token of `[0-9]{2}x` may be any vocabulary entry that is a prefix of such a
+    string ("1", "12", "12x"...), and nothing else; checked with Python's re over every token."""
+    width = tokenizer.vocab_size + 7  # logits wider than the vocabulary, as the model's are
+    spec_regex = GuidedDecoding(regex="[0-9]{2}x")
+    spec_choice = GuidedDecoding(choice=("yes", "no"))
+    processors = [spec_regex(context(tokenizer, spec_regex)), spec_choice(context(tokenizer, spec_choice))]
+    allowed_regex, allowed_choice = allowed_after_apply(tokenizer, processors, width)
+    prefix = re.compile(r"[0-9]([0-9]x?)?")
+    texts = {i: tokenizer.decode([i]) for i in range(tokenizer.vocab_size)}
+    specials = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items()}
+    expected = {i for i, t in texts.items() if i not in specials and t and prefix.fullmatch(t)}
+    assert allowed_regex == expected
+    expected_choice = {i for i, t in texts.items() if i not in specials and t and ("yes".startswith(t) or "no".startswith(t))}
+    assert allowed_choice == expected_choice
+
+    # After "12x" the grammar is complete: only the end-of-turn tokens remain, then it finishes.
+    for token in tokenizer.encode("12x", add_special_tokens=False):
+        processors[0].accept(token)
+    (after,) = allowed_after_apply(tokenizer, processors[:1], width)
+    assert after == set(tokenizer.stop_token_ids)
+    processors[0].accept(tokenizer.token_to_id("<|im_end|>"))
+    assert processors[0].is_finished()
+
+
+def test_waits_for_the_end_of_thinking(tokenizer):
+    spec = GuidedDecoding(choice=("yes",))
+    processor = spec(context(tokenizer, spec))
+    # The default model has no </think> token: stand in another id for the end of reasoning.
+    end_of_thinking = tokenizer.token_to_id("<|im_start|>")
+    processor.wait_for_token = end_of_thinking
+    assert allowed_after_apply(tokenizer, [processor], tokenizer.vocab_size) == [set(range(tokenizer.vocab_size))]
+    processor.accept(tokenizer.encode("no", add_special_tokens=False)[0])  # reasoning: not constrained
+    processor.accept(end_of_thinking)
+    (allowed,) = allowed_after_apply(tokenizer, [processor], tokenizer.vocab_size)
+    assert tokenizer.encode("yes", add_special_tokens=False)[0] in allowed and len(allowed) < 10
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+PET = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"anyOf": [{"type": "integer"}, {"type": "null"}]}},
+       "required": ["kind", "legs"], "additionalProperties": False}
+
+
+@pytest.mark.real_model
+def test_default_model_output_follows_the_grammar_in_one_batch(gguf_model):
+    from qwenkit.engine.llm import LLM
+
+    llm = LLM(gguf_model)
+    asks = [("Give a person as JSON.", GuidedDecoding.from_json_schema(PERSON)),
+            ("Describe a pet as JSON.", GuidedDecoding.from_json_schema(PET)),
+            ("Is Paris in France?", GuidedDecoding(choice=("yes", "no"))),
+            ("Give a phone number.", GuidedDecoding(regex=r"[0-9]{3}-[0-9]{4}"))]
+    prompts = [llm.tokenizer.chat_template.render([{"role": "user", "content": q}], add_generation_prompt=True) for q, _ in asks]
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=32, temperature=0, logits_processors=(s,)) for _, s in asks])
+    texts = [o.outputs[0].text for o in outs]
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs), texts  # ended by the grammar, not the length
+    jsonschema.validate(json.loads(texts[0]), PERSON)
+    jsonschema.validate(json.loads(texts[1]), PET)
+    assert texts[2] in ("yes", "no")
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[3])
