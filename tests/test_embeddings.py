@@ -6,7 +6,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 from server_process import ServerProcess
 from tiny_models import save_tiny
@@ -44,9 +44,7 @@ def tiny(request, tmp_path_factory):
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_embed_matches_transformers(tiny, pooling):
     path, llm = tiny
-    from qwenkit.engine.embedding import embedding_token_ids
-
-    ids = [embedding_token_ids(llm.tokenizer, t) for t in TEXTS]
+    ids = AutoTokenizer.from_pretrained(path)(TEXTS)["input_ids"]
     ours = llm.embed(TEXTS, pooling=pooling).numpy()
     ref = reference_embeddings(path, ids, pooling)
     assert ours.shape == ref.shape
@@ -72,3 +70,62 @@ def test_embed_rejects_bad_input(tiny):
     with pytest.raises(QwenkitError, match="context"):
         llm.embed([1] * 1000)
     assert llm.embed([1] * 1000, truncate=True).shape[0] == 1
+
+
+# ---- /v1/embeddings through the official openai client ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-embed-server")
+    save_tiny("qwen3", path)
+    server = ServerProcess("--model", str(path), "--served-model-name", "tiny")
+    yield path, server
+    server.stop()
+
+
+def test_openai_embeddings(tiny_server):
+    path, server = tiny_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    ids = AutoTokenizer.from_pretrained(path)(TEXTS)["input_ids"]
+    ref = reference_embeddings(path, ids, "last")
+
+    one = client.embeddings.create(model="tiny", input=TEXTS[0], encoding_format="float")
+    assert len(one.data) == 1 and one.data[0].index == 0
+    assert cosines(one.data[0].embedding, ref[0]) >= 0.9999
+    assert one.usage.prompt_tokens == len(ids[0])
+
+    many = client.embeddings.create(model="tiny", input=TEXTS, encoding_format="float")
+    assert [d.index for d in many.data] == list(range(len(TEXTS)))
+    assert cosines([d.embedding for d in many.data], ref).min() >= 0.9999
+    assert many.usage.prompt_tokens == sum(map(len, ids))
+
+    # The client's default is base64 (little-endian float32), which it decodes itself; check the raw bytes too.
+    decoded = client.embeddings.create(model="tiny", input=TEXTS)
+    assert cosines([d.embedding for d in decoded.data], ref).min() >= 0.9999
+    raw = client.embeddings.with_raw_response.create(model="tiny", input=TEXTS[1], encoding_format="base64").http_response.json()
+    vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert cosines(vector, ref[1]) >= 0.9999
+
+    short = client.embeddings.create(model="tiny", input=TEXTS, dimensions=16, encoding_format="float")
+    assert all(len(d.embedding) == 16 for d in short.data)
+    assert cosines([d.embedding for d in short.data], reference_embeddings(path, ids, "last", 16)).min() >= 0.9999
+
+    mean = client.embeddings.create(model="tiny", input=TEXTS, encoding_format="float", extra_body={"pooling": "mean"})
+    assert cosines([d.embedding for d in mean.data], reference_embeddings(path, ids, "mean")).min() >= 0.9999
+
+    tokens = client.embeddings.create(model="tiny", input=ids, encoding_format="float")  # token arrays as input
+    assert cosines([d.embedding for d in tokens.data], ref).min() >= 0.9999
+
+
+def test_openai_embeddings_errors(tiny_server):
+    _, server = tiny_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="tiny", input="x", dimensions=100_000)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.embeddings.create(model="tiny", input=[[1] * 1000])
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny", input=[])
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="other", input="x")
+    assert server.health()["status"] == "ok"

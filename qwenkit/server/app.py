@@ -12,7 +12,9 @@ from qwenkit import __version__
 from qwenkit.engine.llm import AsyncLLM
 from qwenkit.server.chat import chat_completions, template_message
 from qwenkit.server.completions import completions
+from qwenkit.server.embeddings import router as embeddings_router
 from qwenkit.server.errors import error_response, install_error_handlers
+from qwenkit.server.ollama import router as ollama_router
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
 
@@ -65,6 +67,9 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app.state.qwenkit = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
+
+    app.include_router(embeddings_router)
+    app.include_router(ollama_router)
 
     @app.post("/v1/chat/completions")
     async def _chat(body: ChatCompletionRequest, request: Request):
