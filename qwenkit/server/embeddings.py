@@ -76,10 +76,15 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     model = state.check_model(body.model)
     out = await embed(state, key, model, token_lists(state, body.input), body.pooling, body.dimensions,
                       body.normalize, body.truncate)
-    if body.encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
-        data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in out.vectors]
+    return embeddings_body(out.vectors, out.num_tokens, model, body.encoding_format)
+
+
+def embeddings_body(vectors: torch.Tensor, num_tokens: int, model: str, encoding_format: str) -> dict:
+    """The response (the server's and a batch job's)."""
+    if encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
+        data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
     else:
-        data = out.vectors.tolist()
+        data = vectors.tolist()
     return {"object": "list", "model": model,
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-            "usage": {"prompt_tokens": out.num_tokens, "total_tokens": out.num_tokens}}
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
