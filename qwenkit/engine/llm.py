@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from qwenkit.engine.embedding import embed_token_ids, embedding_token_ids, fit_to_context
 from qwenkit.engine.llm_engine import EngineConfig, LLMEngine
 from qwenkit.engine.outputs import RequestOutput
 from qwenkit.engine.sampling_params import SamplingParams
@@ -63,6 +64,22 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.encode_chat(c, tools, **template_kwargs) for c in conversations]
         return self.generate(prompts, params, lora)
+
+    def embed(
+        self,
+        inputs: Prompt | list[Prompt],
+        pooling: str = "last",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = False,
+    ):
+        """Embeddings [len(inputs), dimensions or hidden_size] (float32): last-token pooling and L2
+        normalisation as Qwen3-Embedding does, or pooling="mean"; `dimensions` truncates (Matryoshka)."""
+        single = isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int))
+        batch = [inputs] if single else list(inputs)
+        ids = [embedding_token_ids(self.tokenizer, p) if isinstance(p, str) else list(p) for p in batch]
+        ids = fit_to_context(ids, self.engine.max_model_len, truncate)
+        return embed_token_ids(self.engine.loaded.model, ids, pooling, dimensions, normalize)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[RequestOutput]:
         """One request, yielding an output each time it produces tokens (the CLI uses this)."""

@@ -19,8 +19,10 @@ from qwenkit.engine.llm import AsyncLLM
 from qwenkit.server.body import BodySizeLimit, StrictJSONRoute
 from qwenkit.server.chat import chat_completions, template_message
 from qwenkit.server.completions import completions
+from qwenkit.server.embeddings import router as embeddings_router
 from qwenkit.server.errors import APIError, install_error_handlers
 from qwenkit.server.infill import add_infill_routes
+from qwenkit.server.ollama import router as ollama_router
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
 
@@ -48,6 +50,9 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     # about the schema. `authorized` also counts the request against the key's rate limit.
     authenticated = Depends(state.authenticate)
     authorized = Depends(state.authorize)
+
+    app.include_router(embeddings_router)
+    app.include_router(ollama_router)
 
     @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 429, 503))
     async def _chat(body: ChatCompletionRequest, request: Request, key: str = authorized):

@@ -135,6 +135,11 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
         chunks = stream_chat(state, stream, request_id, model, parse_tools, prefix, body, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
     out = await final_output(request, stream)
+    return chat_completion_body(state, body, out, request_id, model, parse_tools, prefix)
+
+
+def chat_completion_body(state, body: ChatCompletionRequest, out: RequestOutput, request_id, model, parse_tools, prefix) -> dict:
+    """The non-streamed response to a finished request (the server's and a batch job's)."""
     choices = []
     for c in out.outputs:
         parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix, declared_tools(body))
