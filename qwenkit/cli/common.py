@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from qwenkit.engine.sampling_params import SamplingParams
+if TYPE_CHECKING:  # importing the engine takes seconds; `qwenkit pull` and `qwenkit models` never need it
+    from qwenkit.engine.sampling_params import SamplingParams
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

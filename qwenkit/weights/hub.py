@@ -134,6 +134,18 @@ class _HuggingFace:
 
         return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
 
+    def cached_dir(self, ref: HubRef) -> Path | None:
+        """The cached snapshot of the revision, read from the cache layout (refs/NAME holds the commit):
+        snapshot_download(local_files_only=True) refuses a snapshot missing files we never wanted."""
+        from huggingface_hub import constants
+
+        repo = Path(constants.HF_HUB_CACHE) / f"models--{ref.repo_id.replace('/', '--')}"
+        revision = ref.revision or "main"
+        ref_file = repo / "refs" / revision
+        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+        snapshot = repo / "snapshots" / commit
+        return snapshot if snapshot.is_dir() else None
+
     def not_found(self, exc: Exception) -> str | None:
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -167,6 +179,14 @@ class _ModelScope:
         from modelscope import snapshot_download
 
         return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
+
+    def cached_dir(self, ref: HubRef) -> Path | None:
+        try:
+            return self.download(ref, None, local_only=True)
+        except QwenkitError:
+            raise
+        except Exception:  # not cached
+            return None
 
     def not_found(self, exc: Exception) -> str | None:
         return "repository or revision not found" if "404" in str(exc) or "not exist" in str(exc).lower() else None
@@ -212,13 +232,8 @@ def fetch(ref: HubRef) -> HubModel:
 
 def _from_cache(hub, ref: HubRef) -> tuple[HubModel | None, QwenkitError | None]:
     """(the cached model if complete, else None; why the cached files do not hold `ref`, if they do not)."""
-    try:
-        directory = hub.download(ref, None, local_only=True)
-    except QwenkitError:
-        raise
-    except Exception:  # not cached (each client says so its own way)
-        return None, None
-    if not directory.is_dir():
+    directory = hub.cached_dir(ref)
+    if directory is None or not directory.is_dir():
         return None, None
     files = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
     try:
