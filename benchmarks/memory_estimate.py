@@ -30,12 +30,13 @@ from qwenkit.weights.loader import load_model
 
 path, context = (None if sys.argv[1] == "default" else sys.argv[1]), int(sys.argv[2])
 loaded = load_model(path, max_model_len=context)
+after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=loaded.plan.context_kv_bytes, enable_prefix_caching=False))
 ids = torch.randint(0, 150000, (context - 40,), generator=torch.Generator().manual_seed(0)).tolist()
 engine.add_request(ids, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
 while engine.has_unfinished_requests():
     engine.step()
-print(json.dumps({"baseline": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"baseline": baseline, "load_peak": after_load, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 # The byte offsets of each block's float16 scale(s), so random blocks decode to small finite values.
@@ -126,9 +127,9 @@ def main() -> None:
             write_random_gguf(shape, quant, arch, path, default)
         cases.append((label, str(path), shape, quant))
     print(f"context {args.context} tokens; estimate = weights + KV + runtime (runtime baseline measured in the child)")
-    print(f"{'case':<42} {'file':>8} {'weights':>8} {'KV':>7} {'runtime':>8} {'estimate':>9} {'peak RSS':>9} {'est/meas':>8}")
+    print(f"{'case':<42} {'file':>8} {'weights':>8} {'KV':>7} {'runtime':>8} {'estimate':>9} {'load peak':>9} {'peak RSS':>9} {'est/meas':>8}")
     for label, path, shape, quant in cases:
-        out = subprocess.run([sys.executable, "-c", CHILD, path, str(args.context)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, path, str(args.context)], capture_output=True, text=True, timeout=1200)
         if out.returncode:
             print(label, "failed:", out.stderr.strip().splitlines()[-1])
             continue
@@ -137,7 +138,7 @@ def main() -> None:
         size = Path(ensure_assembled() if path == "default" else path).stat().st_size
         mib = 1 << 20
         print(f"{label:<42} {size / mib:>6.0f}Mi {est.weights / mib:>6.0f}Mi {est.kv_cache / mib:>5.0f}Mi {est.runtime / mib:>6.0f}Mi "
-              f"{est.total / mib:>7.0f}Mi {r['peak'] / mib:>7.0f}Mi {est.total / r['peak']:>8.3f}")
+              f"{est.total / mib:>7.0f}Mi {r['load_peak'] / mib:>7.0f}Mi {r['peak'] / mib:>7.0f}Mi {est.total / r['peak']:>8.3f}", flush=True)
 
 
 if __name__ == "__main__":

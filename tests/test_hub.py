@@ -68,7 +68,7 @@ def _logits(model, ids):
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """The stand-in hub with a GGUF repo (a 3-part split Q4_K_M-named model, a one-file Q8_0 one; revision
-    v1 has only the Q8_0) and a safetensors repo; yields (endpoint, files dir, transformers reference)."""
+    v1 has only the Q8_0) and a safetensors repo; yields (endpoint, HF_HOME, transformers reference, source files)."""
     src = tmp_path_factory.mktemp("repo")
     reference = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3")).eval()
     randomize(reference)
@@ -84,7 +84,7 @@ def hub(tmp_path_factory):
         "Qwen/Tiny": FakeRepo({"main": {p.name: p for p in checkpoint.iterdir() if p.is_file()}}),
     }
     server, endpoint = serve(repos)
-    yield endpoint, tmp_path_factory.mktemp("hf_home"), reference
+    yield endpoint, tmp_path_factory.mktemp("hf_home"), reference, src
     server.shutdown()
 
 
@@ -97,7 +97,7 @@ def _qwenkit(args, endpoint, home, offline=False):
 
 
 def test_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub):
-    endpoint, home, reference = hub
+    endpoint, home, reference, src = hub
     result = _qwenkit(["pull", f"hf.co/{REPO}:q4_k_m"], endpoint, home)
     assert result.returncode == 0, result.stderr
     first = Path(result.stdout.strip().splitlines()[-1])
@@ -108,13 +108,19 @@ def test_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub):
     with torch.inference_mode():
         expected = reference(ids[None]).logits[0]
     assert (_logits(loaded.model, ids) - expected).abs().max().item() < 1e-4
+    from qwenkit.kernels import cpu_kernels
+
+    if cpu_kernels() is not None:  # blocks run in place from the three files: as from one file with the same tensors
+        split_blocks = load_model(str(first))
+        one_file = load_model(str(src / "tiny-Q8_0.gguf"))  # the same tensors in one file
+        assert torch.equal(_logits(split_blocks.model, ids), _logits(one_file.model, ids))
     # offline now: the cached parts are found without the hub
     again = _qwenkit(["pull", f"{REPO}:Q4_K_M"], "http://127.0.0.1:9", home, offline=True)
     assert again.returncode == 0 and Path(again.stdout.strip()) == first, again.stderr
 
 
 def test_revision_pins_what_is_downloaded_and_listed(hub):
-    endpoint, home, _ = hub
+    endpoint, home, _, _ = hub
     result = _qwenkit(["pull", REPO, "--revision", "v1"], endpoint, home)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).name == "tiny-Q8_0.gguf"  # v1's only model: no tag needed
@@ -130,7 +136,7 @@ def test_revision_pins_what_is_downloaded_and_listed(hub):
 
 
 def test_offline_and_uncached_is_one_clear_line(hub):
-    endpoint, home, _ = hub
+    endpoint, home, _, _ = hub
     result = _qwenkit(["generate", "hi", "--model", "Qwen/Not-Cached-GGUF:Q4_K_M"], "http://127.0.0.1:9", home, offline=True)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

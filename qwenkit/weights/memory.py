@@ -6,8 +6,9 @@ needed = weights + KV cache + runtime
            (Q4_K_M: Q4_K, with Q6_K for the output and for attn_v/ffn_down in the layers
            llama.cpp's use_more_bits picks; a K-quant on rows not a multiple of 256 falls back to
            Q5_0/Q8_0, as llama.cpp does), counted the way qwenkit holds them: the native kernels'
-           types stay in their blocks, F16/BF16 weights and MoE experts become float32; the
-           embedding stays memory-mapped (only looked-up rows are read) unless it is also the output.
+           types stay in their blocks, F16/BF16 weights and MoE experts become float32 (the
+           memory-mapped embedding counts whole: fault-around maps nearly all of it within a few
+           thousand distinct tokens).
   KV       layers x kv_heads x head_dim x 2 (K and V) x 2 bytes (float16, the GGUF default) x context
   runtime  this process's own RSS with torch and qwenkit imported (measured), the tokenizer and GGUF
            vocabulary (measured once on the 151,936-token Qwen vocabulary) and one prefill chunk's activations.
@@ -134,12 +135,11 @@ class MemoryEstimate:
 def weight_bytes(shape: ModelShape, quant: str) -> int:
     """Resident bytes of the weights in qwenkit (GGUF blocks in place, float32 compute)."""
     total = 4 * shape.small_params()
-    has_output = any(n == "output" for n, *_ in shape.tensors())
     for name, layer, rows, columns in shape.tensors():
         kind = tensor_type(quant, name, layer, shape.layers, columns)
         in_place = kind in KERNEL_TYPES and (EXPERTS_IN_PLACE or not name.endswith("_exps"))
-        if name == "token_embd" and in_place and has_output:
-            continue  # memory-mapped: only the rows looked up are ever read
+        # A memory-mapped embedding is counted whole: each looked-up row maps its 64 KiB neighbourhood
+        # (the kernel's fault-around), so a few thousand distinct tokens make nearly all of it resident.
         total += int(rows * columns * BITS[kind] / 8) if in_place else rows * columns * 4
     return total
 
