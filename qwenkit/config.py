@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -102,6 +103,34 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def context_length(self) -> int:
+        """Tokens of context the model's positions reach: a YaRN or linear scaling multiplies the
+        original context by its factor (Qwen's recipe keeps max_position_embeddings at the original
+        32,768 and adds rope_scaling with factor 4 for 131,072), as vLLM derives max_model_len."""
+        if self.rope.rope_type in ("yarn", "linear") and self.rope.factor > 1:
+            original = self.rope.original_max_position_embeddings or self.max_position_embeddings
+            return max(int(original * self.rope.factor), self.max_position_embeddings)
+        return self.max_position_embeddings
+
+    def with_rope_scaling(self, scaling: dict[str, Any] | str) -> "ModelConfig":
+        """This configuration with `scaling` (a dict or its JSON, HF's rope_scaling keys) replacing the
+        rope scaling; the rope theta stays the model's, the original context defaults to its own."""
+        if isinstance(scaling, str):
+            try:
+                scaling = json.loads(scaling)
+            except json.JSONDecodeError as exc:
+                raise QwenkitError(f"--rope-scaling is not valid JSON ({exc.msg}): {scaling!r}") from None
+        if not isinstance(scaling, dict):
+            raise QwenkitError(f"rope scaling must be a JSON object such as {{\"rope_type\":\"yarn\",\"factor\":4.0}}, not {scaling!r}")
+        params = {"rope_theta": self.rope.theta, **scaling}
+        if params.get("factor") is None and (params.get("rope_type") or params.get("type")) in ("yarn", "linear"):
+            raise QwenkitError("rope scaling of type yarn or linear needs a factor, e.g. {\"rope_type\":\"yarn\",\"factor\":4.0}")
+        rope = _rope_from_hf({"rope_scaling": params, "max_position_embeddings": self.max_position_embeddings})
+        if rope.factor <= 0:
+            raise QwenkitError(f"rope scaling factor must be positive, not {rope.factor}")
+        return replace(self, rope=rope)
 
     def is_moe_layer(self, layer: int) -> bool:
         return (

@@ -74,12 +74,14 @@ def llama_cpp_tensors(model: torch.nn.Module, num_layers: int, num_experts: int)
     return out
 
 
-def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embedding_type: Q = Q.F16) -> None:
-    """Write `model` to `path` and overwrite its weights with what the file holds after quantization."""
+def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embedding_type: Q = Q.F16, split_max_tensors: int = 0) -> None:
+    """Write `model` to `path` and overwrite its weights with what the file holds after quantization.
+
+    `split_max_tensors` > 0 writes llama.cpp's split layout (gguf-split: PATH-00001-of-0000N.gguf ...)."""
     cfg = model.config
     arch = GGUF_ARCH[cfg.model_type]
     num_experts = getattr(cfg, "num_experts", 0) if cfg.model_type.endswith("moe") else 0
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_uint32(f"{arch}.block_count", cfg.num_hidden_layers)
     w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
     w.add_uint32(f"{arch}.embedding_length", cfg.hidden_size)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from qwenkit.cli.common import add_engine_flags, add_model_flags, load_llm
-from qwenkit.engine.benchmark import random_prompts, run_concurrent
 
 
 def register(subparsers) -> None:
@@ -20,6 +19,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qwenkit.engine.benchmark import random_prompts, run_concurrent  # here: the engine is slow to import
+
     llm = load_llm(args)
     prompts = random_prompts(args.num_requests, args.prompt_len, llm.engine.loaded.config.vocab_size, args.seed)
     print(run_concurrent(llm.engine, prompts, args.output_len).report())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from qwenkit.engine.sampling_params import SamplingParams
+if TYPE_CHECKING:  # importing the engine takes seconds; `qwenkit pull` and `qwenkit models` never need it
+    from qwenkit.engine.sampling_params import SamplingParams
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,18 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto: a GGUF runs its quantized blocks in place (unless --dtype is given); "
                              "int8/int4: weight-only quantization of the linear layers at load time; none: float")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
+    add_hub_flags(parser)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="tokens of context (prompt + output); default: the model's, scaled by --rope-scaling")
+    parser.add_argument("--rope-scaling", default=None, metavar="JSON",
+                        help='e.g. \'{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}\' '
+                             "(Qwen's recipe for 131,072 tokens): the context becomes factor x original")
+
+
+def add_hub_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="hub ids: branch, tag or commit to pin (default: main)")
+    parser.add_argument("--source", default=None, choices=["huggingface", "modelscope"],
+                        help="hub ids: where to download from (default: modelscope if QWENKIT_USE_MODELSCOPE=1, else huggingface)")
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,4 +80,7 @@ def load_llm(args: argparse.Namespace):
 def load_model_from_args(args: argparse.Namespace):
     from qwenkit.weights.loader import load_model
 
-    return load_model(args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size)
+    return load_model(
+        args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size,
+        max_model_len=args.max_model_len, rope_scaling=args.rope_scaling, revision=args.revision, source=args.source,
+    )

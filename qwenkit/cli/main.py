@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from qwenkit import __version__
-from qwenkit.cli import batch, bench, chat, generate, merge, quantize, serve, tune
+from qwenkit.cli import batch, bench, chat, generate, merge, models, pull, quantize, serve, tune
 from qwenkit.errors import QwenkitError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qwenkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (chat, generate, serve, batch, bench, quantize, tune, merge):
+    for command in (chat, generate, serve, batch, bench, quantize, tune, merge, pull, models):
         command.register(sub)
     return parser
 

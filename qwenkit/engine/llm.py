@@ -21,16 +21,17 @@ Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 
 
-def _engine(model: str | LoadedModel | None, dtype: str | None, engine_config: EngineConfig | None) -> LLMEngine:
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
+def _engine(model: str | LoadedModel | None, dtype: str | None, engine_config: EngineConfig | None, **load_options) -> LLMEngine:
+    # load_options: load_model's keywords (max_model_len, rope_scaling, revision, source, quantize)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, **load_options)
     return LLMEngine(loaded, engine_config or EngineConfig())
 
 
 class LLM:
     """`LLM().generate(prompts)`: every prompt in one continuously batched run; results in order."""
 
-    def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None):
-        self.engine = _engine(model, dtype, engine_config)
+    def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None, **load_options):
+        self.engine = _engine(model, dtype, engine_config, **load_options)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

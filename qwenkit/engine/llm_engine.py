@@ -20,6 +20,7 @@ from qwenkit.engine.sequence import SamplingState, Sequence
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
+from qwenkit.weights.context import check_kv_pool
 from qwenkit.weights.loader import LoadedModel, LoadPlan
 
 
@@ -86,6 +87,8 @@ class LLMEngine:
             model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype
         )
         num_blocks = max(2, config.kv_cache_memory // (per_token * config.block_size))
+        if loaded.plan.context_requested or config.max_model_len is not None:  # an asked-for context must fit one sequence
+            check_kv_pool(self.max_model_len, num_blocks * config.block_size, per_token, kv_dtype)
         self.cache = PagedKVCache(
             model_cfg.num_hidden_layers, num_blocks, config.block_size,
             model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype,

@@ -1,5 +1,8 @@
 """A fast reader for the GGUF container: metadata, tensor directory, memory-mapped tensor bytes.
 
+A model split by llama.cpp's gguf-split (`name-00001-of-00003.gguf` ...) is read in place from all
+its files: the first holds the metadata, each holds some tensors, `split.count` says how many.
+
 The `gguf` package's GGUFReader builds a numpy view per string of the 150k-token vocabulary,
 which takes ~12 s for a Qwen file; this reads the same header in well under a second. The
 quantization formats themselves stay the `gguf` package's business (see gguf_tensors.py).
@@ -8,6 +11,7 @@ quantization formats themselves stay the `gguf` package's business (see gguf_ten
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,16 @@ DEFAULT_ALIGNMENT = 32
 # Arrays of arrays are legal GGUF but no model needs more than a level or two; a crafted file with
 # thousands of levels would otherwise end in a RecursionError.
 MAX_ARRAY_NESTING = 8
+# llama.cpp's split file names (llama_split_path): PREFIX-00001-of-00003.gguf
+SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_part_paths(path: Path, count: int) -> list[Path]:
+    """The paths of all `count` files of the split GGUF that `path` is one part of."""
+    m = SPLIT_NAME.match(path.name)
+    if m is None:
+        raise QwenkitError(f"{path} is part of a {count}-file split GGUF but is not named PREFIX-0000N-of-{count:05d}.gguf")
+    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 @dataclass(frozen=True)
@@ -32,8 +46,9 @@ class GGUFTensor:
     name: str
     kind: GGMLQuantizationType
     shape: tuple[int, ...]  # numpy order (slowest dimension first)
-    offset: int  # absolute position in the file
+    offset: int  # absolute position in its file
     n_bytes: int
+    part: int = 0  # which file of a split GGUF holds it
 
 
 class _Cursor:
@@ -79,16 +94,45 @@ class _Cursor:
 class GGUFFile:
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        except (OSError, ValueError) as exc:
-            raise QwenkitError(f"{self.path} cannot be read as a GGUF file ({exc})") from exc
-        try:
-            self.metadata, self.tensors = self._parse(memoryview(self._map))
-        except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
-            raise QwenkitError(f"{self.path} is not a valid GGUF file (truncated or corrupt: {exc})") from exc
+        self._maps: list[np.memmap] = []
+        self.metadata, self.tensors = self._open(self.path, 0)
+        count = int(self.metadata.get("split.count", 1) or 1)
+        if count > 1:
+            self._open_split(split_part_paths(self.path, count))
 
-    def _parse(self, buf: memoryview):
+    def _open(self, path: Path, part: int) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+        try:
+            self._maps.append(np.memmap(path, dtype=np.uint8, mode="r"))
+        except (OSError, ValueError) as exc:
+            raise QwenkitError(f"{path} cannot be read as a GGUF file ({exc})") from exc
+        try:
+            return self._parse(memoryview(self._maps[-1]), path, part)
+        except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise QwenkitError(f"{path} is not a valid GGUF file (truncated or corrupt: {exc})") from exc
+
+    def _open_split(self, paths: list[Path]) -> None:
+        count = len(paths)
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise QwenkitError(f"split GGUF {self.path.name} has {count} parts; missing: {', '.join(missing)}")
+        if int(self.metadata.get("split.no", 0)) != 0:  # opened from a later part: the first holds the metadata
+            self.path, self._maps = paths[0], []
+            self.metadata, self.tensors = self._open(self.path, 0)
+        for part, path in enumerate(paths[1:], start=1):
+            meta, tensors = self._open(path, part)
+            if int(meta.get("split.no", -1)) != part or int(meta.get("split.count", 0)) != count:
+                raise QwenkitError(f"{path} is not part {part + 1} of {count} of {self.path.name} (its split metadata differs)")
+            self.tensors.update(tensors)
+        expected = self.metadata.get("split.tensors.count")
+        if expected is not None and int(expected) != len(self.tensors):
+            raise QwenkitError(f"split GGUF {self.path.name} lists {expected} tensors but its {count} files hold {len(self.tensors)}")
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file the model is read from (one, or all parts of a split GGUF)."""
+        return [Path(m.filename) for m in self._maps]
+
+    def _parse(self, buf: memoryview, path: Path, part: int):
         c = _Cursor(buf)
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError("no GGUF magic number")
@@ -116,19 +160,19 @@ class GGUFFile:
             try:
                 qtype = GGMLQuantizationType(kind)
             except ValueError:
-                raise QwenkitError(f"{self.path}: tensor {name} has an unknown GGUF tensor type id {kind}") from None
+                raise QwenkitError(f"{path}: tensor {name} has an unknown GGUF tensor type id {kind}") from None
             block, type_size = GGML_QUANT_SIZES[qtype]
             n = int(np.prod(dims)) if dims else 1
-            t = GGUFTensor(name, qtype, tuple(int(d) for d in reversed(dims)), data_start + offset, n // block * type_size)
+            t = GGUFTensor(name, qtype, tuple(int(d) for d in reversed(dims)), data_start + offset, n // block * type_size, part)
             if t.offset + t.n_bytes > len(buf):
-                raise QwenkitError(f"{self.path} is truncated: tensor {name} ends past the end of the file")
+                raise QwenkitError(f"{path} is truncated: tensor {name} ends past the end of the file")
             tensors[name] = t
         return meta, tensors
 
     def release(self, tensor: GGUFTensor) -> None:
         """Drop the tensor's pages from this process's memory once they have been copied or
         converted (the map stays valid: a later read faults them in again from the file)."""
-        mapping = getattr(self._map, "_mmap", None)
+        mapping = getattr(self._maps[tensor.part], "_mmap", None)
         if mapping is None or not hasattr(mapping, "madvise"):
             return
         start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
@@ -136,5 +180,5 @@ class GGUFFile:
 
     def raw(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as uint8 [rows..., bytes per row], as `gguf.quants.dequantize` expects."""
-        data = self._map[tensor.offset : tensor.offset + tensor.n_bytes]
+        data = self._maps[tensor.part][tensor.offset : tensor.offset + tensor.n_bytes]
         return data.reshape(*tensor.shape[:-1], -1)

@@ -30,6 +30,7 @@ from qwenkit.quantization.checkpoint import split_quantized
 from qwenkit.quantization.gguf_layers import gguf_block_layers, int4_layers_from_q4_k
 from qwenkit.quantization.quantize import quantize_model
 from qwenkit.tokenizer.tokenizer import Tokenizer
+from qwenkit.weights.context import ContextRequest
 from qwenkit.weights.resolve import ResolvedModel, WeightFormat, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -59,7 +60,14 @@ class LoadPlan:
     quantization: Quantization
     compute_dtype: torch.dtype  # activations and float weights
     kv_cache_dtype: torch.dtype  # what a KV cache dtype of "auto" means for this model
-    max_model_len: int  # tokens of context (prompt + output)
+    max_model_len: int  # tokens of context (prompt + output): the model's (scaled) context or what was asked
+    kv_bytes_per_token: int  # K and V of one token over all layers, in kv_cache_dtype
+    context_requested: bool = False  # max_model_len or rope scaling was asked for (so it must fit the KV pool)
+
+    @property
+    def context_kv_bytes(self) -> int:
+        """KV cache memory one sequence of max_model_len tokens needs."""
+        return self.kv_bytes_per_token * self.max_model_len
 
 
 @dataclass
@@ -73,9 +81,22 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str | None = None, dtype: str | None = None, quantize: str | None = "auto", group_size: int = 128
+    spec: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = "auto",
+    group_size: int = 128,
+    *,
+    max_model_len: int | None = None,
+    rope_scaling: dict[str, Any] | str | None = None,
+    revision: str | None = None,
+    source: str | None = None,
 ) -> LoadedModel:
     """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default).
+
+    `rope_scaling` (HF's keys, e.g. {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+    32768}) replaces the checkpoint's; the context then reaches factor x original. `max_model_len` caps
+    the context (it may not exceed the model's). `revision` pins a hub id to a branch, tag or commit;
+    `source` is "huggingface" or "modelscope" (default: $QWENKIT_USE_MODELSCOPE, else huggingface).
 
     `quantize`:
       "auto"  a GGUF keeps its quantized blocks and runs them in place ("gguf") unless a `dtype` is
@@ -89,7 +110,7 @@ def load_model(
         raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise QwenkitError(f"unsupported quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
-    resolved = resolve_model(spec)
+    resolved = resolve_model(spec, revision=revision, source=source)
     is_gguf = resolved.format == WeightFormat.GGUF
     if quantize == "auto":
         quantize = "gguf" if is_gguf and dtype is None and native_gguf_available() else None
@@ -101,7 +122,7 @@ def load_model(
                                "compiler (see the warning above); use --dtype float32 or --quantize int4 instead")
     compute_dtype = DTYPES[dtype or "float32"]
     requested = Quantization.NONE if quantize is None else Quantization(quantize)
-    loaded = load_resolved(resolved, compute_dtype, requested)
+    loaded = load_resolved(resolved, compute_dtype, requested, ContextRequest(max_model_len, rope_scaling))
     if requested in (Quantization.INT8, Quantization.INT4):
         quantize_model(loaded.model, requested.value, group_size)
     return loaded
@@ -111,18 +132,25 @@ def native_gguf_available() -> bool:
     return cpu_kernels() is not None
 
 
-def _plan(resolved: ResolvedModel, config: ModelConfig, dtype: torch.dtype, quantization: Quantization) -> LoadPlan:
+def _plan(config: ModelConfig, fmt: WeightFormat, dtype: torch.dtype, quantization: Quantization, context: ContextRequest) -> LoadPlan:
     # float16 for GGUF blocks in place (llama.cpp's default cache type: half of float32's memory);
     # otherwise the model's own dtype, so a float model's cache is exact.
     kv = torch.float16 if quantization == Quantization.GGUF_BLOCKS else dtype
-    return LoadPlan(resolved.format, quantization, dtype, kv, config.max_position_embeddings)
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * kv.itemsize
+    return LoadPlan(fmt, quantization, dtype, kv, context.max_len(config), per_token, context.requested)
 
 
-def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantization: Quantization = Quantization.NONE) -> LoadedModel:
+def load_resolved(
+    resolved: ResolvedModel,
+    dtype: torch.dtype,
+    quantization: Quantization = Quantization.NONE,
+    context: ContextRequest = ContextRequest(),
+) -> LoadedModel:
     path = resolved.path
     if resolved.format == WeightFormat.GGUF:
         gguf = GGUFFile(path)
-        config = config_from_gguf(gguf)
+        config = context.apply(config_from_gguf(gguf))
+        plan = _plan(config, resolved.format, dtype, quantization, context)  # a bad request fails before the weights load
         family = model_family(config.model_type)
         tokenizer = Tokenizer.from_gguf(gguf)
         if quantization == Quantization.GGUF_BLOCKS:
@@ -132,11 +160,11 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantization: Qua
         else:
             kept = {}
         model = build_model(family.model_class, config, iter_gguf_tensors(gguf, config, frozenset(kept)), dtype, kept)
-        plan = _plan(resolved, config, dtype, quantization)
         return LoadedModel(model, tokenizer, config, path, plan, dict(GGUF_GENERATION_DEFAULTS))
     raw_config = read_json(path / "config.json")
     family = model_family(raw_config.get("model_type"))
-    config = ModelConfig.from_hf_dict(raw_config)
+    config = context.apply(ModelConfig.from_hf_dict(raw_config))
+    context.max_len(config)  # a bad request fails before the weights load
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     eos = generation_config.get("eos_token_id", [])
     tokenizer = Tokenizer.from_hf_dir(path, tuple(eos) if isinstance(eos, list) else (eos,))
@@ -145,7 +173,7 @@ def load_resolved(resolved: ResolvedModel, dtype: torch.dtype, quantization: Qua
         stored, tensors = split_quantized(tensors, raw_config["quantization_config"])
         quantization = Quantization.CHECKPOINT
     model = build_model(family.model_class, config, family.tensor_names(tensors), dtype, stored)
-    return LoadedModel(model, tokenizer, config, path, _plan(resolved, config, dtype, quantization), generation_config)
+    return LoadedModel(model, tokenizer, config, path, _plan(config, resolved.format, dtype, quantization, context), generation_config)
 
 
 def build_model(

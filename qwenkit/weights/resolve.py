@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from qwenkit.errors import QwenkitError
 from qwenkit.weights.default_model import ensure_assembled
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+from qwenkit.weights.hub import fetch, gguf_models, parse_hub_id
 
 
 class WeightFormat(Enum):
     HF = "hf"  # a directory with config.json and safetensors
-    GGUF = "gguf"  # one .gguf file
+    GGUF = "gguf"  # a .gguf file (the first part of a split GGUF)
 
 
 @dataclass(frozen=True)
@@ -25,7 +22,8 @@ class ResolvedModel:
     format: WeightFormat
 
 
-def resolve_model(spec: str | None) -> ResolvedModel:
+def resolve_model(spec: str | None, revision: str | None = None, source: str | None = None) -> ResolvedModel:
+    """`revision` and `source` apply to hub ids (see weights/hub.py)."""
     if spec is None:
         return ResolvedModel(ensure_assembled(), WeightFormat.GGUF)
     path = Path(spec).expanduser()
@@ -36,33 +34,15 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     if path.is_dir():
         if (path / "config.json").exists():
             return ResolvedModel(path, WeightFormat.HF)
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ResolvedModel(ggufs[0], WeightFormat.GGUF)
-        raise QwenkitError(f"{path} has no config.json (and not exactly one .gguf file)")
-    if _REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return ResolvedModel(download_from_hub(spec), WeightFormat.HF)
+        models = gguf_models([p.name for p in path.glob("*.gguf")])
+        if len(models) == 1:  # one GGUF, or the parts of one split GGUF
+            return ResolvedModel(path / next(iter(models.values()))[0], WeightFormat.GGUF)
+        raise QwenkitError(f"{path} has no config.json (and not exactly one GGUF model)")
+    ref = parse_hub_id(spec, revision, source)
+    if ref is not None:
+        fetched = fetch(ref)
+        return ResolvedModel(fetched.path, WeightFormat.GGUF if fetched.is_gguf else WeightFormat.HF)
     raise QwenkitError(f"no such model path: {spec}")
-
-
-def download_from_hub(repo_id: str) -> Path:
-    # Imported here: it is slow to import and only needed for hub ids.
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass  # not cached yet
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except RepositoryNotFoundError as exc:
-        raise QwenkitError(f"hub repository {repo_id!r} not found (or private: log in with `hf auth login`)") from exc
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        raise QwenkitError(
-            f"cannot download {repo_id!r} from the Hugging Face hub (offline?); "
-            f"pass a local checkpoint directory or .gguf file with --model PATH"
-        ) from exc
 
 
 def _has_gguf_magic(path: Path) -> bool:

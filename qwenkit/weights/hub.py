@@ -1,0 +1,302 @@
+"""Hub ids to local files: the Hugging Face hub or ModelScope, GGUF repos by quantization tag, split
+GGUFs, pinned revisions.
+
+`Qwen/Qwen2.5-7B-Instruct-GGUF:Q4_K_M` names a GGUF repo and the quantization to take from it, as
+llama.cpp's `-hf` and Ollama's `hf.co/...` do: the tag picks the file (case-insensitive) and, for a
+model split by gguf-split (`...-00001-of-00003.gguf`), all of its parts. Without a tag a repo with a
+checkpoint (config.json + safetensors) gives the checkpoint; a GGUF-only repo gives its only model,
+else Q4_K_M (llama.cpp's default). The local cache is tried first, so a downloaded model needs no network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenkit.errors import QwenkitError
+from qwenkit.formats.gguf_reader import SPLIT_NAME
+
+SOURCES = ("huggingface", "modelscope")
+# What a safetensors checkpoint needs from its repo (GGUF files are picked by tag instead).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+DEFAULT_GGUF_TAG = "Q4_K_M"
+_HUB_ID = re.compile(r"^(?:(?:https://)?(?:hf\.co|huggingface\.co)/)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?::(?P<tag>[\w.-]+))?$")
+# The quantization tag at the end of a GGUF file's name: Q4_K_M, IQ4_XS, Q8_0, F16, BF16 ...
+_TAG_AT_END = re.compile(r"(?i)[-._](I?Q\d\w*|BF16|F16|F32)$")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    tag: str | None = None  # quantization tag of a GGUF repo
+    revision: str | None = None  # branch, tag or commit; None: the default branch
+    source: str = "huggingface"
+
+    def __str__(self) -> str:
+        return self.repo_id + (f":{self.tag}" if self.tag else "") + (f"@{self.revision}" if self.revision else "")
+
+
+def default_source() -> str:
+    """ModelScope when QWENKIT_USE_MODELSCOPE is set true (as vLLM's VLLM_USE_MODELSCOPE), else Hugging Face."""
+    return "modelscope" if os.environ.get("QWENKIT_USE_MODELSCOPE", "").lower() in ("1", "true", "yes") else "huggingface"
+
+
+def parse_hub_id(spec: str, revision: str | None = None, source: str | None = None) -> HubRef | None:
+    """The hub reference `spec` names (owner/name[:TAG], optionally hf.co/...), or None if it is not one."""
+    if spec.startswith((".", "/", "~")):
+        return None
+    m = _HUB_ID.match(spec)
+    if m is None:
+        return None
+    source = source or default_source()
+    if source not in SOURCES:
+        raise QwenkitError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
+    return HubRef(m["repo"], m["tag"], revision, source)
+
+
+# ---- choosing files ---------------------------------------------------------------------------
+
+
+def gguf_models(files: list[str]) -> dict[str, list[str]]:
+    """The repo's GGUF models by name (split suffix and .gguf dropped) -> their files, parts in order.
+    Multimodal projector files (mmproj) are no language model and are left out."""
+    models: dict[str, list[str]] = {}
+    for f in sorted(files):
+        name = f.rsplit("/", 1)[-1]
+        if not name.lower().endswith(".gguf") or "mmproj" in name.lower():
+            continue
+        m = SPLIT_NAME.match(f)
+        key = m["prefix"] if m else f[: -len(".gguf")]
+        models.setdefault(key, []).append(f)
+    return models
+
+
+def _has_tag(model: str, tag: str) -> bool:
+    # The tag as a whole word of the name: Q4_K matches "...-Q4_K.gguf" but not "...-Q4_K_M.gguf".
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(tag)}(?![A-Za-z0-9_])", model, re.IGNORECASE) is not None
+
+
+def model_tag(model: str) -> str:
+    m = _TAG_AT_END.search(model)
+    return m.group(1) if m else model.rsplit("/", 1)[-1]
+
+
+def select_gguf(files: list[str], tag: str | None, repo: str) -> list[str]:
+    """The file(s) of the GGUF model `tag` names in a repo listing `files`: one, or every split part."""
+    models = gguf_models(files)
+    if not models:
+        raise QwenkitError(f"{repo} has no .gguf files" + (f" (so no {tag!r} quantization)" if tag else ""))
+    available = ", ".join(sorted(model_tag(m) for m in models))
+    if tag is None and len(models) == 1:
+        (chosen,) = models
+    else:
+        wanted = tag or DEFAULT_GGUF_TAG
+        matches = [m for m in models if _has_tag(m, wanted)]
+        if not matches:
+            hint = "" if tag else f"; no tag given and there is no {DEFAULT_GGUF_TAG}: add one as {repo}:TAG"
+            raise QwenkitError(f"no GGUF file in {repo} has the quantization tag {wanted!r}{hint}; available: {available}")
+        if len(matches) > 1:
+            raise QwenkitError(f"tag {wanted!r} matches several GGUF models in {repo}: {', '.join(matches)}; name one of them")
+        (chosen,) = matches
+    parts = models[chosen]
+    m = SPLIT_NAME.match(parts[0])
+    if m is not None and len(parts) != int(m["count"]):
+        raise QwenkitError(f"{repo} lists {len(parts)} of the {int(m['count'])} parts of split GGUF {chosen}")
+    return parts
+
+
+def _is_checkpoint(files: list[str]) -> bool:
+    return "config.json" in files and any(f.endswith(".safetensors") for f in files)
+
+
+def wanted_files(files: list[str], ref: HubRef) -> tuple[list[str], bool]:
+    """(patterns or file names to download, whether it is a GGUF) for a repo listing `files`."""
+    if ref.tag is None and _is_checkpoint(files):
+        return HUB_PATTERNS, False
+    return select_gguf(files, ref.tag, ref.repo_id), True
+
+
+# ---- the two hubs -----------------------------------------------------------------------------
+
+
+class _HuggingFace:
+    name = "Hugging Face hub"
+
+    def list_files(self, ref: HubRef) -> list[str]:
+        from huggingface_hub import HfApi
+
+        return list(HfApi().list_repo_files(ref.repo_id, revision=ref.revision))
+
+    def download(self, ref: HubRef, patterns: list[str] | None, local_only: bool) -> Path:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
+
+    def cached_dir(self, ref: HubRef) -> Path | None:
+        """The cached snapshot of the revision, read from the cache layout (refs/NAME holds the commit):
+        snapshot_download(local_files_only=True) refuses a snapshot missing files we never wanted."""
+        from huggingface_hub import constants
+
+        repo = Path(constants.HF_HUB_CACHE) / f"models--{ref.repo_id.replace('/', '--')}"
+        revision = ref.revision or "main"
+        ref_file = repo / "refs" / revision
+        commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+        snapshot = repo / "snapshots" / commit
+        return snapshot if snapshot.is_dir() else None
+
+    def not_found(self, exc: Exception) -> str | None:
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        if isinstance(exc, RevisionNotFoundError):
+            return "revision not found"
+        if isinstance(exc, RepositoryNotFoundError):
+            return "repository not found (or private: log in with `hf auth login`)"
+        if isinstance(exc, EntryNotFoundError):
+            return "file not found"
+        return None
+
+
+class _ModelScope:
+    name = "ModelScope hub"
+
+    def _check(self) -> None:
+        try:
+            import modelscope  # noqa: F401
+        except ImportError:
+            raise QwenkitError("ModelScope as a source needs the modelscope package: pip install modelscope") from None
+
+    def list_files(self, ref: HubRef) -> list[str]:
+        self._check()
+        from modelscope.hub.api import HubApi
+
+        kwargs = {"revision": ref.revision} if ref.revision else {}
+        return [f["Path"] for f in HubApi().get_model_files(ref.repo_id, recursive=True, **kwargs) if f.get("Type") != "tree"]
+
+    def download(self, ref: HubRef, patterns: list[str] | None, local_only: bool) -> Path:
+        self._check()
+        from modelscope import snapshot_download
+
+        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
+
+    def cached_dir(self, ref: HubRef) -> Path | None:
+        try:
+            return self.download(ref, None, local_only=True)
+        except QwenkitError:
+            raise
+        except Exception:  # not cached
+            return None
+
+    def not_found(self, exc: Exception) -> str | None:
+        return "repository or revision not found" if "404" in str(exc) or "not exist" in str(exc).lower() else None
+
+
+def _hub(source: str):
+    return _ModelScope() if source == "modelscope" else _HuggingFace()
+
+
+# ---- fetching ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubModel:
+    path: Path  # the checkpoint directory, or the (first) GGUF file
+    is_gguf: bool
+
+
+def fetch(ref: HubRef) -> HubModel:
+    """The local copy of `ref`: from the cache if complete there, else downloaded."""
+    hub = _hub(ref.source)
+    cached, cache_error = _from_cache(hub, ref)
+    if cached is not None:
+        return cached
+    try:
+        files = hub.list_files(ref)
+        patterns, is_gguf = wanted_files(files, ref)
+        directory = hub.download(ref, patterns, local_only=False)
+    except QwenkitError:
+        raise
+    except Exception as exc:  # the hub clients raise many kinds (HTTP, connection, offline mode): one line each
+        reason = hub.not_found(exc)
+        if reason:
+            raise QwenkitError(f"{ref} on the {hub.name}: {reason}") from exc
+        if cache_error is not None:  # offline, but the repo is cached: say why the cached files do not do
+            raise QwenkitError(f"{cache_error} (offline: searched the local cache)") from exc
+        raise QwenkitError(
+            f"cannot download {ref} from the {hub.name} and it is not in the local cache (offline? "
+            f"{type(exc).__name__}); connect, or pass a local checkpoint directory or .gguf file with --model PATH"
+        ) from exc
+    return HubModel(directory / patterns[0], True) if is_gguf else HubModel(directory, False)
+
+
+def _from_cache(hub, ref: HubRef) -> tuple[HubModel | None, QwenkitError | None]:
+    """(the cached model if complete, else None; why the cached files do not hold `ref`, if they do not)."""
+    directory = hub.cached_dir(ref)
+    if directory is None or not directory.is_dir():
+        return None, None
+    files = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
+    try:
+        patterns, is_gguf = wanted_files(files, ref)
+    except QwenkitError as exc:
+        return None, exc  # the cached files do not hold what is asked for: ask the hub
+    if is_gguf:
+        return HubModel(directory / patterns[0], True), None
+    return (HubModel(directory, False) if _checkpoint_complete(directory) else None), None
+
+
+def _checkpoint_complete(directory: Path) -> bool:
+    import json
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return all((directory / s).exists() for s in shards)
+    return (directory / "model.safetensors").exists()
+
+
+# ---- what is cached ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: str  # what to pass to --model
+    format: str  # "gguf Q4_K_M", "gguf Q4_K_M, 3 parts", "safetensors"
+    size: int  # bytes on disk
+    path: Path
+    source: str
+
+
+def _describe(directory: Path, repo: str, source: str) -> list[CachedModel]:
+    files = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
+    found = []
+    for model, parts in gguf_models(files).items():
+        tag = model_tag(model)
+        size = sum((directory / f).stat().st_size for f in parts)
+        kind = f"gguf {tag}" + (f", {len(parts)} parts" if len(parts) > 1 else "")
+        found.append(CachedModel(f"{repo}:{tag}", kind, size, directory / parts[0], source))
+    if _is_checkpoint(files):
+        size = sum((directory / f).stat().st_size for f in files)
+        found.append(CachedModel(repo, "safetensors", size, directory, source))
+    return found
+
+
+def cached_models() -> list[CachedModel]:
+    """Models in the Hugging Face and ModelScope caches (every cached revision)."""
+    found: list[CachedModel] = []
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in scan_cache_dir().repos:
+            if repo.repo_type != "model":
+                continue
+            for revision in repo.revisions:
+                found += _describe(Path(revision.snapshot_path), repo.repo_id, "huggingface")
+    except Exception:  # no cache directory yet (CacheNotFound) or one being written: nothing to list
+        pass
+    root = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope" / "hub") / "models"
+    if root.is_dir():
+        for owner in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for repo in sorted(p for p in owner.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                found += _describe(repo, f"{owner.name}/{repo.name}", "modelscope")
+    return found

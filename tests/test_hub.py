@@ -1,0 +1,147 @@
+"""Hub ids: GGUF repos by quantization tag, split GGUFs, revisions, the cache, offline errors.
+
+Never the network: a stand-in for the hub's file API on 127.0.0.1 (hub_server.py) serves the
+repos, and the real `huggingface_hub` client downloads from it (HF_ENDPOINT) in a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from hub_server import FakeRepo, serve
+from qwenkit.errors import QwenkitError
+from qwenkit.model.attention import NoCache
+from qwenkit.weights.hub import HubRef, parse_hub_id, select_gguf
+from qwenkit.weights.loader import load_model
+from tiny_gguf import write_tiny_gguf
+from tiny_models import randomize, save_tiny, tiny_config, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "Qwen/Tiny-GGUF"
+LISTING = [
+    "README.md",
+    "tiny-q8_0.gguf",
+    "tiny-Q4_K.gguf",
+    "tiny-Q4_K_M-00001-of-00002.gguf",
+    "tiny-Q4_K_M-00002-of-00002.gguf",
+    "mmproj-tiny-f16.gguf",
+]
+
+
+def test_a_tag_picks_its_file_case_insensitively_and_every_split_part():
+    assert select_gguf(LISTING, "Q8_0", REPO) == ["tiny-q8_0.gguf"]
+    assert select_gguf(LISTING, "q4_k_m", REPO) == ["tiny-Q4_K_M-00001-of-00002.gguf", "tiny-Q4_K_M-00002-of-00002.gguf"]
+    assert select_gguf(LISTING, "Q4_K", REPO) == ["tiny-Q4_K.gguf"]  # not Q4_K_M: the tag is a whole word
+    assert select_gguf(LISTING, None, REPO) == select_gguf(LISTING, "Q4_K_M", REPO)  # llama.cpp's default tag
+    assert select_gguf(["a/x-F16.gguf", "mmproj-F16.gguf"], None, REPO) == ["a/x-F16.gguf"]  # the only model
+    with pytest.raises(QwenkitError, match=r"no GGUF file in Qwen/Tiny-GGUF has the quantization tag 'Q2_K'; available: Q4_K, Q4_K_M, q8_0"):
+        select_gguf(LISTING, "Q2_K", REPO)
+    with pytest.raises(QwenkitError, match="lists 1 of the 2 parts"):
+        select_gguf(LISTING[:4], "Q4_K_M", REPO)
+    with pytest.raises(QwenkitError, match="has no .gguf files"):
+        select_gguf(["config.json", "model.safetensors"], "Q4_K_M", REPO)
+
+
+def test_hub_ids_sources_and_paths(monkeypatch):
+    monkeypatch.delenv("QWENKIT_USE_MODELSCOPE", raising=False)
+    assert parse_hub_id("hf.co/Qwen/Qwen2.5-7B-Instruct-GGUF:Q4_K_M") == HubRef("Qwen/Qwen2.5-7B-Instruct-GGUF", "Q4_K_M")
+    assert parse_hub_id("Qwen/Qwen3-8B", revision="v1.0") == HubRef("Qwen/Qwen3-8B", None, "v1.0")
+    assert parse_hub_id("./Qwen/Qwen3-8B") is None and parse_hub_id("/models/x") is None
+    monkeypatch.setenv("QWENKIT_USE_MODELSCOPE", "1")
+    assert parse_hub_id("Qwen/Qwen3-8B").source == "modelscope"
+    assert parse_hub_id("Qwen/Qwen3-8B", source="huggingface").source == "huggingface"
+    with pytest.raises(QwenkitError, match="unknown model source"):
+        parse_hub_id("Qwen/Qwen3-8B", source="github")
+
+
+def _logits(model, ids):
+    pos = torch.arange(len(ids))
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, pos, NoCache(pos)))
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The stand-in hub with a GGUF repo (a 3-part split Q4_K_M-named model, a one-file Q8_0 one; revision
+    v1 has only the Q8_0) and a safetensors repo; yields (endpoint, HF_HOME, transformers reference, source files)."""
+    src = tmp_path_factory.mktemp("repo")
+    reference = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3")).eval()
+    randomize(reference)
+    write_tiny_gguf(reference, src / "tiny-Q4_K_M.gguf", tiny_tokenizer(), split_max_tensors=15)
+    write_tiny_gguf(reference, src / "tiny-Q8_0.gguf", tiny_tokenizer())  # same values: the reference already holds them
+    parts = sorted(src.glob("tiny-Q4_K_M-*.gguf"))
+    assert len(parts) == 3
+    gguf_files = {p.name: p for p in [*parts, src / "tiny-Q8_0.gguf"]}
+    checkpoint = tmp_path_factory.mktemp("checkpoint")
+    save_tiny("qwen2", checkpoint)
+    repos = {
+        REPO: FakeRepo({"main": gguf_files, "v1": {"tiny-Q8_0.gguf": src / "tiny-Q8_0.gguf"}}),
+        "Qwen/Tiny": FakeRepo({"main": {p.name: p for p in checkpoint.iterdir() if p.is_file()}}),
+    }
+    server, endpoint = serve(repos)
+    yield endpoint, tmp_path_factory.mktemp("hf_home"), reference, src
+    server.shutdown()
+
+
+def _qwenkit(args, endpoint, home, offline=False):
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(home), PYTHONPATH=str(ROOT))
+    env.pop("QWENKIT_USE_MODELSCOPE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "qwenkit.cli.main", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub):
+    endpoint, home, reference, src = hub
+    result = _qwenkit(["pull", f"hf.co/{REPO}:q4_k_m"], endpoint, home)
+    assert result.returncode == 0, result.stderr
+    first = Path(result.stdout.strip().splitlines()[-1])
+    assert first.name == "tiny-Q4_K_M-00001-of-00003.gguf"
+    assert sorted(p.name for p in first.parent.iterdir()) == [f"tiny-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    loaded = load_model(str(first), "float32")  # read in place from its three files
+    ids = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+    with torch.inference_mode():
+        expected = reference(ids[None]).logits[0]
+    assert (_logits(loaded.model, ids) - expected).abs().max().item() < 1e-4
+    from qwenkit.kernels import cpu_kernels
+
+    if cpu_kernels() is not None:  # blocks run in place from the three files: as from one file with the same tensors
+        split_blocks = load_model(str(first))
+        one_file = load_model(str(src / "tiny-Q8_0.gguf"))  # the same tensors in one file
+        assert torch.equal(_logits(split_blocks.model, ids), _logits(one_file.model, ids))
+    # offline now: the cached parts are found without the hub
+    again = _qwenkit(["pull", f"{REPO}:Q4_K_M"], "http://127.0.0.1:9", home, offline=True)
+    assert again.returncode == 0 and Path(again.stdout.strip()) == first, again.stderr
+
+
+def test_revision_pins_what_is_downloaded_and_listed(hub):
+    endpoint, home, _, _ = hub
+    result = _qwenkit(["pull", REPO, "--revision", "v1"], endpoint, home)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).name == "tiny-Q8_0.gguf"  # v1's only model: no tag needed
+    missing = _qwenkit(["pull", REPO, "--revision", "v2"], endpoint, home)
+    assert missing.returncode == 1 and missing.stderr.strip() == f"error: {REPO}@v2 on the Hugging Face hub: revision not found"
+    checkpoint = _qwenkit(["pull", "Qwen/Tiny"], endpoint, home)
+    assert checkpoint.returncode == 0 and (Path(checkpoint.stdout.strip()) / "config.json").exists(), checkpoint.stderr
+    listing = _qwenkit(["models"], endpoint, home, offline=True)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert any(line.startswith(f"{REPO}:Q8_0 ") and " gguf Q8_0 " in line for line in lines), listing.stdout
+    assert any(line.startswith("Qwen/Tiny ") and " safetensors " in line for line in lines), listing.stdout
+
+
+def test_offline_and_uncached_is_one_clear_line(hub):
+    endpoint, home, _, _ = hub
+    result = _qwenkit(["generate", "hi", "--model", "Qwen/Not-Cached-GGUF:Q4_K_M"], "http://127.0.0.1:9", home, offline=True)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        "error: cannot download Qwen/Not-Cached-GGUF:Q4_K_M from the Hugging Face hub and it is not in the local cache (offline?"
+    )
+    unknown_tag = _qwenkit(["pull", f"{REPO}:Q2_K"], endpoint, home)
+    assert unknown_tag.returncode == 1 and "has the quantization tag 'Q2_K'" in unknown_tag.stderr, unknown_tag.stderr
