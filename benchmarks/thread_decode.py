@@ -26,7 +26,7 @@ def on_thread(fn):
     return result[0]
 
 
-def kernel_call_us(calls: int = 3000) -> float:
+def kernel_call_us(calls: int = 1000) -> float:
     """Median over 5 repeats of the mean time of one single-token call of a small GGUF layer."""
     import numpy as np
     import torch

@@ -201,13 +201,14 @@ inline __m512 spread_step(const float* scales, int64_t c) {
 // multiplied with all NT tokens' int8 codes. Each token's sum is computed exactly as it would be
 // alone (same operations, same order), so a batch gives each token the bits of a batch of one.
 template <class View, int NT>
-inline void tile_dot(const View& v, const __m512* wsv, const int8_t* xq, const __m512* xsv, int64_t k, float* sums) {
+inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const __m512* xsv, int64_t k, float* sums) {
+  constexpr int G = View::GROUP;
   const int64_t steps = k / 64;
   __m512 acc[NT];
   for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < steps; ++c) {
     const __m512i codes = v.codes64(c);
-    const __m512 w = wsv[c];
+    const __m512 w = spread_step<G>(ws, c);
     for (int j = 0; j < NT; ++j) {
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq + j * k + 64 * c));
       acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w, xsv[j * steps + c]), acc[j]);
@@ -217,43 +218,50 @@ inline void tile_dot(const View& v, const __m512* wsv, const int8_t* xq, const _
 }
 
 // y[t, row] for rows [begin, end) (k a multiple of 64), through a View of each row: codes per
-// 64 values, a weight scale and an offset per GROUP values. Tokens go 4 at a time (then 2, 1)
-// through tile_dot, so T tokens decode each weight block ceil(T / 4) times, not T times.
+// 64 values, a weight scale and an offset per GROUP values. Rows go 8 at a time (their bytes
+// stay in L1/L2) and, for each 8, tokens 4 at a time (then 2, 1) through tile_dot: T tokens
+// decode each weight step ceil(T / 4) times, not T times, and read each row from memory once.
 template <class View>
 void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
               int64_t begin, int64_t end, float* out, int64_t n) {
   constexpr int G = View::GROUP;
-  const int64_t groups = k / G, steps = k / 64;
+  constexpr int64_t ROWS = 8;
+  const int64_t groups = k / G, steps = k / 64, stride = groups + 16;
   const float* xscale = G == 32 ? a.scale32.data() : a.scale16.data();
   const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
-  std::vector<float> ws(groups + 16), off(groups + 16);
-  std::vector<__m512> wsv(steps), xsv(tokens * steps);
+  std::vector<float> ws(ROWS * stride), off(ROWS * stride);
+  std::vector<__m512> xsv(tokens * steps);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t c = 0; c < steps; ++c) xsv[t * steps + c] = spread_step<G>(xscale + t * groups, c);
   float sums[4];
-  for (int64_t row = begin; row < end; ++row) {
-    const View v(rows + row * row_bytes, k);
-    v.scales(k, ws.data(), off.data());
-    for (int64_t c = 0; c < steps; ++c) wsv[c] = spread_step<G>(ws.data(), c);
-    for (int64_t t = 0; t < tokens;) {
-      const int64_t nt = tokens - t >= 4 ? 4 : tokens - t >= 2 ? 2 : 1;
-      const int8_t* xq = a.q.data() + t * k;
-      if (nt == 4) {
-        tile_dot<View, 4>(v, wsv.data(), xq, xsv.data() + t * steps, k, sums);
-      } else if (nt == 2) {
-        tile_dot<View, 2>(v, wsv.data(), xq, xsv.data() + t * steps, k, sums);
-      } else {
-        tile_dot<View, 1>(v, wsv.data(), xq, xsv.data() + t * steps, k, sums);
-      }
-      for (int64_t j = 0; j < nt; ++j, ++t) {
-        const float* xsum = xsums + t * groups;
-        __m512 sub = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; g += 16) {
-          const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-          sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, off.data() + g), _mm512_maskz_loadu_ps(m, xsum + g), sub);
+  for (int64_t first = begin; first < end; first += ROWS) {
+    const int64_t count = std::min(ROWS, end - first);
+    for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t nt = tokens - t0 >= 4 ? 4 : tokens - t0 >= 2 ? 2 : 1;
+      const int8_t* xq = a.q.data() + t0 * k;
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t row = first + r;
+        const View v(rows + row * row_bytes, k);
+        const float* row_ws = &ws[r * stride];
+        if (nt == 4) {
+          tile_dot<View, 4>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
+        } else if (nt == 2) {
+          tile_dot<View, 2>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
+        } else {
+          tile_dot<View, 1>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
         }
-        out[t * n + row] = sums[j] - _mm512_reduce_add_ps(sub);
+        for (int64_t j = 0; j < nt; ++j) {
+          const float* xsum = xsums + (t0 + j) * groups;
+          __m512 sub = _mm512_setzero_ps();
+          for (int64_t g = 0; g < groups; g += 16) {
+            const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+            sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, &off[r * stride + g]), _mm512_maskz_loadu_ps(m, xsum + g), sub);
+          }
+          out[(t0 + j) * n + row] = sums[j] - _mm512_reduce_add_ps(sub);
+        }
       }
+      t0 += nt;
     }
   }
 }
