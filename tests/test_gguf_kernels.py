@@ -11,14 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from qwenkit.kernels import cpu_kernels
+from qwenkit.kernels import cpu_kernels, supported_isas
 from qwenkit.quantization import gguf_linear
 from qwenkit.quantization.gguf_linear import GGUFEmbedding, GGUFLinear
 
-pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native GGUF kernels need x86-64 AVX-512 VNNI and a compiler")
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native GGUF kernels need a C++ compiler")
 
 SMALL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
@@ -133,3 +134,131 @@ def test_wrong_row_length_is_refused():
         GGUFLinear(blocks, Q.Q8_0, 96)
     with pytest.raises(ValueError):
         GGUFLinear(blocks, Q.F16, 64)
+
+
+# ---- Batched products and every instruction set -------------------------------------------------
+
+ALL_TYPES = [*SMALL_TYPES, Q.Q4_K, Q.Q6_K]
+ISAS = supported_isas()
+
+
+def k_quant_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random blocks of a K-quant type (the gguf package only decodes them): random bytes with
+    sane fp16 scales, and the gguf package's values of them."""
+    block_values, block_bytes = GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block_values, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, (rows, cols // block_values, 2)).astype(np.float16).view(np.uint8)
+    if kind == Q.Q4_K:  # d, dmin first
+        raw[..., 0:4] = scales.reshape(rows, -1, 4)
+    else:  # Q6_K: d last
+        raw[..., 208:210] = scales.reshape(rows, -1, 4)[..., :2]
+    raw = raw.reshape(rows, -1)
+    return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, kind))
+
+
+def any_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return k_quant_blocks(kind, rows, cols, seed) if kind in (Q.Q4_K, Q.Q6_K) else gguf_blocks(kind, rows, cols, seed)
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernels(request):
+    module = cpu_kernels(request.param)
+    if module is None:
+        pytest.skip(f"the {request.param} kernels could not be built")
+    return module
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_batched_product_is_each_token_alone(kernels, kind):
+    """T tokens in one call: each row of the result is bit for bit that token's own product,
+    and all of them match the gguf package's values within int8 activation rounding."""
+    cols = 512
+    blocks, weight = any_blocks(kind, 70, cols, seed=5)
+    packed = kind in SMALL_TYPES
+    rows = kernels.pack(blocks, int(kind), cols) if packed else blocks
+    for tokens in (2, 3, 7, 16, 48):
+        x = torch.randn(tokens, cols)
+        y = kernels.matmul(x, rows, int(kind), packed)
+        for t in range(tokens):
+            assert torch.equal(y[t], kernels.matmul(x[t : t + 1], rows, int(kind), packed)[0]), (kind.name, tokens, t)
+        check_product(y, x, weight)
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+@pytest.mark.parametrize("cols", [96, 512])
+def test_every_instruction_set_gives_the_same_values(kernels, kind, cols):
+    """Forced AVX2 / portable builds: the same packed bytes and bit-equal dequantization as the
+    gguf package; products equal to the best build's up to float summation order."""
+    if kind not in SMALL_TYPES and cols % 256:
+        pytest.skip("K-quant rows are whole 256-value blocks")
+    best = cpu_kernels(ISAS[0])
+    blocks, weight = any_blocks(kind, 40, cols, seed=9)
+    packed = kind in SMALL_TYPES and cols % 64 == 0
+    rows = kernels.pack(blocks, int(kind), cols) if packed else blocks
+    if packed:
+        assert torch.equal(rows, best.pack(blocks, int(kind), cols))
+    values = torch.empty(40, cols)
+    kernels.dequantize_into(rows, int(kind), values, packed)
+    assert torch.equal(values, weight)
+    rounded = torch.empty(40, cols, dtype=torch.bfloat16)
+    kernels.dequantize_into(rows, int(kind), rounded, packed)
+    assert torch.equal(rounded, weight.bfloat16())
+    x = torch.randn(5, cols)
+    y, reference = kernels.matmul(x, rows, int(kind), packed), best.matmul(x, rows, int(kind), packed)
+    assert (y - reference).abs().max() <= 1e-5 * reference.abs().max()
+    check_product(y, x, weight)
+
+
+def test_every_instruction_set_gives_the_same_decode_ops(kernels):
+    best = cpu_kernels(ISAS[0])
+    x, weight = torch.randn(3, 896), torch.randn(896)
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-6), best.rms_norm(x, weight, 1e-6), rtol=1e-6, atol=1e-6)
+    q, cos, sin = torch.randn(4, 3, 64), torch.randn(4, 64), torch.randn(4, 64)
+    torch.testing.assert_close(kernels.rotary(q, cos, sin), best.rotary(q, cos, sin), rtol=1e-6, atol=1e-6)
+    pool = torch.randn(50, 2, 64, dtype=torch.float16)
+    slots = torch.randperm(50)[None, :30].repeat(2, 1)
+    q = torch.randn(2, 14, 64)
+    lengths = torch.tensor([30, 11])
+    torch.testing.assert_close(kernels.paged_decode_attention(q, pool, pool, slots, lengths, 0.125, 0),
+                               best.paged_decode_attention(q, pool, pool, slots, lengths, 0.125, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_forced_instruction_sets_give_the_same_logits(tmp_path, monkeypatch):
+    """A tiny GGUF model decoded token by token through each build's kernels (QWENKIT_ISA)."""
+    import qwenkit.kernels as kernel_builds
+    from test_models_vs_transformers import PROMPT, qwenkit_logits_stepwise
+    from tiny_gguf import write_tiny_gguf
+    from tiny_models import reference_model, tiny_config, tiny_tokenizer
+
+    from qwenkit.weights.loader import load_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(reference_model(tiny_config("qwen2", tied=True)), path, tiny_tokenizer(), embedding_type=Q.Q8_0)
+    model = load_model(str(path), quantize="gguf").model
+    logits = {}
+    for isa in ISAS:
+        monkeypatch.setenv("QWENKIT_ISA", isa)
+        kernel_builds.kernel_isa.cache_clear()
+        kernel_builds.cpu_kernels.cache_clear()
+        assert kernel_builds.cpu_kernels() is cpu_kernels(isa)
+        logits[isa] = qwenkit_logits_stepwise(model, PROMPT, 9)
+    kernel_builds.kernel_isa.cache_clear()
+    kernel_builds.cpu_kernels.cache_clear()
+    best = logits[ISAS[0]]
+    for isa, values in logits.items():
+        assert (values - best).abs().max() <= 1e-3 * best.abs().max(), isa
+
+
+def test_an_unknown_instruction_set_is_refused(monkeypatch):
+    import qwenkit.kernels as kernel_builds
+    from qwenkit.errors import QwenkitError
+
+    monkeypatch.setenv("QWENKIT_ISA", "avx9000")
+    kernel_builds.kernel_isa.cache_clear()
+    try:
+        with pytest.raises(QwenkitError, match="QWENKIT_ISA"):
+            kernel_builds.kernel_isa()
+    finally:
+        monkeypatch.delenv("QWENKIT_ISA")
+        kernel_builds.kernel_isa.cache_clear()

@@ -1,22 +1,35 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder and cached.
 
-One module, `cpu_kernels()`: GGUF blocks used in place (ggml_cpu.cpp) and the small operations
-of a decode step (decode_cpu.cpp). If it cannot be built or this CPU lacks AVX-512 VNNI,
-`cpu_kernels()` returns None and callers take the pure-torch path.
+One module, `cpu_kernels()`: GGUF blocks used in place and the small operations of a decode step,
+built for the instruction set this CPU has, each build its own cached module:
+  avx512    AVX-512 VNNI (ggml_cpu.cpp: hand-written VPDPBUSD kernels)
+  avx2      AVX2 + FMA + F16C (ggml_portable.cpp, vectorized by the compiler for AVX2)
+  portable  any other CPU (ggml_portable.cpp, no instruction-set flag)
+QWENKIT_ISA=avx512|avx2|portable forces one (read once; a CPU cannot run a richer set than it
+has). `cpu_kernels()` returns None only when no C++ compiler can build them, or with
+QWENKIT_NO_NATIVE=1; callers then take the pure-torch path.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
 
-_NAME = "qwenkit_cpu"
-_SOURCES = [str(Path(__file__).with_name(name)) for name in ("bindings.cpp", "ggml_cpu.cpp", "decode_cpu.cpp")]
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+from qwenkit.errors import QwenkitError
+
+_COMMON = ("bindings.cpp", "decode_cpu.cpp", "thread_pool.cpp")
+_ISAS = {
+    # name: (CPU flags needed, GGUF kernel source, compiler flags)
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}, "ggml_cpu.cpp",
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]),
+    "avx2": ({"avx2", "fma", "f16c"}, "ggml_portable.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+    "portable": (set(), "ggml_portable.cpp", []),
+}
 
 
 def _cpu_flags() -> set[str]:
@@ -37,25 +50,50 @@ def bf16_matmul_is_fast() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+def supported_isas() -> list[str]:
+    """The kernel builds this CPU can run, fastest first."""
+    flags = _cpu_flags()
+    x86 = platform.machine().lower() in {"x86_64", "amd64", "i686", "i386"}
+    return [name for name, (needed, _, _) in _ISAS.items() if name == "portable" or (x86 and needed <= flags)]
+
+
 @functools.cache
-def cpu_kernels() -> ModuleType | None:
-    """The compiled kernels, or None (with one warning saying why) when they cannot run here."""
+def kernel_isa() -> str:
+    """The instruction set the kernels are built for: QWENKIT_ISA if set, else the best this CPU has."""
+    forced = os.environ.get("QWENKIT_ISA", "").strip().lower()
+    supported = supported_isas()
+    if not forced:
+        return supported[0]
+    if forced not in _ISAS:
+        raise QwenkitError(f"QWENKIT_ISA={forced!r} is not one of {', '.join(_ISAS)}")
+    if forced not in supported:
+        raise QwenkitError(f"QWENKIT_ISA={forced}: this CPU cannot run it (it can run {', '.join(supported)})")
+    return forced
+
+
+@functools.cache
+def cpu_kernels(isa: str | None = None) -> ModuleType | None:
+    """The compiled kernels for `isa` (default: kernel_isa()), or None (with one warning saying
+    why) when they cannot be built here."""
     if os.environ.get("QWENKIT_NO_NATIVE") == "1":
         return None
-    needed = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
-    if not needed <= _cpu_flags():
-        return None  # the CPU cannot run them: no warning, the torch path is the design for it
+    isa = isa or kernel_isa()
+    _, source, isa_flags = _ISAS[isa]
+    name = f"qwenkit_cpu_{isa}"
+    here = Path(__file__).parent
+    sources = [str(here / s) for s in (*_COMMON, source)]
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        if not (Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists():
-            print("qwenkit: compiling the native CPU kernels (first use only, about 30 s)...", file=sys.stderr, flush=True)
+        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+            print(f"qwenkit: compiling the native CPU kernels for {isa} (first use only, about a minute)...",
+                  file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = load(name=_NAME, sources=_SOURCES, extra_cflags=_FLAGS,
-                          extra_ldflags=["-fopenmp"], verbose=False)
+            # No fast-math and no FMA contraction in the plain-C++ build: its dequantized values
+            # must be ggml's bit for bit.
+            return load(name=name, sources=sources, extra_cflags=["-O3", "-ffp-contract=off", *isa_flags], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: stay correct, get slower
         warnings.warn(f"qwenkit: the native CPU kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
                       "GGUF weights will be dequantized to float instead", stacklevel=2)
         return None
-    return module

@@ -3,8 +3,10 @@
 // paged attention read is two gathers, a mask and SDPA) costs more than the arithmetic.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "thread_pool.h"
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -17,12 +19,49 @@ inline float load1(const float* p) { return *p; }
 inline float load1(const at::Half* p) { return static_cast<float>(*p); }
 inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
 
+// sum_d q[d] * key[d], out[d] += p * value[d]: with AVX-512 16 lanes at a time, else plain loops
+// (which the compiler vectorizes for the CPU it builds for).
+#if defined(__AVX512F__)
 // 16 values as float32 from a cache row of float32, float16 or bfloat16.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+
+template <typename T>
+inline float dot(const float* q, const T* key, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(key + d), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; d < n; ++d) s += q[d] * load1(key + d);
+  return s;
+}
+
+template <typename T>
+inline void add_scaled(float* out, float p, const T* value, int64_t n) {
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) _mm512_storeu_ps(out + d, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(value + d), _mm512_loadu_ps(out + d)));
+  for (; d < n; ++d) out[d] += p * load1(value + d);
+}
+#else
+template <typename T>
+inline float dot(const float* q, const T* key, int64_t n) {
+  float lanes[8] = {};  // 8 independent sums: a float reduction the compiler may vectorize
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int i = 0; i < 8; ++i) lanes[i] += q[d + i] * load1(key + d + i);
+  float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; d < n; ++d) s += q[d] * load1(key + d);
+  return s;
+}
+
+template <typename T>
+inline void add_scaled(float* out, float p, const T* value, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) out[d] += p * load1(value + d);
+}
+#endif
 
 // Attention of one kv head's group of query heads over one sequence's cached keys and values.
 template <typename T>
@@ -32,13 +71,7 @@ void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, c
   for (int64_t j = 0; j < n; ++j) {
     const T* key = k + slots[first + j] * row_stride;
     for (int64_t h = 0; h < group; ++h) {
-      const float* qh = q + h * head_dim;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t d = 0;
-      for (; d + 16 <= head_dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(key + d), acc);
-      float s = _mm512_reduce_add_ps(acc);
-      for (; d < head_dim; ++d) s += qh[d] * load1(key + d);
-      scores[h * n + j] = s * scale;
+      scores[h * n + j] = dot(q + h * head_dim, key, head_dim) * scale;
     }
   }
   for (int64_t h = 0; h < group; ++h) {
@@ -54,12 +87,7 @@ void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, c
   for (int64_t j = 0; j < n; ++j) {
     const T* value = v + slots[first + j] * row_stride;
     for (int64_t h = 0; h < group; ++h) {
-      const float p = scores[h * n + j];
-      float* oh = out + h * out_stride;
-      int64_t d = 0;
-      for (; d + 16 <= head_dim; d += 16)
-        _mm512_storeu_ps(oh + d, _mm512_fmadd_ps(_mm512_set1_ps(p), load16(value + d), _mm512_loadu_ps(oh + d)));
-      for (; d < head_dim; ++d) oh[d] += p * load1(value + d);
+      add_scaled(out + h * out_stride, scores[h * n + j], value, head_dim);
     }
   }
 }
@@ -76,7 +104,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   const float* xs = x.data_ptr<float>();
   const float* w = weight.contiguous().data_ptr<float>();
   float* ys = y.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  qwenkit::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xs + r * dim;
       double squares = 0.0;  // the reference sums in float32; double only makes it more exact
@@ -114,7 +142,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   float* os = out.data_ptr<float>();
   const int64_t* slot_rows = slots.data_ptr<int64_t>();
   auto run = [&](auto* k, auto* v) {
-    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    qwenkit::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(group * max_len);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / kv_heads, kv = task % kv_heads;
@@ -150,7 +178,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+  qwenkit::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* ct = c + t * dim;
       const float* st = s + t * dim;

@@ -13,57 +13,13 @@
 // `dequantize` gives the same float32 values bit for bit.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "gguf_blocks.h"
+
+using namespace qwenkit;
 
 namespace {
-
-// ggml type ids (ggml.h)
-enum Kind : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
-
-struct Format {
-  int block_values;
-  int block_bytes;
-  int zero;  // code offset of the symmetric types; 0 for the ones with a stored minimum
-};
-
-Format format_of(int kind) {
-  switch (kind) {
-    case Q4_0: return {32, 18, 8};
-    case Q4_1: return {32, 20, 0};
-    case Q5_0: return {32, 22, 16};
-    case Q5_1: return {32, 24, 0};
-    case Q8_0: return {32, 34, 128};
-    case Q4_K: return {256, 144, 0};
-    case Q6_K: return {256, 210, 32};
-  }
-  TORCH_CHECK(false, "GGUF block type ", kind, " has no CPU kernel");
-}
-
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-// One row's unpacked form: codes, and a scale and minimum per 16 values.
-struct RowScratch {
-  std::vector<uint8_t> codes;   // [K]
-  std::vector<float> scale16;   // [K / 16]
-  std::vector<float> min16;     // [K / 16]
-  std::vector<float> offset16;  // [K / 16] scale * zero + min: what the dot product subtracts per 16 values
-  explicit RowScratch(int64_t k) : codes(k), scale16(k / 16 + 16), min16(k / 16 + 16), offset16(k / 16 + 16) {}
-
-  void compute_offsets(int zero, int64_t groups) {
-    const __m512 z = _mm512_set1_ps(static_cast<float>(zero));
-    for (int64_t g = 0; g < groups; g += 16)  // the vectors have 16 spare entries for this
-      _mm512_storeu_ps(&offset16[g], _mm512_fmadd_ps(_mm512_loadu_ps(&scale16[g]), z, _mm512_loadu_ps(&min16[g])));
-  }
-};
 
 inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
   r.scale16[first16] = r.scale16[first16 + 1] = scale;
@@ -119,71 +75,6 @@ void unpack_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
     }
   }
 }
-
-// Activations as int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp's Q8_0), with each
-// block's scale and the scaled sum of its codes given per 16 values, the weights' granularity.
-struct QuantizedActivations {
-  std::vector<int8_t> q;       // [T, K]
-  std::vector<float> scale16;  // [T, K / 16]
-  std::vector<float> sum16;    // [T, K / 16]
-  std::vector<float> scale32;  // [T, K / 32]
-  std::vector<float> sum32;    // [T, K / 32]
-};
-
-QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k) {
-  QuantizedActivations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * k / 16 + 16), std::vector<float>(tokens * k / 16 + 16),
-                         std::vector<float>(tokens * k / 32 + 16), std::vector<float>(tokens * k / 32 + 16)};
-  at::parallel_for(0, tokens * (k / 32), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* xb = x + b * 32;
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
-      const float d = amax / 127.0f;
-      const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      int sums[2] = {0, 0};
-      for (int i = 0; i < 32; ++i) {
-        const int v = static_cast<int>(std::nearbyint(xb[i] * id));
-        a.q[b * 32 + i] = static_cast<int8_t>(v);
-        sums[i / 16] += v;
-      }
-      a.scale16[b * 2] = a.scale16[b * 2 + 1] = d;
-      a.sum16[b * 2] = d * sums[0];
-      a.sum16[b * 2 + 1] = d * sums[1];
-      a.scale32[b] = d;
-      a.sum32[b] = d * (sums[0] + sums[1]);
-    }
-  });
-  return a;
-}
-
-
-// ---- The packed layout of the 32-value block types ------------------------------------------
-// Same size as the file's blocks, made once at load time so that the decode loop reads planes
-// instead of interleaved blocks (no per-block scalar work). Per row:
-//   [K/32 fp16 scales][K/32 fp16 minimums: Q4_1, Q5_1][K/8 bytes of fifth bits: Q5_0, Q5_1][codes]
-// Codes are K bytes for Q8_0 (stored as q + 128, unsigned), else K/2 bytes of nibbles, 32 bytes
-// per 64 values: byte j holds value j in its low nibble and value 32 + j in its high nibble.
-// Fifth bits are 8 bytes per 64 values, bit j for value j.
-
-constexpr bool has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
-constexpr bool has_fifth(int kind) { return kind == Q5_0 || kind == Q5_1; }
-bool packable(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q5_0 || kind == Q5_1 || kind == Q8_0; }
-
-struct PackedRow {
-  const uint16_t* scales;
-  const uint16_t* mins;
-  const uint8_t* fifth;
-  const uint8_t* codes;
-  PackedRow(int kind, const uint8_t* row, int64_t k) {
-    scales = reinterpret_cast<const uint16_t*>(row);
-    const uint8_t* p = row + k / 16;
-    mins = reinterpret_cast<const uint16_t*>(p);
-    if (has_min(kind)) p += k / 16;
-    fifth = p;
-    if (has_fifth(kind)) p += k / 8;
-    codes = p;
-  }
-};
 
 // The 64 unsigned codes of values 64c .. 64c + 63.
 template <int KIND>
@@ -292,43 +183,85 @@ struct Q6KView {
   }
 };
 
+// Per 64-value step, GROUP-value scales spread over the 16 lanes of VPDPBUSD's result: lane l
+// sums 4 bytes, so a step's lanes split into 2 groups of 32 or 4 groups of 16.
+template <int G>
+inline __m512 spread_step(const float* scales, int64_t c) {
+  if constexpr (G == 32) {
+    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scales + 2 * c)));
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(two));
+  } else {
+    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(scales + 4 * c)));
+  }
+}
+
+// NT tokens' dot products with one row: each 64-value step of the row is decoded once and
+// multiplied with all NT tokens' int8 codes. Each token's sum is computed exactly as it would be
+// alone (same operations, same order), so a batch gives each token the bits of a batch of one.
+template <class View, int NT>
+inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const __m512* xsv, int64_t k, float* sums) {
+  constexpr int G = View::GROUP;
+  const int64_t steps = k / 64;
+  __m512 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < steps; ++c) {
+    const __m512i codes = v.codes64(c);
+    const __m512 w = spread_step<G>(ws, c);
+    for (int j = 0; j < NT; ++j) {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq + j * k + 64 * c));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w, xsv[j * steps + c]), acc[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
 // y[t, row] for rows [begin, end) (k a multiple of 64), through a View of each row: codes per
-// 64 values, a weight scale and an offset per GROUP values. VPDPBUSD lane l sums 4 bytes, so a
-// 64-value step's lanes split into 2 groups of 32 or 4 of 16; the group scales (weight times
-// activation) are spread over the lanes with one permute.
+// 64 values, a weight scale and an offset per GROUP values. Rows go 8 at a time (their bytes
+// stay in L1/L2) and, for each 8, tokens 4 at a time (then 2, 1) through tile_dot: T tokens
+// decode each weight step ceil(T / 4) times, not T times, and read each row from memory once.
 template <class View>
 void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
               int64_t begin, int64_t end, float* out, int64_t n) {
   constexpr int G = View::GROUP;
-  const int64_t groups = k / G;
-  std::vector<float> ws(groups + 16), off(groups + 16);
-  const __m512i spread = G == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (int64_t row = begin; row < end; ++row) {
-    const View v(rows + row * row_bytes, k);
-    v.scales(k, ws.data(), off.data());
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int8_t* xq = a.q.data() + t * k;
-      const float* xs = (G == 32 ? a.scale32.data() : a.scale16.data()) + t * groups;
-      const float* xsum = (G == 32 ? a.sum32.data() : a.sum16.data()) + t * groups;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < k / 64; ++c) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v.codes64(c), _mm512_loadu_si512(xq + 64 * c));
-        __m128 scale;
-        if constexpr (G == 32) {
-          const __m128 w2 = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws.data() + 2 * c)));
-          scale = _mm_mul_ps(w2, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + 2 * c))));
+  constexpr int64_t ROWS = 8;
+  const int64_t groups = k / G, steps = k / 64, stride = groups + 16;
+  const float* xscale = G == 32 ? a.scale32.data() : a.scale16.data();
+  const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
+  std::vector<float> ws(ROWS * stride), off(ROWS * stride);
+  std::vector<__m512> xsv(tokens * steps);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t c = 0; c < steps; ++c) xsv[t * steps + c] = spread_step<G>(xscale + t * groups, c);
+  float sums[4];
+  for (int64_t first = begin; first < end; first += ROWS) {
+    const int64_t count = std::min(ROWS, end - first);
+    for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t nt = tokens - t0 >= 4 ? 4 : tokens - t0 >= 2 ? 2 : 1;
+      const int8_t* xq = a.q.data() + t0 * k;
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t row = first + r;
+        const View v(rows + row * row_bytes, k);
+        const float* row_ws = &ws[r * stride];
+        if (nt == 4) {
+          tile_dot<View, 4>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
+        } else if (nt == 2) {
+          tile_dot<View, 2>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
         } else {
-          scale = _mm_mul_ps(_mm_loadu_ps(ws.data() + 4 * c), _mm_loadu_ps(xs + 4 * c));
+          tile_dot<View, 1>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
         }
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scale)), acc);
+        for (int64_t j = 0; j < nt; ++j) {
+          const float* xsum = xsums + (t0 + j) * groups;
+          __m512 sub = _mm512_setzero_ps();
+          for (int64_t g = 0; g < groups; g += 16) {
+            const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+            sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, &off[r * stride + g]), _mm512_maskz_loadu_ps(m, xsum + g), sub);
+          }
+          out[(t0 + j) * n + row] = sums[j] - _mm512_reduce_add_ps(sub);
+        }
       }
-      __m512 sub = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, off.data() + g), _mm512_maskz_loadu_ps(m, xsum + g), sub);
-      }
-      out[t * n + row] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(sub);
+      t0 += nt;
     }
   }
 }
@@ -346,41 +279,6 @@ void unpack_view_row(const uint8_t* row, int64_t k, int zero, RowScratch& r) {
     const float scale = ws[g * 16 / G];
     r.scale16[g] = scale;
     r.min16[g] = off[g * 16 / G] - scale * zero;
-  }
-}
-
-template <typename F>
-void dispatch_packed(int kind, F&& f) {
-  switch (kind) {
-    case Q4_0: f(std::integral_constant<int, Q4_0>{}); break;
-    case Q4_1: f(std::integral_constant<int, Q4_1>{}); break;
-    case Q5_0: f(std::integral_constant<int, Q5_0>{}); break;
-    case Q5_1: f(std::integral_constant<int, Q5_1>{}); break;
-    case Q8_0: f(std::integral_constant<int, Q8_0>{}); break;
-    default: TORCH_CHECK(false, "GGUF block type ", kind, " has no packed layout");
-  }
-}
-
-// The file's blocks of one row in the packed layout.
-void pack_row(int kind, const uint8_t* src, int64_t k, uint8_t* dst) {
-  const Format f = format_of(kind);
-  const int64_t blocks = k / 32;
-  uint8_t* scales = dst;
-  uint8_t* mins = dst + k / 16;
-  uint8_t* fifth = mins + (has_min(kind) ? k / 16 : 0);
-  uint8_t* codes = fifth + (has_fifth(kind) ? k / 8 : 0);
-  const int qs_at = kind == Q4_0 ? 2 : kind == Q4_1 ? 4 : kind == Q5_0 ? 6 : kind == Q5_1 ? 8 : 2;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* p = src + b * f.block_bytes;
-    std::memcpy(scales + 2 * b, p, 2);
-    if (has_min(kind)) std::memcpy(mins + 2 * b, p + 2, 2);
-    if (has_fifth(kind)) std::memcpy(fifth + 4 * b, p + qs_at - 4, 4);
-    if (kind == Q8_0) {
-      store32(codes + 32 * b, _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)), _mm256_set1_epi8(char(0x80))));
-    } else if (b % 2 == 1) {  // blocks 2c and 2c + 1 share 32 bytes: low and high nibbles
-      const __m256i first = nibbles_32(p - f.block_bytes + qs_at), second = nibbles_32(p + qs_at);
-      store32(codes + 16 * (b - 1), _mm256_or_si256(first, _mm256_slli_epi16(second, 4)));
-    }
   }
 }
 
@@ -452,14 +350,14 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed
   if (packed) {
     TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0, "no packed layout for GGUF type ", kind, " with rows of ", k);
     dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
-      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
         rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, n);
       });
     });
     return y;
   }
   if (kind == Q4_K || kind == Q6_K) {
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       if (kind == Q4_K) {
         rows_dot<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, n);
       } else {
@@ -468,7 +366,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed
     });
     return y;
   }
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     RowScratch r(k);
     for (int64_t row = begin; row < end; ++row) {
       unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
@@ -495,7 +393,7 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
   w = w.contiguous();
   const int64_t row_bytes = w.size(1);
   const uint8_t* rows = w.data_ptr<uint8_t>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     RowScratch r(k);
     for (int64_t row = begin; row < end; ++row) {
       if (packed) {
@@ -518,19 +416,4 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
   });
 }
 
-// The packed layout of GGUF block rows of a 32-value type (see PackedRow), same shape.
-torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
-  const Format f = format_of(static_cast<int>(kind));
-  TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0 && w.size(1) == k / f.block_values * f.block_bytes,
-              "no packed layout for GGUF type ", kind, " with rows of ", k);
-  w = w.contiguous();
-  auto packed = torch::empty_like(w);
-  const int64_t row_bytes = w.size(1);
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, w.size(0), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) pack_row(static_cast<int>(kind), src + row * row_bytes, k, dst + row * row_bytes);
-  });
-  return packed;
-}
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }
