@@ -34,7 +34,7 @@ def main() -> None:
 
     from qwenkit.quantization.gguf_linear import GGUFLinear, _native
     from qwenkit.weights.default_model import ensure_assembled
-    from qwenkit.weights.gguf_reader import GGUFFile
+    from qwenkit.formats.gguf_reader import GGUFFile
 
     torch.set_num_threads(args.threads)
     gguf = GGUFFile(ensure_assembled())

@@ -436,9 +436,9 @@ def _model_facts(state: ServerState) -> dict[str, Any]:
     size = sum(p.stat().st_size for p in files)
     mtime = max((p.stat().st_mtime for p in files), default=time.time())
     if path.suffix == ".gguf":
-        from qwenkit.weights.gguf_file import open_gguf
+        from qwenkit.formats.gguf_reader import GGUFFile
 
-        gguf = open_gguf(path)
+        gguf = GGUFFile(path)
         count = sum(int(_product(t.shape)) for t in gguf.tensors.values())
         level = _gguf_file_type(gguf.metadata.get("general.file_type"))
         fmt = "gguf"
