@@ -28,7 +28,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.server.chat import JSON_OBJECT_HINT, build_prompt
 from qwenkit.server.embeddings import embed, token_lists
 from qwenkit.server.errors import APIError
-from qwenkit.server.protocol import ChatCompletionRequest, ChatMessage, Model, SamplingFields, Tool
+from qwenkit.server.protocol import ChatCompletionRequest, Model, SamplingFields, Tool
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.output_parser import Delta, OutputParser, ToolCall, parse_output
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
