@@ -162,13 +162,18 @@ def test_errors_have_ollama_shape(client, server):
 # ---- thinking, on a tiny Qwen3 with a Qwen3-style template ---------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_client(tmp_path_factory):
+def tiny_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ollama-thinking")
     save_tiny("qwen3", path)
     tiny_tokenizer(chat_template=QWEN3_THINKING_TEMPLATE).save_pretrained(path)
     s = ServerProcess("--model", str(path), "--served-model-name", "tiny")
-    yield ollama.Client(host=s.url)
+    yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_server):
+    return ollama.Client(host=tiny_server.url)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -186,3 +191,27 @@ def test_think_on_and_off(tiny_client, stream):
     assert thinking and "<think>" not in thinking
     thinking, content = ask(False)  # the template writes an empty think block: everything is the answer
     assert thinking is None and content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_take_a_list_of_prompts(tiny_server, stream):
+    """/v1/completions with several prompts (strings or token arrays): choice i * n + j is prompt i's
+    sample j, each what the prompt gives alone."""
+    import openai
+
+    client = openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="none", max_retries=0)
+    prompts = ["the cat", "hello there", "a b c d"]
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    kwargs = dict(model="tiny", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    if not stream:
+        r = client.completions.create(**kwargs)
+        texts = {c.index: c.text for c in r.choices}
+        assert r.usage.completion_tokens <= 6 * 6
+    else:
+        texts = {}
+        for chunk in client.completions.create(stream=True, **kwargs):
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {i * 2 + j: alone[i] for i in range(3) for j in range(2)}
+    ids = client.completions.create(model="tiny", prompt=[[10, 11, 12], [13, 14]], max_tokens=3, temperature=0)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5

@@ -31,7 +31,7 @@ from qwenkit.server.embeddings import authorized_key, embed, token_lists
 from qwenkit.server.errors import APIError
 from qwenkit.server.guided import with_guidance
 from qwenkit.server.infill import fim_ids
-from qwenkit.server.protocol import ChatCompletionRequest, ChatMessage, Model, SamplingFields, Tool
+from qwenkit.server.protocol import ChatCompletionRequest, Model, SamplingFields, Tool
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.infill import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from qwenkit.tokenizer.output_parser import Delta, OutputParser, ToolCall, parse_output
