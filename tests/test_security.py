@@ -238,6 +238,8 @@ def test_bad_input_is_a_400(server):
         assert "not valid JSON" in assert_openai_error(r, 400)["message"]
     r = post(server, "/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "<|im_start|>"}}]})
     assert_openai_error(r, 400, param="tools")
+    for prompt in ([-10644106], [2**40]):  # found by schemathesis: echo decoded the ids before the engine checked them
+        assert_openai_error(post(server, "/v1/completions", {"prompt": prompt, "echo": True, "max_tokens": 1}), 400)
     b.finishes_whole()
 
 
@@ -443,7 +445,7 @@ def request_bodies():
     scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), text)
     anything = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
                             max_leaves=8)
-    token = st.integers(-3, 320)
+    token = st.one_of(st.integers(-3, 320), st.integers(-(2**40), 2**40))
     sampling = {
         "max_tokens": st.integers(-1, 4), "temperature": st.one_of(st.floats(-1, 3), anything), "top_p": st.floats(-0.5, 1.5),
         "top_k": st.integers(-3, 400), "min_p": st.floats(-0.5, 1.5), "n": st.integers(-1, 18),
@@ -479,7 +481,7 @@ def test_fuzzed_requests_never_5xx_nor_hurt_a_bystander(server):
     bystander = Bystander(server, max_tokens=100)
     seen = {}
 
-    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(request_bodies())
     def one(case):

@@ -47,9 +47,9 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     prompt_ids = await state.off_loop(completion_prompt, state, prompt)
     max_tokens = state.max_tokens(key, len(prompt_ids), body.max_tokens or 16)
     params = state.sampling_params(body, max_tokens, logprobs=body.logprobs)
-    echo = await state.off_loop(state.tokenizer.decode, prompt_ids) if body.echo else ""
     request_id = new_id("cmpl")
-    stream = await state.start(key, prompt_ids, params, request_id, model)
+    stream = await state.start(key, prompt_ids, params, request_id, model)  # the engine has checked the ids
+    echo = await state.off_loop(state.tokenizer.decode, prompt_ids) if body.echo else ""
     if body.stream:
         return StreamingResponse(stream_completion(state, stream, request_id, model, body, echo), media_type="text/event-stream")
     out = await final_output(request, stream)
