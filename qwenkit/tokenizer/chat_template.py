@@ -87,6 +87,10 @@ class ChatTemplate:
             raise QwenkitError(f"the chat template rejected these messages: {exc}") from exc
         except RecursionError:  # e.g. tool-call arguments nested a thousand levels deep, through tojson
             raise QwenkitError("the messages are nested too deeply to render") from None
+        except QwenkitError:
+            raise
+        except Exception as exc:  # the template is data: its Python errors on a caller's values are the caller's
+            raise QwenkitError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}") from exc
 
     def check_kwargs(self, template_kwargs: dict[str, Any]) -> None:
         reserved = sorted(set(template_kwargs) & self.reserved_names)
