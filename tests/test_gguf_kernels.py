@@ -138,7 +138,10 @@ def test_wrong_row_length_is_refused():
 
 # ---- Batched products and every instruction set -------------------------------------------------
 
-ALL_TYPES = [*SMALL_TYPES, Q.Q4_K, Q.Q6_K]
+K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+ALL_TYPES = [*SMALL_TYPES, *K_QUANTS]
+# Where each K-quant block keeps its fp16 scales (d, and dmin where it has one): ggml-common.h
+K_QUANT_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 ISAS = supported_isas()
 
 
@@ -148,17 +151,15 @@ def k_quant_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.
     block_values, block_bytes = GGML_QUANT_SIZES[kind]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, cols // block_values, block_bytes), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.01, (rows, cols // block_values, 2)).astype(np.float16).view(np.uint8)
-    if kind == Q.Q4_K:  # d, dmin first
-        raw[..., 0:4] = scales.reshape(rows, -1, 4)
-    else:  # Q6_K: d last
-        raw[..., 208:210] = scales.reshape(rows, -1, 4)[..., :2]
+    for at in K_QUANT_SCALES[kind]:
+        scale = rng.uniform(0.001, 0.01, (rows, cols // block_values, 1)).astype(np.float16)
+        raw[..., at : at + 2] = scale.view(np.uint8)
     raw = raw.reshape(rows, -1)
     return torch.from_numpy(raw), torch.from_numpy(dequantize(raw, kind))
 
 
 def any_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    return k_quant_blocks(kind, rows, cols, seed) if kind in (Q.Q4_K, Q.Q6_K) else gguf_blocks(kind, rows, cols, seed)
+    return k_quant_blocks(kind, rows, cols, seed) if kind in K_QUANTS else gguf_blocks(kind, rows, cols, seed)
 
 
 @pytest.fixture(scope="module", params=ISAS)

@@ -21,10 +21,6 @@ using namespace qwenkit;
 
 namespace {
 
-inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
-  r.scale16[first16] = r.scale16[first16 + 1] = scale;
-  r.min16[first16] = r.min16[first16 + 1] = minimum;
-}
 
 // 32 values from 16 bytes: the low nibbles are values 0..15, the high nibbles 16..31.
 inline __m256i nibbles_32(const uint8_t* qs) {
@@ -44,6 +40,7 @@ inline void store32(uint8_t* dst, __m256i v) { _mm256_storeu_si256(reinterpret_c
 
 void unpack_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
   const Format f = format_of(kind);
+  if (f.block_values == 256) return unpack_k_quant_row(kind, row, k, r);  // Q2_K, Q3_K, Q5_K (plain code)
   const int64_t blocks = k / f.block_values;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* p = row + b * f.block_bytes;

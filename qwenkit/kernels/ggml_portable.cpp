@@ -17,11 +17,6 @@ using namespace qwenkit;
 
 namespace {
 
-inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
-  r.scale16[first16] = r.scale16[first16 + 1] = scale;
-  r.min16[first16] = r.min16[first16 + 1] = minimum;
-}
-
 // A 32-value block's 16 bytes of nibbles: low nibbles are values 0..15, high nibbles 16..31.
 inline void nibbles_32(const uint8_t* qs, uint8_t* codes) {
   for (int j = 0; j < 16; ++j) {
@@ -78,62 +73,11 @@ void unpack_packed_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
   }
 }
 
-// Q4_K: per 256 values d, dmin, twelve bytes of 6-bit scales and mins (one per 32 values), then
-// 4 x 32 bytes whose low nibbles are values 64i..64i+31 and high nibbles 64i+32..64i+63.
-void unpack_q4k_row(const uint8_t* row, int64_t k, RowScratch& r) {
-  for (int64_t b = 0; b < k / 256; ++b) {
-    const uint8_t* p = row + 144 * b;
-    const uint8_t* q = p + 4;
-    const float d = f16(p), dmin = f16(p + 2);
-    for (int j = 0; j < 8; ++j) {  // ggml's get_scale_min_k4
-      const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-      const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-      set_scale(r, 16 * b + 2 * j, d * sc, dmin * m);  // value = d * sc * q - dmin * m
-    }
-    uint8_t* codes = r.codes.data() + 256 * b;
-    for (int i = 0; i < 4; ++i) {
-      const uint8_t* bytes = p + 16 + 32 * i;
-      for (int j = 0; j < 32; ++j) {
-        codes[64 * i + j] = bytes[j] & 0x0F;
-        codes[64 * i + 32 + j] = bytes[j] >> 4;
-      }
-    }
-  }
-}
-
-// Q6_K: per 256 values ql[128], qh[64], sixteen int8 scales (one per 16 values) and d; 6-bit
-// codes with zero 32. Per half of 128 values, for l < 32: values l, l+32, l+64, l+96 take the low
-// nibble of ql[l], of ql[l+32], the high nibble of ql[l], of ql[l+32], and bit pairs 0, 1, 2, 3 of qh[l].
-void unpack_q6k_row(const uint8_t* row, int64_t k, RowScratch& r) {
-  for (int64_t b = 0; b < k / 256; ++b) {
-    const uint8_t* p = row + 210 * b;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
-    const float d = f16(p + 208);
-    for (int j = 0; j < 16; ++j) {
-      r.scale16[16 * b + j] = d * sc[j];
-      r.min16[16 * b + j] = 0.0f;
-    }
-    for (int half = 0; half < 2; ++half) {
-      const uint8_t* ql = p + 64 * half;
-      const uint8_t* qh = p + 128 + 32 * half;
-      uint8_t* codes = r.codes.data() + 256 * b + 128 * half;
-      for (int l = 0; l < 32; ++l) {
-        codes[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
-        codes[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
-        codes[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-        codes[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-      }
-    }
-  }
-}
-
 void unpack_row(int kind, bool packed, const uint8_t* row, int64_t k, RowScratch& r) {
   if (packed) {
     unpack_packed_row(kind, row, k, r);
-  } else if (kind == Q4_K) {
-    unpack_q4k_row(row, k, r);
-  } else if (kind == Q6_K) {
-    unpack_q6k_row(row, k, r);
+  } else if (format_of(kind).block_values == 256) {
+    unpack_k_quant_row(kind, row, k, r);
   } else {
     unpack_file_row(kind, row, k, r);
   }

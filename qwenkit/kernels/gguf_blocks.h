@@ -21,7 +21,7 @@
 namespace qwenkit {
 
 // ggml type ids (ggml.h)
-enum Kind : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum Kind : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 struct Format {
   int block_values;
@@ -36,7 +36,10 @@ inline Format format_of(int kind) {
     case Q5_0: return {32, 22, 16};
     case Q5_1: return {32, 24, 0};
     case Q8_0: return {32, 34, 128};
+    case Q2_K: return {256, 84, 0};
+    case Q3_K: return {256, 110, 4};
     case Q4_K: return {256, 144, 0};
+    case Q5_K: return {256, 176, 0};
     case Q6_K: return {256, 210, 32};
   }
   TORCH_CHECK(false, "GGUF block type ", kind, " has no CPU kernel");
@@ -97,6 +100,152 @@ struct RowScratch {
     for (int64_t g = 0; g < groups; ++g) offset16[g] = std::fma(scale16[g], static_cast<float>(zero), min16[g]);
   }
 };
+
+// ---- The K-quants, decoded row by row into RowScratch (plain code) ----------------------------
+// The portable build reads every K-quant this way; the AVX-512 build reads Q4_K and Q6_K through
+// its own views and the others this way. Each follows ggml's dequantize_row_q*_K.
+
+inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
+  r.scale16[first16] = r.scale16[first16 + 1] = scale;
+  r.min16[first16] = r.min16[first16 + 1] = minimum;
+}
+
+// Q4_K's and Q5_K's eight 6-bit scales and mins (ggml's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+  sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+  m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+}
+
+// Q4_K: per 256 values d, dmin, twelve bytes of 6-bit scales and mins (one per 32 values), then
+// 4 x 32 bytes whose low nibbles are values 64i..64i+31 and high nibbles 64i+32..64i+63.
+inline void unpack_q4k_row(const uint8_t* row, int64_t k, RowScratch& r) {
+  for (int64_t b = 0; b < k / 256; ++b) {
+    const uint8_t* p = row + 144 * b;
+    const uint8_t* q = p + 4;
+    const float d = f16(p), dmin = f16(p + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      scale_min_k4(j, q, sc, m);
+      set_scale(r, 16 * b + 2 * j, d * sc, dmin * m);  // value = d * sc * q - dmin * m
+    }
+    uint8_t* codes = r.codes.data() + 256 * b;
+    for (int i = 0; i < 4; ++i) {
+      const uint8_t* bytes = p + 16 + 32 * i;
+      for (int j = 0; j < 32; ++j) {
+        codes[64 * i + j] = bytes[j] & 0x0F;
+        codes[64 * i + 32 + j] = bytes[j] >> 4;
+      }
+    }
+  }
+}
+
+// Q6_K: per 256 values ql[128], qh[64], sixteen int8 scales (one per 16 values) and d; 6-bit
+// codes with zero 32. Per half of 128 values, for l < 32: values l, l+32, l+64, l+96 take the low
+// nibble of ql[l], of ql[l+32], the high nibble of ql[l], of ql[l+32], and bit pairs 0, 1, 2, 3 of qh[l].
+inline void unpack_q6k_row(const uint8_t* row, int64_t k, RowScratch& r) {
+  for (int64_t b = 0; b < k / 256; ++b) {
+    const uint8_t* p = row + 210 * b;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    const float d = f16(p + 208);
+    for (int j = 0; j < 16; ++j) {
+      r.scale16[16 * b + j] = d * sc[j];
+      r.min16[16 * b + j] = 0.0f;
+    }
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = p + 64 * half;
+      const uint8_t* qh = p + 128 + 32 * half;
+      uint8_t* codes = r.codes.data() + 256 * b + 128 * half;
+      for (int l = 0; l < 32; ++l) {
+        codes[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+        codes[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+        codes[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+        codes[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+      }
+    }
+  }
+}
+
+// Q5_K: Q4_K's layout with 32 bytes of fifth bits (qh) after the scales: bit 2i of qh[l] is
+// value 64i + l's, bit 2i + 1 value 64i + 32 + l's.
+inline void unpack_q5k_row(const uint8_t* row, int64_t k, RowScratch& r) {
+  for (int64_t b = 0; b < k / 256; ++b) {
+    const uint8_t* p = row + 176 * b;
+    const uint8_t* q = p + 4;
+    const uint8_t* qh = p + 16;
+    const uint8_t* qs = p + 48;
+    const float d = f16(p), dmin = f16(p + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      scale_min_k4(j, q, sc, m);
+      set_scale(r, 16 * b + 2 * j, d * sc, dmin * m);
+    }
+    uint8_t* codes = r.codes.data() + 256 * b;
+    for (int i = 0; i < 4; ++i) {
+      for (int l = 0; l < 32; ++l) {
+        codes[64 * i + l] = (qs[32 * i + l] & 0x0F) | (((qh[l] >> (2 * i)) & 1) << 4);
+        codes[64 * i + 32 + l] = (qs[32 * i + l] >> 4) | (((qh[l] >> (2 * i + 1)) & 1) << 4);
+      }
+    }
+  }
+}
+
+// Q3_K: hmask[32], qs[64], twelve bytes of sixteen 6-bit scales (stored + 32), d. Per 128 values
+// (32 bytes of qs), four 2-bit planes; value = d * (scale - 32) * (q2 + 4 * hbit - 4).
+inline void unpack_q3k_row(const uint8_t* row, int64_t k, RowScratch& r) {
+  for (int64_t b = 0; b < k / 256; ++b) {
+    const uint8_t* p = row + 110 * b;
+    const uint8_t* hm = p;
+    const uint8_t* qs = p + 32;
+    const uint8_t* s = p + 96;
+    const float d = f16(p + 108);
+    for (int j = 0; j < 16; ++j) {  // ggml's kmask unpacking of the 6-bit scales
+      const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+      const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+      r.scale16[16 * b + j] = d * static_cast<float>((low | (high << 4)) - 32);
+      r.min16[16 * b + j] = 0.0f;
+    }
+    uint8_t* codes = r.codes.data() + 256 * b;
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* q = qs + 32 * half;
+      for (int plane = 0; plane < 4; ++plane) {
+        const int bit = 4 * half + plane;
+        for (int l = 0; l < 32; ++l)
+          codes[128 * half + 32 * plane + l] = ((q[l] >> (2 * plane)) & 3) | (((hm[l] >> bit) & 1) << 2);
+      }
+    }
+  }
+}
+
+// Q2_K: sixteen bytes of 4-bit scale and 4-bit min per 16 values, qs[64], d, dmin. Per 128 values
+// (32 bytes of qs), four 2-bit planes; value = d * (sc & 15) * q - dmin * (sc >> 4).
+inline void unpack_q2k_row(const uint8_t* row, int64_t k, RowScratch& r) {
+  for (int64_t b = 0; b < k / 256; ++b) {
+    const uint8_t* p = row + 84 * b;
+    const uint8_t* qs = p + 16;
+    const float d = f16(p + 80), dmin = f16(p + 82);
+    for (int j = 0; j < 16; ++j) {
+      r.scale16[16 * b + j] = d * (p[j] & 0xF);
+      r.min16[16 * b + j] = dmin * (p[j] >> 4);
+    }
+    uint8_t* codes = r.codes.data() + 256 * b;
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* q = qs + 32 * half;
+      for (int plane = 0; plane < 4; ++plane)
+        for (int l = 0; l < 32; ++l) codes[128 * half + 32 * plane + l] = (q[l] >> (2 * plane)) & 3;
+    }
+  }
+}
+
+inline void unpack_k_quant_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
+  switch (kind) {
+    case Q2_K: unpack_q2k_row(row, k, r); break;
+    case Q3_K: unpack_q3k_row(row, k, r); break;
+    case Q4_K: unpack_q4k_row(row, k, r); break;
+    case Q5_K: unpack_q5k_row(row, k, r); break;
+    case Q6_K: unpack_q6k_row(row, k, r); break;
+    default: TORCH_CHECK(false, "GGUF block type ", kind, " is not a K-quant");
+  }
+}
 
 // ---- The packed layout of the 32-value block types ------------------------------------------
 // Same size as the file's blocks, made once at load time so that the decode loop reads planes

@@ -20,7 +20,7 @@ from torch import nn
 from qwenkit.kernels import bf16_matmul_is_fast, cpu_kernels
 
 KERNEL_TYPES = frozenset(
-    GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
+    GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 )
 # The 32-value types are repacked at load time into planes (same size) that decode 2-3x faster.
 PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))

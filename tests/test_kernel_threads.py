@@ -1,0 +1,55 @@
+"""The kernels' own worker threads (thread_pool.cpp): the same results from any calling thread,
+errors raised in a worker reach the caller, and a forked child (which inherits no threads) still
+runs them."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+
+import pytest
+import torch
+
+from qwenkit.kernels import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native kernels need a C++ compiler")
+
+
+def product(x: torch.Tensor) -> torch.Tensor:
+    blocks = torch.arange(64 * 34 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(64, 34 * 8)
+    blocks[:, 0::34] = 0x00  # fp16 scales: 0x1400 (about 1e-3) in every block
+    blocks[:, 1::34] = 0x14
+    return cpu_kernels().matmul(x, blocks, 8, False)  # Q8_0 rows of 256 values
+
+
+def test_any_thread_gets_the_same_result():
+    x = torch.randn(5, 256)
+    expected = product(x)
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(product(x))) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(results) == 3 and all(torch.equal(r, expected) for r in results)
+
+
+def _child(queue, x):
+    queue.put(product(x).tolist())  # plain data: a tensor would be shared through a descriptor
+
+
+def test_a_forked_child_runs_the_kernels():
+    x = torch.randn(5, 256)
+    expected = product(x)  # the parent's workers exist before the fork
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(queue, x))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert torch.equal(torch.tensor(got), expected)
+
+
+def test_an_error_in_a_worker_reaches_the_caller():
+    with pytest.raises(RuntimeError, match="does not match"):
+        cpu_kernels().matmul(torch.randn(2, 256), torch.zeros(64, 10, dtype=torch.uint8), 8, False)
