@@ -118,7 +118,7 @@ def load_model(
         if not is_gguf:
             raise QwenkitError(f"--quantize gguf runs GGUF blocks in place; {resolved.path} is not a GGUF file")
         if not native_gguf_available():
-            raise QwenkitError("--quantize gguf needs the native CPU kernels: an x86-64 CPU with AVX-512 VNNI and a C++ "
+            raise QwenkitError("--quantize gguf needs the native CPU kernels, which need a C++ "
                                "compiler (see the warning above); use --dtype float32 or --quantize int4 instead")
     compute_dtype = DTYPES[dtype or "float32"]
     requested = Quantization.NONE if quantize is None else Quantization(quantize)
