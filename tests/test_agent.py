@@ -127,17 +127,17 @@ def test_default_model_calls_two_tools_in_sequence(gguf_model):
         calls.append(("get_user_city", user))
         return "Lyon"
 
-    def get_weather_in(city: str) -> dict:
+    def get_weather(city: str) -> dict:
         """Get the current weather in a city.
 
         Args:
             city: The city name.
         """
-        calls.append(("get_weather_in", city))
+        calls.append(("get_weather", city))
         return {"city": city, "sky": "sunny", "temperature_c": 23}
 
-    agent = Agent(LocalBackend(LLM(gguf_model), max_tokens=40), [get_user_city, get_weather_in], max_turns=3)
+    agent = Agent(LocalBackend(LLM(gguf_model), max_tokens=40), [get_user_city, get_weather], max_turns=3)
     events = list(agent.events("Which city does Alice live in, and what is the weather there right now? Use the tools."))
-    assert [c[0] for c in calls][:2] == ["get_user_city", "get_weather_in"]
-    assert calls[1][1] == "Lyon"  # the second call used the first one's result
+    assert calls[0] == ("get_user_city", "Alice")
+    assert ("get_weather", "Lyon") in calls[1:]  # a later call used the first one's result
     assert any(isinstance(e, ToolCallEvent) for e in events) and isinstance(events[-1], FinalAnswer)
