@@ -45,8 +45,8 @@ def fim_prompt_ids(
     if missing:
         raise QwenkitError(f"this model has no fill-in-the-middle tokens ({', '.join(missing)} missing from its vocabulary)")
 
-    def text(s: str) -> list[int]:
-        return tokenizer.encode(s, add_special_tokens=False) if s else []
+    def text(s: str) -> list[int]:  # the caller's code stays text: a "<|fim_middle|>" in it is no control token
+        return tokenizer.encode_text(s)
 
     out: list[int] = []
     if extra and ids[REPO_NAME] is not None and ids[FILE_SEP] is not None:
