@@ -5,7 +5,7 @@ llama.cpp), and random-weight GGUFs with real Qwen shapes whose tensor types fol
 recipe: Qwen3-0.6B at Q8_0 and Qwen2.5-1.5B-Instruct at Q4_K_M. Each runs in a fresh process:
 load with max_model_len = CONTEXT, a KV pool of exactly that context, a prompt of CONTEXT - 40
 tokens and 32 generated tokens; ru_maxrss is the peak. Prints estimate / measured.
-Usage: python benchmarks/memory_estimate.py [--context 4096] [--keep DIR]
+Usage: python benchmarks/memory_estimate.py [--context 4096] [--keep DIR] [--only LABEL]
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--keep", type=Path, default=None, help="write the random GGUFs here (and reuse them)")
+    parser.add_argument("--only", default=None, help="run only the cases whose label contains this")
     args = parser.parse_args()
     directory = args.keep or Path(tempfile.mkdtemp())
     directory.mkdir(parents=True, exist_ok=True)
@@ -129,6 +130,8 @@ def main() -> None:
     print(f"context {args.context} tokens; estimate = weights + KV + runtime (runtime baseline measured in the child)")
     print(f"{'case':<42} {'file':>8} {'weights':>8} {'KV':>7} {'runtime':>8} {'estimate':>9} {'load peak':>9} {'peak RSS':>9} {'est/meas':>8}")
     for label, path, shape, quant in cases:
+        if args.only and args.only not in label:
+            continue
         out = subprocess.run([sys.executable, "-c", CHILD, path, str(args.context)], capture_output=True, text=True, timeout=1200)
         if out.returncode:
             print(label, "failed:", out.stderr.strip().splitlines()[-1])

@@ -6,9 +6,9 @@ needed = weights + KV cache + runtime
            (Q4_K_M: Q4_K, with Q6_K for the output and for attn_v/ffn_down in the layers
            llama.cpp's use_more_bits picks; a K-quant on rows not a multiple of 256 falls back to
            Q5_0/Q8_0, as llama.cpp does), counted the way qwenkit holds them: the native kernels'
-           types stay in their blocks, F16/BF16 weights and MoE experts become float32 (the
-           memory-mapped embedding counts whole: fault-around maps nearly all of it within a few
-           thousand distinct tokens).
+           types stay in their blocks, F16/BF16 weights and MoE experts become float32. The
+           memory-mapped embedding counts whole when it is also the output (read every step), else
+           for the share `context` lookups fault in (64 KiB each, the kernel's fault-around).
   KV       layers x kv_heads x head_dim x 2 (K and V) x 2 bytes (float16, the GGUF default) x context
   runtime  this process's own RSS with torch and qwenkit imported (measured), the tokenizer and GGUF
            vocabulary (measured once on the 151,936-token Qwen vocabulary) and one prefill chunk's activations.
@@ -17,6 +17,7 @@ benchmarks/memory_estimate.py checks the sum against the measured peak RSS.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ _K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's type for a K-quant
 # (RSS after Tokenizer.from_gguf minus RSS before opening the file, embedded default model).
 TOKENIZER_BYTES = 130 << 20
 PREFILL_CHUNK = 512  # the engine's max_num_batched_tokens
+FAULT_AROUND = 64 << 10  # bytes a page fault on a file mapping maps at once (Linux's fault_around_bytes)
 # MoE expert tensors are expanded to float32 at load today; set True once they run in their blocks.
 EXPERTS_IN_PLACE = False
 
@@ -132,16 +134,28 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.runtime
 
 
-def weight_bytes(shape: ModelShape, quant: str) -> int:
-    """Resident bytes of the weights in qwenkit (GGUF blocks in place, float32 compute)."""
+def weight_bytes(shape: ModelShape, quant: str, context: int | None = None) -> int:
+    """Resident bytes of the weights in qwenkit (GGUF blocks in place, float32 compute) after
+    `context` tokens have been looked up (None: every embedding row)."""
     total = 4 * shape.small_params()
+    has_output = any(n == "output" for n, *_ in shape.tensors())
     for name, layer, rows, columns in shape.tensors():
         kind = tensor_type(quant, name, layer, shape.layers, columns)
         in_place = kind in KERNEL_TYPES and (EXPERTS_IN_PLACE or not name.endswith("_exps"))
-        # A memory-mapped embedding is counted whole: each looked-up row maps its 64 KiB neighbourhood
-        # (the kernel's fault-around), so a few thousand distinct tokens make nearly all of it resident.
-        total += int(rows * columns * BITS[kind] / 8) if in_place else rows * columns * 4
+        size = int(rows * columns * BITS[kind] / 8) if in_place else rows * columns * 4
+        if name == "token_embd" and in_place and has_output and context is not None:
+            size = int(size * _touched_fraction(size, context))
+        total += size
     return total
+
+
+def _touched_fraction(mapped_bytes: int, lookups: int) -> float:
+    """Share of a memory-mapped embedding resident after `lookups` row lookups. Each lookup faults in
+    its 64 KiB neighbourhood (Linux's default fault-around), so with tokens spread over the vocabulary
+    the share is 1 - exp(-lookups / windows). A tied embedding is also the output projection, read
+    whole every step: that case never gets here."""
+    windows = max(1, mapped_bytes // FAULT_AROUND)
+    return 1 - math.exp(-lookups / windows)
 
 
 def activation_bytes(shape: ModelShape) -> int:
@@ -152,7 +166,7 @@ def activation_bytes(shape: ModelShape) -> int:
 
 def estimate(shape: ModelShape, quant: str, context: int, baseline_rss: int | None = None) -> MemoryEstimate:
     runtime = (baseline_rss if baseline_rss is not None else runtime_baseline()) + TOKENIZER_BYTES + activation_bytes(shape)
-    return MemoryEstimate(weight_bytes(shape, quant), shape.kv_bytes_per_token() * context, runtime)
+    return MemoryEstimate(weight_bytes(shape, quant, context), shape.kv_bytes_per_token() * context, runtime)
 
 
 def runtime_baseline() -> int:
