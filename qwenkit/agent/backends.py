@@ -59,18 +59,19 @@ class LocalBackend:
     def turn(self, messages, tools):
         from qwenkit.structured.tools import tool_call_guidance
         from qwenkit.tokenizer.output_parser import OutputParser
-        from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 
-        prompt = self.llm.tokenizer.chat_template.render(template_messages(messages), tools=tools or None, add_generation_prompt=True)
+        # Tool results are text from outside: encode_chat keeps any control-token string in them as text.
+        prompt_ids = self.llm.tokenizer.encode_chat(template_messages(messages), tools or None)
         guidance = tool_call_guidance(tools)
         params = self.params.with_changes(logits_processors=(*self.params.logits_processors, guidance)) if guidance else self.params
         declared = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
-        parser = OutputParser(prompt_opens_thinking(prompt), bool(tools), tools=declared)
+        parser = None
         content, calls = "", []
-        for out in self.llm.stream(prompt, params):
+        for out in self.llm.stream(prompt_ids, params):
             c = out.outputs[0]
             if c.finish_reason == "error":
                 raise QwenkitError(f"the model failed: {out.error}")
+            parser = parser or OutputParser(c.thinking_open, bool(tools), tools=declared)
             deltas = parser.feed(c.delta_text) + (parser.finish() if c.finished else [])
             for d in deltas:
                 if d.reasoning:
