@@ -94,6 +94,8 @@ def test_format_json_parses(client, route):
 
 
 @pytest.mark.real_model
+@pytest.mark.xfail(reason="issue 18: the lazy tool-call grammar's bare '{\"name\": \"' trigger can fire after the reply "
+                          "has started, and the 0.5B model then repeats the call after a tool result", strict=False)
 def test_tool_result_round_trip(client):
     """History as Ollama sends it: the assistant's call with arguments as an object, the tool's answer by name."""
     messages = [

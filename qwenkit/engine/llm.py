@@ -143,9 +143,9 @@ class AsyncLLM:
             except Exception as exc:  # the shared forward failed: every request in flight ends with the error
                 traceback.print_exc()
                 outputs = self.engine.fail_all(exc)
+            self._publish_stats()  # before delivering: a client that has its final output sees the state after it
             for out in outputs:
                 self._deliver(out)
-            self._publish_stats()
 
     def _publish_stats(self) -> None:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager

@@ -12,7 +12,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
 
 from qwenkit import __version__
 from qwenkit.engine.llm import AsyncLLM
@@ -20,7 +19,7 @@ from qwenkit.server.body import BodySizeLimit, StrictJSONRoute
 from qwenkit.server.chat import chat_completions, template_message
 from qwenkit.server.completions import completions
 from qwenkit.server.embeddings import router as embeddings_router
-from qwenkit.server.errors import APIError, install_error_handlers
+from qwenkit.server.errors import APIError, documented_errors, install_error_handlers
 from qwenkit.server.infill import add_infill_routes
 from qwenkit.server.ollama import router as ollama_router
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -54,21 +53,21 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app.include_router(embeddings_router)
     app.include_router(ollama_router)
 
-    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 429, 503))
+    @app.post("/v1/chat/completions", responses=documented_errors(400, 401, 404, 413, 429, 503))
     async def _chat(body: ChatCompletionRequest, request: Request, key: str = authorized):
         return await chat_completions(state, body, request, key)
 
-    @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 429, 503))
+    @app.post("/v1/completions", responses=documented_errors(400, 401, 404, 413, 429, 503))
     async def _completions(body: CompletionRequest, request: Request, key: str = authorized):
         return await completions(state, body, request, key)
 
     add_infill_routes(app, state)
 
-    @app.get("/v1/models", responses=_errors(401, 429))
+    @app.get("/v1/models", responses=documented_errors(401, 429))
     async def _models(_: str = authorized):
         return {"object": "list", "data": state.model_cards()}
 
-    @app.post("/tokenize", responses=_errors(400, 401, 404, 413, 429))
+    @app.post("/tokenize", responses=documented_errors(400, 401, 404, 413, 429))
     async def _tokenize(body: TokenizeRequest, key: str = authorized):
         """A chat body is tokenized exactly as /v1/chat/completions would (its text stays text); a
         prompt raw, as /v1/completions would (control-token strings in it are control tokens)."""
@@ -85,7 +84,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         state.rate_limiter.take_tokens(key, len(tokens))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
-    @app.post("/detokenize", responses=_errors(400, 401, 404, 413, 429))
+    @app.post("/detokenize", responses=documented_errors(400, 401, 404, 413, 429))
     async def _detokenize(body: DetokenizeRequest, key: str = authorized):
         state.check_model(body.model)
         if any(t >= state.tokenizer.vocab_size for t in body.tokens):
@@ -101,7 +100,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     metrics_auth = [authenticated] if config.metrics_require_key else []
 
-    @app.get("/metrics", dependencies=metrics_auth, responses=_errors(401) if metrics_auth else None)
+    @app.get("/metrics", dependencies=metrics_auth, responses=documented_errors(401) if metrics_auth else None)
     async def _metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -117,25 +116,6 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
 
 
 # ---- the OpenAPI schema says what the server really sends ------------------------------------------
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-_DESCRIPTIONS = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 405: "Method not allowed",
-                 413: "Body too large", 429: "Rate limit reached", 503: "Generation failed (retry)"}
-
-
-def _errors(*statuses: int) -> dict:
-    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
-
 
 def _document_real_status_codes(app: FastAPI) -> None:
     """FastAPI documents a 422 for every body; this server answers validation errors with 400

@@ -12,13 +12,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 from qwenkit.engine.embedding import embed_token_ids, embedding_token_ids, fit_to_context
-from qwenkit.server.errors import APIError
+from qwenkit.server.errors import APIError, documented_errors
 from qwenkit.server.protocol import Model
 from qwenkit.server.state import ServerState
 
 MAX_INPUTS = 2048  # as OpenAI: inputs per request
 
-router = APIRouter()
+router = APIRouter(responses=documented_errors(400, 401, 404, 413, 429))
 
 
 class EmbeddingRequest(Model):

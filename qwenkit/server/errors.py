@@ -19,6 +19,7 @@ import json
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenkit.errors import QwenkitError
@@ -88,3 +89,25 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+# ---- the OpenAPI schema says what the server really sends ------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 405: "Method not allowed",
+                 413: "Body too large", 429: "Rate limit reached", 503: "Generation failed (retry)"}
+
+
+def documented_errors(*statuses: int) -> dict:
+    """The `responses=` of a route: the error statuses it really sends, in OpenAI's shape, for the OpenAPI schema."""
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from qwenkit.errors import QwenkitError
-from qwenkit.server.errors import APIError, sse_error, sse_event
+from qwenkit.server.errors import APIError, documented_errors, sse_error, sse_event
 from qwenkit.server.protocol import Model, SamplingFields
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.infill import DEFAULT_FILENAME, ContextFile, fim_prompt_ids
@@ -38,7 +38,7 @@ def fim_ids(state: ServerState, prefix: str, suffix: str, extra=(), middle_start
 
 
 def add_infill_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/infill")
+    @app.post("/infill", responses=documented_errors(400, 401, 404, 413, 429, 503))
     async def _infill(body: InfillRequest, request: Request, key: str = Depends(state.authorize)):
         model = state.check_model(body.model)
         extra = [ContextFile(c.filename, c.text) for c in body.input_extra]

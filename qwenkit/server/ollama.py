@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from qwenkit import __version__
 from qwenkit.engine.outputs import RequestOutput
@@ -73,7 +73,15 @@ def _validation_message(errors) -> str:
     return f"{first.get('msg', 'invalid request')}" + (f" ({where})" if where else "")
 
 
-router = APIRouter(prefix="/api", route_class=OllamaRoute)
+class OllamaErrorBody(BaseModel):
+    error: str
+
+
+# What the routes really answer besides 200, so the OpenAPI schema (and schema-driven fuzzers) tell the truth.
+_ERRORS = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model", 413: "Body too large",
+           429: "Rate limit reached", 503: "Generation failed (retry)"}
+router = APIRouter(prefix="/api", route_class=OllamaRoute,
+                   responses={s: {"model": OllamaErrorBody, "description": d} for s, d in _ERRORS.items()})
 
 
 # ---- request bodies --------------------------------------------------------------------------------
