@@ -120,7 +120,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed
   TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
               "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
   TORCH_CHECK(!packed || (packable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k);
+  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
   auto y = torch::empty({tokens, n}, x.options());
   float* out = y.data_ptr<float>();
   const uint8_t* rows = w.data_ptr<uint8_t>();

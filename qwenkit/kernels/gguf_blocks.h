@@ -51,8 +51,11 @@ inline float f16(const uint8_t* p) {  // exact, as F16C's conversion
   return c10::detail::fp16_ieee_to_fp32_value(h);
 }
 
-// Activations as int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp's Q8_0), with each
-// block's scale and the scaled sum of its codes given per 16 values, the weights' granularity.
+// Activations as int8 in blocks (scale = max|x| / 127), with each block's scale and the scaled
+// sum of its codes given per 16 and per 32 values, the weights' granularities. The block is 32
+// values for the 32-value types (llama.cpp's Q8_0) and 256 for the K-quants (llama.cpp's Q8_K):
+// one activation scale per 256-value super-block lets a K-quant's integer sub-block scales be
+// applied in integer arithmetic (ggml_cpu.cpp), and every build quantizes alike.
 struct QuantizedActivations {
   std::vector<int8_t> q;       // [T, K]
   std::vector<float> scale16;  // [T, K / 16]
@@ -61,27 +64,34 @@ struct QuantizedActivations {
   std::vector<float> sum32;    // [T, K / 32]
 };
 
-inline QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k) {
+inline int64_t activation_block(int kind) { return format_of(kind).block_values == 256 ? 256 : 32; }
+
+inline QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k, int64_t block) {
   QuantizedActivations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * k / 16 + 16), std::vector<float>(tokens * k / 16 + 16),
                          std::vector<float>(tokens * k / 32 + 16), std::vector<float>(tokens * k / 32 + 16)};
-  parallel_for(0, tokens * (k / 32), 64, [&](int64_t begin, int64_t end) {
+  const int64_t per_block16 = block / 16;
+  parallel_for(0, tokens * (k / block), std::max<int64_t>(1, 2048 / block), [&](int64_t begin, int64_t end) {
+    int sums[16];
     for (int64_t b = begin; b < end; ++b) {
-      const float* xb = x + b * 32;
+      const float* xb = x + b * block;
       float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::abs(xb[i]));
       const float d = amax / 127.0f;
       const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      int sums[2] = {0, 0};
-      for (int i = 0; i < 32; ++i) {
+      std::fill(sums, sums + per_block16, 0);
+      for (int64_t i = 0; i < block; ++i) {
         const int v = static_cast<int>(std::nearbyint(xb[i] * id));
-        a.q[b * 32 + i] = static_cast<int8_t>(v);
+        a.q[b * block + i] = static_cast<int8_t>(v);
         sums[i / 16] += v;
       }
-      a.scale16[b * 2] = a.scale16[b * 2 + 1] = d;
-      a.sum16[b * 2] = d * sums[0];
-      a.sum16[b * 2 + 1] = d * sums[1];
-      a.scale32[b] = d;
-      a.sum32[b] = d * (sums[0] + sums[1]);
+      for (int64_t g = 0; g < per_block16; ++g) {
+        a.scale16[b * per_block16 + g] = d;
+        a.sum16[b * per_block16 + g] = d * sums[g];
+      }
+      for (int64_t g = 0; g < per_block16 / 2; ++g) {
+        a.scale32[b * per_block16 / 2 + g] = d;
+        a.sum32[b * per_block16 / 2 + g] = d * (sums[2 * g] + sums[2 * g + 1]);
+      }
     }
   });
   return a;
