@@ -55,13 +55,10 @@ class ProcessorConfig:
         """The limits one request runs with: its options over the checkpoint's."""
         if options == MediaOptions():
             return self
-        image = ImageLimits(options.min_pixels or self.image.min_pixels, options.max_pixels or self.image.max_pixels)
-        video = replace(
-            self.video,
-            min_pixels=options.min_pixels or self.video.min_pixels,
-            max_pixels=options.max_pixels or self.video.max_pixels,
-            fps=options.fps or self.video.fps,
-        )
+        low, high = _budget_for(options, self.image.min_pixels, self.image.max_pixels)
+        image = ImageLimits(low, high)
+        low, high = _budget_for(options, self.video.min_pixels, self.video.max_pixels)
+        video = replace(self.video, min_pixels=low, max_pixels=high, fps=options.fps or self.video.fps)
         cap = self.max_request_pixels
         if cap is not None and max(image.max_pixels, video.max_pixels) > cap:
             raise QwenkitError(f"max_pixels {options.max_pixels} is more than this server allows ({cap} pixels per image or frame)")
@@ -74,6 +71,18 @@ class ProcessorConfig:
         image = ImageLimits(min(self.image.min_pixels, max_pixels), min(self.image.max_pixels, max_pixels))
         video = replace(self.video, min_pixels=min(self.video.min_pixels, max_pixels), max_pixels=min(self.video.max_pixels, max_pixels))
         return replace(self, image=image, video=video, max_request_pixels=max_pixels)
+
+
+def _budget_for(options: MediaOptions, low: int, high: int) -> tuple[int, int]:
+    """A request's (min, max) pixels: what it gives, the default for the other bound, moved so the
+    two stay ordered (max_pixels alone below the default minimum lowers the minimum too)."""
+    if options.min_pixels is not None and options.max_pixels is not None:
+        return options.min_pixels, options.max_pixels
+    if options.max_pixels is not None:
+        return min(low, options.max_pixels), options.max_pixels
+    if options.min_pixels is not None:
+        return options.min_pixels, max(high, options.min_pixels)
+    return low, high
 
 
 def _read(path: Path) -> dict[str, Any]:
