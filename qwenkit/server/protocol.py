@@ -26,6 +26,47 @@ class TextPart(Model):
     text: str
 
 
+class MediaURL(Model):
+    url: str
+    detail: str | None = None  # OpenAI's image detail level: accepted, the pixel budget decides
+
+
+class ImageURLPart(Model):
+    type: Literal["image_url"]
+    image_url: MediaURL | str
+
+
+class InputAudio(Model):
+    data: str  # base64
+    format: str = "wav"  # the bytes say what they are; wav, mp3, flac... all decode
+
+
+class InputAudioPart(Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(Model):
+    type: Literal["audio_url"]
+    audio_url: MediaURL | str
+
+
+class VideoPart(Model):
+    """vLLM's spelling: the video as a list of frame URLs (or one video file URL)."""
+    type: Literal["video"]
+    video: list[str] | str
+
+
+class VideoURLPart(Model):
+    type: Literal["video_url"]
+    video_url: MediaURL | str
+
+
+ContentPart = Annotated[
+    TextPart | ImageURLPart | InputAudioPart | AudioURLPart | VideoPart | VideoURLPart, Field(discriminator="type")
+]
+
+
 class FunctionCall(Model):
     name: str
     arguments: str | dict[str, Any] = "{}"
@@ -39,7 +80,7 @@ class ToolCallIn(Model):
 
 class ChatMessage(Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
@@ -132,6 +173,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_budget: int | None = Field(default=None, ge=0)
+    # media preprocessing per request (vLLM's name): min_pixels, max_pixels, fps
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
