@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwenkit.engine.sampling_params import SEED_MAX, SEED_MIN
 
@@ -62,6 +62,7 @@ class VideoURLPart(Model):
     video_url: MediaURL | str
 
 
+CONTENT_PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video", "video_url")
 ContentPart = Annotated[
     TextPart | ImageURLPart | InputAudioPart | AudioURLPart | VideoPart | VideoURLPart, Field(discriminator="type")
 ]
@@ -85,6 +86,17 @@ class ChatMessage(Model):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_parts(cls, content: Any) -> Any:
+        # Named here: otherwise a union's first error ("should be a valid string") hides the real one.
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in CONTENT_PART_TYPES:
+                    raise ValueError(f"unsupported content part type {kind!r}; this server takes {', '.join(CONTENT_PART_TYPES)}")
+        return content
 
 
 class FunctionDef(Model):
