@@ -177,3 +177,24 @@ def test_media_sent_to_a_text_only_model_is_a_400(tmp_path):
         assert greedy(client, "text", [{"type": "text", "text": "hi"}]).choices[0].message.content is not None
     finally:
         server.stop()
+
+
+def test_cli_chat_with_image_and_audio_files(vl_path, media_dir, audio_server, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(model, *flags):
+        result = subprocess.run([sys.executable, "-m", "qwenkit.cli.main", "chat", "--model", str(model), "-p", "what is it",
+                                 "--max-tokens", "5", "--temperature", "0", *flags], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.rstrip("\n")
+
+    params = SamplingParams(temperature=0, max_tokens=5)
+    cat = media_dir / "cat.png"
+    expected = LLM(str(vl_path)).chat(user({"type": "image", "image": str(cat)}, text("what is it")), params)[0].outputs[0].text
+    assert cli(vl_path, "--image", str(cat)) == expected
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(1.0, 4))
+    path, _ = audio_server
+    expected = LLM(str(path)).chat(user({"type": "audio", "audio": str(clip)}, text("what is it")), params)[0].outputs[0].text
+    assert cli(path, "--audio", str(clip)) == expected
