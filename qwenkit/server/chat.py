@@ -70,9 +70,9 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[i
     CPU work: the server runs it in a worker thread (ServerState.off_loop). Tokenizer.encode_chat
     keeps every string from the request as text: only the template writes control tokens.
     """
-    ids, tools, prefix, media = chat_prompt_with_media(state, body)
-    if media:
+    if any(isinstance(m.content, list) and any(p.type != "text" for p in m.content) for m in body.messages):
         raise APIError(400, "images, video and audio are taken by /v1/chat/completions only", "invalid_media", "messages")
+    ids, tools, prefix, _ = chat_prompt_with_media(state, body)
     return ids, tools, prefix
 
 
