@@ -8,7 +8,6 @@ import io
 import threading
 from functools import partial
 
-import httpx
 import numpy as np
 import openai
 import pytest
