@@ -244,3 +244,30 @@ def test_media_errors(vl, audio, tmp_path):
     _, audio_loaded = audio
     with pytest.raises(QwenkitError, match="does not take images"):
         LLM(audio_loaded).chat(user(img_part(image(30, 30))), GREEDY)
+
+
+def test_media_sources_follow_the_policy(tmp_path):
+    from qwenkit.multimodal.sources import MediaPolicy, load_media_bytes
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "a.bin").write_bytes(b"abc")
+    (tmp_path / "secret").write_bytes(b"no")
+    (allowed / "link").symlink_to(tmp_path / "secret")
+    policy = MediaPolicy(allowed_local_path=allowed, max_bytes=10)
+    assert load_media_bytes((allowed / "a.bin").as_uri(), policy) == b"abc"
+    assert load_media_bytes(str(allowed / "a.bin"), policy) == b"abc"
+    for escape in (str(allowed / ".." / "secret"), (allowed / "link").as_uri()):  # neither .. nor a symlink leaves the root
+        with pytest.raises(QwenkitError, match="must lie under"):
+            load_media_bytes(escape, policy)
+    with pytest.raises(QwenkitError, match="not allowed"):
+        load_media_bytes(str(allowed / "a.bin"), MediaPolicy())
+    with pytest.raises(QwenkitError, match="off on this server"):
+        load_media_bytes("https://example.com/x.png", MediaPolicy())
+    with pytest.raises(QwenkitError, match="not allowed"):
+        load_media_bytes("https://evil.example.org/x.png", MediaPolicy(allowed_domains=("example.com",)))
+    with pytest.raises(QwenkitError, match="larger than 10 bytes"):
+        load_media_bytes("data:application/octet-stream;base64," + base64.b64encode(b"x" * 40).decode(), policy)
+    with pytest.raises(QwenkitError, match="scheme"):
+        load_media_bytes("ftp://example.com/x.png", policy)
+    assert load_media_bytes("data:text/plain,hi%20there", policy) == b"hi there"
