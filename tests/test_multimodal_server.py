@@ -9,6 +9,7 @@ import threading
 from functools import partial
 
 import numpy as np
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -77,6 +78,9 @@ def test_image_by_data_url_answers_as_the_library_does(vl_client, vl_path):
     expected = LLM(str(vl_path)).chat(user(*content), SamplingParams(temperature=0, max_tokens=6))[0]
     assert r.choices[0].message.content == expected.outputs[0].text
     assert r.usage.prompt_tokens == len(expected.prompt_token_ids)  # the placeholders, one per image token
+    tokenized = httpx.post(vl_client.base_url.join("/tokenize"), json={"messages": [{"role": "user", "content": content}]},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+    assert tokenized["tokens"] == expected.prompt_token_ids
     # Streaming, and the same image again: its blocks come from the prefix cache.
     again = vl_client.chat.completions.create(model="vl", messages=[{"role": "user", "content": content}], temperature=0,
                                               max_tokens=6, stream=True, stream_options={"include_usage": True})
@@ -197,3 +201,17 @@ def test_cli_chat_with_image_and_audio_files(vl_path, media_dir, audio_server, t
     path, _ = audio_server
     expected = LLM(str(path)).chat(user({"type": "audio", "audio": str(clip)}, text("what is it")), params)[0].outputs[0].text
     assert cli(path, "--audio", str(clip)) == expected
+
+
+def test_ollama_chat_images_answer_as_the_openai_route(vl_server, vl_client):
+    img = image(100, 70)
+    openai_answer = greedy(vl_client, "vl", [{"type": "image_url", "image_url": {"url": png_url(img)}}, text("what is this")])
+    body = {"model": "vl", "stream": False, "options": {"temperature": 0, "num_predict": 6},
+            "messages": [{"role": "user", "content": "what is this", "images": [base64.b64encode(png_bytes(img)).decode()]}]}
+    r = httpx.post(vl_server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["message"]["content"] == openai_answer.choices[0].message.content
+    assert r.json()["prompt_eval_count"] == openai_answer.usage.prompt_tokens
+    bad = {**body, "messages": [{"role": "user", "content": "x", "images": ["bm90IGFuIGltYWdl"]}]}
+    r = httpx.post(vl_server.url + "/api/chat", json=bad, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == 400 and "cannot decode the image" in r.text

@@ -49,13 +49,16 @@ class LLM:
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
         lora: str | None = None,
-        media: list[list[MediaItem]] | None = None,
+        media: list[list[MediaItem]] | list[MediaItem] | None = None,
     ) -> list[RequestOutput]:
         """`lora` names an adapter added with `engine.add_lora` (None: the base model); `media[i]` are
-        prompt i's preprocessed images/videos/audio in prompt order (see LLMEngine.add_request)."""
+        prompt i's preprocessed images/videos/audio in prompt order (see LLMEngine.add_request), or
+        for a single prompt, its media list."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         per_prompt = params if isinstance(params, list) else [params] * len(batch)
+        if single and media and isinstance(media[0], MediaItem):  # one prompt: its media as a flat list
+            media = [media]
         per_media = media if media is not None else [None] * len(batch)
         ids = [self.engine.add_request(p, sp, lora_name=lora, media=m) for p, sp, m in zip(batch, per_prompt, per_media)]
         done: dict[str, RequestOutput] = {}
