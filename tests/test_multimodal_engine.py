@@ -271,3 +271,24 @@ def test_media_sources_follow_the_policy(tmp_path):
     with pytest.raises(QwenkitError, match="scheme"):
         load_media_bytes("ftp://example.com/x.png", policy)
     assert load_media_bytes("data:text/plain,hi%20there", policy) == b"hi there"
+
+
+def test_async_chat_with_an_image_equals_llm_chat(vl):
+    import asyncio
+
+    from qwenkit.engine import AsyncLLM
+
+    _, _, loaded = vl
+    messages = user(img_part(image(100, 70)), text("describe"))
+    allm = AsyncLLM(loaded)
+    try:
+        async def run():
+            last = None
+            async for out in allm.chat(messages, GREEDY):
+                last = out
+            return last
+
+        out = asyncio.run(run())
+    finally:
+        allm.shutdown()
+    assert out.outputs[0].token_ids == LLM(loaded).chat(messages, GREEDY)[0].outputs[0].token_ids

@@ -72,13 +72,13 @@ def greedy(client, model, content, **extra):
                                           temperature=0, max_tokens=6, **extra)
 
 
-def test_image_by_data_url_answers_as_the_library_does(vl_client, vl_path):
+def test_image_by_data_url_answers_as_the_library_does(vl_client, vl_server, vl_path):
     content = [{"type": "image_url", "image_url": {"url": png_url(image(100, 70))}}, {"type": "text", "text": "what is this"}]
     r = greedy(vl_client, "vl", content)
     expected = LLM(str(vl_path)).chat(user(*content), SamplingParams(temperature=0, max_tokens=6))[0]
     assert r.choices[0].message.content == expected.outputs[0].text
     assert r.usage.prompt_tokens == len(expected.prompt_token_ids)  # the placeholders, one per image token
-    tokenized = httpx.post(vl_client.base_url.join("/tokenize"), json={"messages": [{"role": "user", "content": content}]},
+    tokenized = httpx.post(vl_server.url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
                            headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
     assert tokenized["tokens"] == expected.prompt_token_ids
     # Streaming, and the same image again: its blocks come from the prefix cache.

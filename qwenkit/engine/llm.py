@@ -241,19 +241,24 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None,
+        media: list[MediaItem] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """add_request and its outputs in one call (a refused request raises on the first iteration)."""
-        stream = await self.add_request(prompt, params, request_id, lora)
+        stream = await self.add_request(prompt, params, request_id, lora, media)
         try:
             async for out in stream:
                 yield out
         finally:
             await stream.aclose()  # now, not at garbage collection: an abandoned request is aborted at once
 
-    async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, lora=None, **template_kwargs):
-        prompt = self.tokenizer.encode_chat(messages, tools, **template_kwargs)
-        async for out in self.generate(prompt, params, request_id, lora):
+    async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, lora=None,
+                   mm_processor_kwargs: dict[str, Any] | None = None, media_policy: MediaPolicy = LIBRARY_POLICY, **template_kwargs):
+        """As LLM.chat, for one conversation (media parts read in a worker thread)."""
+        ctx = media_context(self.engine, media_policy, mm_processor_kwargs)
+        rendered, media = await asyncio.to_thread(chat_media, messages, ctx)
+        prompt = self.tokenizer.encode_chat(rendered, tools, **template_kwargs)
+        async for out in self.generate(prompt, params, request_id, lora, media):
             yield out
 
     def abort(self, request_id: str) -> None:
