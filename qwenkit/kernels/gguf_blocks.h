@@ -346,4 +346,62 @@ inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k) {
   return packed;
 }
 
+// ---- What every build's matmul and dequantize_into share: argument checks and row loops ------
+
+// matmul's arguments: float32 x [T, K] and GGUF rows w [N, bytes per row] whose rows hold K values.
+inline void check_matmul_args(const torch::Tensor& x, const torch::Tensor& w, int64_t kind, bool packed) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [out_features, bytes per row]");
+  const Format f = format_of(static_cast<int>(kind));
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
+  TORCH_CHECK(!packed || (packable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
+}
+
+// y[t, row] for rows unpacked one at a time into RowScratch: unpack(row bytes, k, scratch) fills
+// codes, scales and minimums; dot(scratch, token codes, scales per 16, sums per 16, k) is the
+// build's dot product.
+template <class Unpack, class Dot>
+void unpacked_rows_matmul(const uint8_t* rows, int64_t row_bytes, int64_t n, int64_t k, int zero, const QuantizedActivations& a,
+                          int64_t tokens, float* out, Unpack unpack, Dot dot) {
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    RowScratch r(k);
+    for (int64_t row = begin; row < end; ++row) {
+      unpack(rows + row * row_bytes, k, r);
+      r.compute_offsets(zero, k / 16);
+      for (int64_t t = 0; t < tokens; ++t)
+        out[t * n + row] = dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
+    }
+  });
+}
+
+// out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
+// above; values(scratch, zero, k, out row) writes one row in out's dtype (a generic lambda).
+template <class Unpack, class Values>
+void dequantize_rows(torch::Tensor w, int64_t kind, torch::Tensor out, Unpack unpack, Values values) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
+  const bool bf16 = out.dtype() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
+              "out must be a contiguous float32 or bfloat16 [rows, row length]");
+  const Format f = format_of(static_cast<int>(kind));
+  const int64_t n = w.size(0), k = out.size(1);
+  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "row length ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
+  w = w.contiguous();
+  const int64_t row_bytes = w.size(1);
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    RowScratch r(k);
+    for (int64_t row = begin; row < end; ++row) {
+      unpack(rows + row * row_bytes, k, r);
+      if (bf16) {
+        values(r, f.zero, k, out.data_ptr<at::BFloat16>() + row * k);
+      } else {
+        values(r, f.zero, k, out.data_ptr<float>() + row * k);
+      }
+    }
+  });
+}
+
 }  // namespace qwenkit
