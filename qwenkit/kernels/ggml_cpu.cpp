@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "gguf_blocks.h"
 
 using namespace qwenkit;
@@ -256,45 +258,61 @@ inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const __m
   for (int j = 0; j < NT; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
+// Rows [begin, end) 8 at a time (prepare(first, count) reads their scales once; their bytes stay
+// in L1/L2) and, for each 8, tokens in tiles of MAX_NT, then 4, 2, 1: tile(r, row, t0, nt) gives
+// the row's sums for tokens [t0, t0 + nt). T tokens decode each weight step ceil(T / nt) times,
+// not T times, and read each row from memory once.
+template <int MAX_NT, class Prepare, class Tile>
+inline void row_and_token_tiles(int64_t begin, int64_t end, int64_t tokens, Prepare prepare, Tile tile) {
+  constexpr int64_t ROWS = 8;
+  for (int64_t first = begin; first < end; first += ROWS) {
+    const int64_t count = std::min(ROWS, end - first);
+    prepare(first, count);
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t left = tokens - t0;
+      const int64_t nt = left >= MAX_NT ? MAX_NT : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t r = 0; r < count; ++r) tile(r, first + r, t0, nt);
+      t0 += nt;
+    }
+  }
+}
+
+// f(std::integral_constant<int, nt>) for a tile size nt of row_and_token_tiles.
+template <class F>
+inline void with_tile_size(int64_t nt, F&& f) {
+  switch (nt) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
+
 // y[t, row] for rows [begin, end) (k a multiple of 64), through a View of each row: codes per
-// 64 values, a weight scale and an offset per GROUP values. Rows go 8 at a time (their bytes
-// stay in L1/L2) and, for each 8, tokens 4 at a time (then 2, 1) through tile_dot: T tokens
-// decode each weight step ceil(T / 4) times, not T times, and read each row from memory once.
+// 64 values, a float weight scale and an offset per GROUP values (the 32-value types), tokens
+// 4 at a time through tile_dot.
 template <class View>
 void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
               int64_t begin, int64_t end, float* out, int64_t n) {
   constexpr int G = View::GROUP;
-  constexpr int64_t ROWS = 8;
   const int64_t groups = k / G, steps = k / 64, stride = groups + 16;
   const float* xscale = G == 32 ? a.scale32.data() : a.scale16.data();
   const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
-  std::vector<float> ws(ROWS * stride), off(ROWS * stride);
+  std::vector<float> ws(8 * stride), off(8 * stride);
   std::vector<__m512> xsv(tokens * steps);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t c = 0; c < steps; ++c) xsv[t * steps + c] = spread_step<G>(xscale + t * groups, c);
   float sums[4];
-  for (int64_t first = begin; first < end; first += ROWS) {
-    const int64_t count = std::min(ROWS, end - first);
-    for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
-    for (int64_t t0 = 0; t0 < tokens;) {
-      const int64_t nt = tokens - t0 >= 4 ? 4 : tokens - t0 >= 2 ? 2 : 1;
-      const int8_t* xq = a.q.data() + t0 * k;
-      for (int64_t r = 0; r < count; ++r) {
-        const int64_t row = first + r;
+  row_and_token_tiles<4>(
+      begin, end, tokens,
+      [&](int64_t first, int64_t count) {
+        for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
+      },
+      [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
         const View v(rows + row * row_bytes, k);
-        const float* row_ws = &ws[r * stride];
-        if (nt == 4) {
-          tile_dot<View, 4>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
-        } else if (nt == 2) {
-          tile_dot<View, 2>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
-        } else {
-          tile_dot<View, 1>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
-        }
+        with_tile_size(nt, [&](auto NT) { tile_dot<View, NT>(v, &ws[r * stride], a.q.data() + t0 * k, xsv.data() + t0 * steps, k, sums); });
         subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, row);
-      }
-      t0 += nt;
-    }
-  }
+      });
 }
 
 // Per 64-value step, the integer sub-block scales spread over VPDPBUSD's 16 lanes, as spread_step.
@@ -339,42 +357,30 @@ inline void tile_dot_k(const View& v, const int32_t* sc, const float* d, const i
   for (int j = 0; j < NT; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
 }
 
-// rows_dot for the K-quant views with integer scales (Q4_K, Q6_K): rows 8 at a time, tokens 8
-// at a time within them (then 4, 2, 1), each weight step decoded once per tile of tokens.
+// rows_dot for the K-quant views with integer scales (Q4_K, Q6_K): tokens 8 at a time through
+// tile_dot_k.
 template <class View>
 void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
                 int64_t begin, int64_t end, float* out, int64_t n) {
   constexpr int G = View::GROUP;
-  constexpr int64_t ROWS = 8;
-  const int64_t groups = k / G, stride = groups + 16;
+  const int64_t groups = k / G, stride = groups + 16, supers = k / 256;
   const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
-  std::vector<int32_t> sc(ROWS * stride);
-  std::vector<float> d(ROWS * (k / 256)), off(ROWS * stride);
+  std::vector<int32_t> sc(8 * stride);
+  std::vector<float> d(8 * supers), off(8 * stride);
   float sums[8];
-  for (int64_t first = begin; first < end; first += ROWS) {
-    const int64_t count = std::min(ROWS, end - first);
-    for (int64_t r = 0; r < count; ++r)
-      View(rows + (first + r) * row_bytes, k).int_scales(k, &sc[r * stride], &d[r * (k / 256)], &off[r * stride]);
-    for (int64_t t0 = 0; t0 < tokens;) {
-      const int64_t left = tokens - t0;
-      const int64_t nt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const int8_t* xq = a.q.data() + t0 * k;
-      const float* xs16 = a.scale16.data() + t0 * (k / 16);
-      for (int64_t r = 0; r < count; ++r) {
-        const View v(rows + (first + r) * row_bytes, k);
-        const int32_t* row_sc = &sc[r * stride];
-        const float* row_d = &d[r * (k / 256)];
-        switch (nt) {
-          case 8: tile_dot_k<View, 8>(v, row_sc, row_d, xq, xs16, k, sums); break;
-          case 4: tile_dot_k<View, 4>(v, row_sc, row_d, xq, xs16, k, sums); break;
-          case 2: tile_dot_k<View, 2>(v, row_sc, row_d, xq, xs16, k, sums); break;
-          default: tile_dot_k<View, 1>(v, row_sc, row_d, xq, xs16, k, sums);
-        }
-        subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, first + r);
-      }
-      t0 += nt;
-    }
-  }
+  row_and_token_tiles<8>(
+      begin, end, tokens,
+      [&](int64_t first, int64_t count) {
+        for (int64_t r = 0; r < count; ++r)
+          View(rows + (first + r) * row_bytes, k).int_scales(k, &sc[r * stride], &d[r * supers], &off[r * stride]);
+      },
+      [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
+        const View v(rows + row * row_bytes, k);
+        with_tile_size(nt, [&](auto NT) {
+          tile_dot_k<View, NT>(v, &sc[r * stride], &d[r * supers], a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16), k, sums);
+        });
+        subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, row);
+      });
 }
 
 // One row in the unpacked form (for dequantization), through the same View the dot product
