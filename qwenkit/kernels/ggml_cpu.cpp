@@ -40,6 +40,12 @@ inline __m256i with_fifth_bits(__m256i low, const uint8_t* qh) {
   return _mm256_mask_add_epi8(low, static_cast<__mmask32>(bits), low, _mm256_set1_epi8(0x10));
 }
 
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
 inline void store32(uint8_t* dst, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v); }
 
 void unpack_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
@@ -141,17 +147,25 @@ struct Q4KView {
     }
   }
   // The same scales as integers: sc per 32 values (masked to 16 bits, see tile_dot_k) and d per 256.
+  // The scales as integers: sc per 32 values and d per 256. The twelve bytes of 6-bit scales and
+  // mins are rearranged with word masks (as ggml's vec_dot_q4_K) into 8 scale bytes then 8 min
+  // bytes, widened in one instruction: the scalar unpacking would cost more than a row's products.
   void int_scales(int64_t k, int32_t* sc, float* d, float* off) const {
+    constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
     for (int64_t b = 0; b < k / 256; ++b) {
       const uint8_t* p = row + 144 * b;
-      d[b] = f16(p);
-      const float dmin = f16(p + 2);
-      for (int j = 0; j < 8; ++j) {
-        int s, m;
-        scale_min_k4(j, p + 4, s, m);
-        sc[8 * b + j] = s;
-        off[8 * b + j] = dmin * m;
-      }
+      uint32_t u[4];
+      std::memcpy(u, p + 4, 12);
+      u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
+      const uint32_t mins_low = u[1] & low6;
+      u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
+      u[2] = mins_low;
+      u[0] &= low6;
+      const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc + 8 * b), _mm512_castsi512_si256(wide));
+      const __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(wide, 1));
+      _mm256_storeu_ps(off + 8 * b, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(load_u16(p + 2))), mins));
+      d[b] = _cvtsh_ss(load_u16(p));
     }
   }
   __m512i codes64(int64_t c) const {
@@ -183,11 +197,11 @@ struct Q6KView {
     for (int64_t b = 0; b < k / 256; ++b) {
       const uint8_t* p = row + 210 * b;
       const int8_t* s = reinterpret_cast<const int8_t*>(p + 192);
-      d[b] = f16(p + 208);
-      for (int j = 0; j < 16; ++j) {
-        sc[16 * b + j] = s[j] & 0xFFFF;  // an int16 in the lane's low half, zero in the high half
-        off[16 * b + j] = d[b] * s[j] * 32.0f;
-      }
+      d[b] = _cvtsh_ss(load_u16(p + 208));
+      const __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+      // an int16 in each lane's low half, zero in the high half (see tile_dot_k)
+      _mm512_storeu_si512(sc + 16 * b, _mm512_and_si512(wide, _mm512_set1_epi32(0xFFFF)));
+      _mm512_storeu_ps(off + 16 * b, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(d[b]), _mm512_cvtepi32_ps(wide)), _mm512_set1_ps(32.0f)));
     }
   }
   __m512i codes64(int64_t c) const {
