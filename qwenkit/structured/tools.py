@@ -1,11 +1,19 @@
 """Grammars that make tool calls parse: built from the declared tools' JSON schemas as xgrammar
 structural tags, in the JSON-in-<tool_call> form of the Qwen2.5/Qwen3 chat templates.
 
-- `auto`: free text, but once the model starts a call (`<tool_call>`, or a bare `{"name": "` as
-  small Qwen2.5 models write it) it must name a declared tool and give arguments valid against
-  that tool's schema; the rest of the text stays free (a lazy grammar).
+- `auto`: free text, but once the model starts a call it must name a declared tool and give
+  arguments valid against that tool's schema (a lazy grammar). A call starts with `<tool_call>`
+  anywhere in the reply, or with a bare `{"name": "<a declared tool>"` as small Qwen2.5 models
+  write it, only at the start of the reply (after thinking and whitespace) or right after another
+  bare call: the places where the output parser takes a bare object for a call. A `{"name": "`
+  later in the text (an example object in prose) stays free.
 - `required` and a named function: the server already put the opening of the call in the
   model's mouth (`forced_prefix`); the grammar continues from there.
+
+"Only at the start" cannot be a trigger (xgrammar's triggers fire anywhere in free text), so the
+start of the reply is a choice between the openings that commit to a call (a bare opening naming a
+declared tool, `<tool_call>`, `<think>`) and a regex for every text that has left all of them
+behind at its first differing character; free text with `<tool_call>` triggers follows that.
 """
 
 from __future__ import annotations
@@ -14,16 +22,22 @@ import json
 from typing import Any
 
 from xgrammar.structural_tag import (
-    ConstStringFormat, JSONSchemaFormat, OrFormat, SequenceFormat, StructuralTag, TagFormat, TriggeredTagsFormat,
+    AnyTextFormat, ConstStringFormat, JSONSchemaFormat, OptionalFormat, OrFormat, RegexFormat, SequenceFormat,
+    StarFormat, StructuralTag, TagFormat, TriggeredTagsFormat,
 )
 
 from qwenkit.structured.spec import GuidedDecoding
 
 TOOL_OPEN = "<tool_call>"
 TAGGED_START = TOOL_OPEN + '\n{"name": "'
-BARE_START = '{"name": "'
 ARGUMENTS = '", "arguments": '
 TAGGED_END = "}\n</tool_call>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+BARE_START = '{"name": "'
+# A bare opening written compactly (`{"name":"`) is held to the spaced style the model uses: the
+# space is forced, so the call is still constrained (and each style would cost its own states).
+BARE_COMPACT = '{"name":'
+WHITESPACE = " \t\r\n"
 
 
 def _parameters(tool: dict[str, Any]) -> tuple[str, dict[str, Any] | bool]:
@@ -44,6 +58,55 @@ def _tagged_tags(tools: list[dict[str, Any]]) -> list[TagFormat]:
             for n, p in map(_parameters, tools)]
 
 
+def _bare_tags(tools: list[dict[str, Any]]) -> list[TagFormat]:
+    return [TagFormat(begin=BARE_START + _name(n) + ARGUMENTS, content=_arguments(p), end="}")
+            for n, p in map(_parameters, tools)]
+
+
+def _bare_openings(tools: list[dict[str, Any]]) -> list[str]:
+    """The text that commits a reply to a bare call: the opening up to the name's closing quote."""
+    return [BARE_START + _name(n) + '"' for n, _ in map(_parameters, tools)]
+
+
+def _regex_char(c: str) -> str:
+    return {"\n": r"\n", "\r": r"\r", "\t": r"\t"}.get(c) or ("\\" + c if c in r"\^$.|?*+()[]{}/-" else c)
+
+
+def divergence_regex(openings: list[str], not_first: str = WHITESPACE, forced: tuple[str, ...] = ()) -> str:
+    """A regex for the shortest texts that are no prefix of any opening: some prefix of an opening
+    (possibly empty), then a character that none of them continues with there. The first
+    character is also none of `not_first`; after a prefix in `forced` the openings' next character
+    is the only one allowed. Written as a trie (`<([^t]|t([^o]|...))`): the compiled grammar has
+    one state per character of the openings (each costs a pass over the vocabulary to compile)."""
+
+    def node(prefix: str, extra: str = "") -> str:
+        nexts = sorted({o[len(prefix)] for o in openings if o.startswith(prefix) and len(o) > len(prefix)})
+        branches = [] if prefix in forced else ["[^" + "".join(_regex_char(c) for c in sorted({*nexts, *extra})) + "]"]
+        for c in nexts:
+            if prefix + c not in openings:  # where an opening ends, what follows is the opening's
+                branches.append(_regex_char(c) + node(prefix + c))
+        return "(" + "|".join(branches) + ")" if len(branches) > 1 else branches[0]
+
+    return node("", not_first)
+
+
+def _auto(tools: list[dict[str, Any]], parallel: bool) -> Any:
+    tagged, bare = _tagged_tags(tools), _bare_tags(tools)
+    free = TriggeredTagsFormat(triggers=[TOOL_OPEN], tags=tagged, stop_after_first=not parallel)
+    ws = RegexFormat(pattern=f"[{''.join(map(_regex_char, WHITESPACE))}]*")
+    diverged = RegexFormat(pattern=divergence_regex([*_bare_openings(tools), TOOL_OPEN, THINK_OPEN], forced=(BARE_COMPACT,)))
+    if parallel:  # bare calls (one per line), then at most: a tagged call or diverged text, then free text
+        rest = OrFormat(elements=[SequenceFormat(elements=[diverged, free]),
+                                  SequenceFormat(elements=[OrFormat(elements=tagged), free])])
+        answer = SequenceFormat(elements=[StarFormat(content=SequenceFormat(elements=[ws, OrFormat(elements=bare)])),
+                                          ws, OptionalFormat(content=rest)])
+    else:  # one call, bare or tagged, and nothing after it; or text with at most one tagged call
+        rest = OrFormat(elements=[*bare, *tagged, SequenceFormat(elements=[diverged, free])])
+        answer = SequenceFormat(elements=[ws, OptionalFormat(content=rest)])
+    thinking = TagFormat(begin=THINK_OPEN, content=AnyTextFormat(), end=THINK_CLOSE)
+    return SequenceFormat(elements=[OptionalFormat(content=thinking), answer])
+
+
 def tool_call_guidance(tools: list[dict[str, Any]], forced_prefix: str = "", parallel: bool = True) -> GuidedDecoding | None:
     """The grammar for a reply that may (`forced_prefix` "") or must (the prefix opened a call)
     call the tools; None when the prefix is not one this module knows how to continue."""
@@ -53,10 +116,7 @@ def tool_call_guidance(tools: list[dict[str, Any]], forced_prefix: str = "", par
     named = {TAGGED_START + json.dumps(n)[1:-1] + ARGUMENTS: (n, p) for n, p in map(_parameters, tools)}
     more = [TriggeredTagsFormat(triggers=[TOOL_OPEN], tags=_tagged_tags(tools))] if parallel else []
     if forced_prefix == "":
-        bare = [TagFormat(begin=BARE_START + _name(n) + ARGUMENTS, content=_arguments(p), end="}")
-                for n, p in map(_parameters, tools)]
-        fmt = TriggeredTagsFormat(triggers=[TOOL_OPEN, BARE_START], tags=_tagged_tags(tools) + bare,
-                                  stop_after_first=not parallel)
+        fmt = _auto(tools, parallel)
     elif forced_prefix == TAGGED_START:  # tool_choice "required": any declared tool
         first = OrFormat(elements=[
             SequenceFormat(elements=[ConstStringFormat(value=_name(n) + ARGUMENTS), _arguments(p), ConstStringFormat(value=TAGGED_END)])
