@@ -147,7 +147,14 @@ AUTO_CASES = [
     ("Let me see.\n" + TAGGED + "\nok", True, False),
     (TAGGED, True, True),
     ('<think>\n{"name": "get", "arguments": "x"}\n</think>\n\n' + CALL, True, True),
+    ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```', True, True),
+    ('{\n  "name": "get",\n  "arguments": {"n": 3}\n}', True, True),
+    ('```json\n{"name": "get", "arguments": {"n": 1}}\n```\n```json\n{"name": "get", "arguments": {"n": 2}}\n```', True, False),
+    ("```python\nprint(1)\n```", True, True),
+    ('```json\n{"name": "Bob"}\n```', True, True),
     # A bare call of a declared tool at the start must be a valid call.
+    ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": 5\n  }\n}\n```', False, False),
+    ('```json\n{"name": "get", "arguments": {"n": 1}}', False, False),  # the fence must be closed
     ('{"name": "get_weather", "arguments": {"city": 5}}', False, False),
     ('{"name": "get_weather"}', False, False),
     ('{"name": "get_weather", "city": "Paris"}', False, False),
@@ -166,7 +173,7 @@ def test_auto_tool_grammar_engages_only_on_a_call(tokenizer, parallel):
     import xgrammar as xgr
 
     from qwenkit.structured.compiler import compiler_for
-    from qwenkit.structured.tools import tool_call_guidance
+    from qwenkit.structured.tools import _bare_openings, tool_call_guidance
     from qwenkit.tokenizer.output_parser import parse_output
 
     compiled = compiler_for(tokenizer).compile(tool_call_guidance(TOOLS, parallel=parallel))
@@ -176,7 +183,7 @@ def test_auto_tool_grammar_engages_only_on_a_call(tokenizer, parallel):
         allowed = matcher.accept_string(reply) and matcher.is_completed() if reply else matcher.is_completed()
         assert allowed == (allowed_parallel if parallel else allowed_single), reply
         parsed = parse_output(reply, tools=schemas)
-        if allowed and any(reply.lstrip().startswith(f'{{"name": "{name}"') for name in schemas):
+        if allowed and any(reply.lstrip().startswith(opening) for opening in _bare_openings(TOOLS)):
             assert parsed.tool_calls, reply
         for call in parsed.tool_calls if allowed else []:
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
