@@ -147,6 +147,9 @@ def run(client: openai.OpenAI, model: str, cases: list[Case], max_tokens: int, v
                     print(f"    {case.prompt[:60]!r}: {p}")
     same = sum(a == b for a, b in zip(replies[False], replies[True]))
     print(f"plain and streamed replies identical: {same}/{len(cases)}")
+    for case, a, b in zip(cases, replies[False], replies[True]):
+        if a != b and verbose:
+            print(f"    {case.prompt[:60]!r}: plain {a}, streamed {b}")
     return replies
 
 

@@ -18,13 +18,14 @@ CASES = [
     ),
     (
         '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {"x": [1, 2]}}\n</tool_call>',
-        False, None, "\n", [ToolCall("a", "{}"), ToolCall("b", '{"x": [1, 2]}')],
+        False, None, "", [ToolCall("a", "{}"), ToolCall("b", '{"x": [1, 2]}')],
     ),
     ('<tool_call>\n{"name": "broken", "arguments": {"city": }\n</tool_call>', False, None,
      '<tool_call>\n{"name": "broken", "arguments": {"city": }\n</tool_call>', []),
     ("<think>\nweigh options\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"q\": \"日本\"}}\n</tool_call>",
      False, "weigh options", "", [ToolCall("f", '{"q": "日本"}')]),
     ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}', False, None, "", [ToolCall("f", '{"a": 1}')]),  # cut at stop
+    ('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n\nDone.', False, None, "Done.", [ToolCall("f", "{}")]),
 ]
 
 

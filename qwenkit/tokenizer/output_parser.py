@@ -153,6 +153,7 @@ class OutputParser:
         self.buffer = ""
         self.saw_reasoning = thinking_open
         self.after_think = False  # strip the blank lines that follow </think>
+        self.after_call = False  # and the whitespace after a tool call (between calls, or before text)
         self._prefix = prefix
 
     def feed(self, text: str) -> list[Delta]:
@@ -192,6 +193,11 @@ class OutputParser:
                     if not self.buffer and not final:
                         return out
                     self.after_think = False
+                if self.after_call:
+                    self.buffer = self.buffer.lstrip()
+                    if not self.buffer and not final:
+                        return out
+                    self.after_call = False
                 if self.bare:
                     found = _bare_call(self.buffer.lstrip(), self.tools, final)
                     if found == "maybe":
@@ -227,6 +233,7 @@ class OutputParser:
                 call = parse_tool_call(body.strip(), self.tools)
                 if call is not None:
                     out.append(Delta(tool_call=call))
+                    self.after_call = True
                 else:  # malformed: give the text back as it was written
                     out.append(Delta(content=TOOL_OPEN + body + (TOOL_CLOSE if closed else "")))
                 self.mode = "content"
