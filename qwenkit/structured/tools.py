@@ -116,17 +116,27 @@ def divergence_grammar(openings: list[str], not_first: str = WHITESPACE, forced=
 
 def _auto(tools: list[dict[str, Any]], parallel: bool) -> Any:
     tagged, bare = _tagged_tags(tools), _bare_tags(tools)
-    free = TriggeredTagsFormat(triggers=[TOOL_OPEN], tags=tagged, stop_after_first=not parallel)
     ws = RegexFormat(pattern="[ \\t\\r\\n]*")
-    diverged = GrammarFormat(grammar=divergence_grammar([*_bare_openings(tools), TOOL_OPEN, THINK_OPEN]))
+    openings = [*_bare_openings(tools), TOOL_OPEN, THINK_OPEN]
+    # Text that leaves the openings behind at its first character (nearly every reply) is one
+    # character class followed by free text: xgrammar fills that mask from its cache (~0.1 ms).
+    # Text that starts like an opening and leaves it later ("{\"a\"", "<b>", "```python") goes
+    # through the trie grammar; its masks are computed token by token (tens of ms on this CPU),
+    # but only until the reply has left the openings behind.
+    first = RegexFormat(pattern="[^" + "".join(sorted({_ebnf_char(o[0]) for o in openings} | {_ebnf_char(c) for c in WHITESPACE})) + "]")
+    later = GrammarFormat(grammar=divergence_grammar(openings, forced=lambda prefix: prefix == "" or _forced(prefix)))
+
+    def diverged(free: TriggeredTagsFormat) -> list[SequenceFormat]:
+        return [SequenceFormat(elements=[first, free]), SequenceFormat(elements=[later, free])]
+
     if parallel:  # bare calls, then at most: a tagged call or diverged text, then free text
-        rest = OrFormat(elements=[SequenceFormat(elements=[diverged, free]),
-                                  SequenceFormat(elements=[OrFormat(elements=tagged), free])])
+        free = TriggeredTagsFormat(triggers=[TOOL_OPEN], tags=tagged)
+        rest = OrFormat(elements=[*diverged(free), SequenceFormat(elements=[OrFormat(elements=tagged), free])])
         answer = SequenceFormat(elements=[StarFormat(content=SequenceFormat(elements=[ws, OrFormat(elements=bare)])),
                                           ws, OptionalFormat(content=rest)])
     else:  # one call, bare or tagged, and nothing after it; or text with at most one tagged call
-        rest = OrFormat(elements=[*bare, *tagged, SequenceFormat(elements=[diverged, free])])
-        answer = SequenceFormat(elements=[ws, OptionalFormat(content=rest)])
+        free = TriggeredTagsFormat(triggers=[TOOL_OPEN], tags=tagged, stop_after_first=True)
+        answer = SequenceFormat(elements=[ws, OptionalFormat(content=OrFormat(elements=[*bare, *tagged, *diverged(free)]))])
     thinking = TagFormat(begin=THINK_OPEN, content=AnyTextFormat(), end=THINK_CLOSE)
     return SequenceFormat(elements=[OptionalFormat(content=thinking), answer])
 
