@@ -3,7 +3,8 @@ several tools, two calls in one reply, questions that need no tool) through the 
 endpoint, driven by the official `openai` client, plain and streamed. Every call that comes back
 must name a declared tool and carry arguments valid against its schema (`jsonschema`); the
 prompts that need a call must come back as `tool_calls` (the expected tool, and two calls where
-two are asked for), the others as content. Greedy, so plain and streamed must agree.
+two are asked for), the others as content. Greedy: plain and streamed replies are compared too
+(a near-tie in free text can flip when the streamed pass hits the prefix cache; --no-prefix-cache).
 
     python benchmarks/tool_calls.py                      # in process (FastAPI TestClient), default model
     python benchmarks/tool_calls.py --url http://127.0.0.1:8000/v1 --model NAME   # a running server
@@ -126,12 +127,16 @@ def problems(case: Case, reply: Reply) -> list[str]:
     return found
 
 
-def run(client: openai.OpenAI, model: str, cases: list[Case], max_tokens: int, verbose: bool = True) -> dict[bool, list[Reply]]:
+def run(client: openai.OpenAI, model: str, cases: list[Case], max_tokens: int, verbose: bool = True,
+        clock=None) -> dict[bool, list[Reply]]:
+    """`clock`: a GrammarClock (benchmarks/structured_outputs.py) when the engine runs in process."""
     replies: dict[bool, list[Reply]] = {}
     for stream in (False, True):
         t0 = time.perf_counter()
+        before = clock.seconds if clock else 0.0
         replies[stream] = [ask(client, model, case, stream, max_tokens) for case in cases]
         elapsed = time.perf_counter() - t0
+        grammar = f"; tool grammar mask fill + apply {(clock.seconds - before) / elapsed * 100:.1f}% of it" if clock else ""
         calls = [c for c in cases if c.expect]
         got = [r for c, r in zip(cases, replies[stream]) if c.expect and not problems(c, r)]
         valid_calls = [r for c, r in zip(cases, replies[stream]) if c.expect and r.calls and r.finish == "tool_calls"
@@ -140,7 +145,7 @@ def run(client: openai.OpenAI, model: str, cases: list[Case], max_tokens: int, v
         label = "streamed" if stream else "plain   "
         print(f"{label}: {len(valid_calls)}/{len(calls)} call prompts came back as tool_calls with schema-valid arguments "
               f"({len(got)}/{len(calls)} with exactly the expected tools); {len(text)}/{len(cases) - len(calls)} no-tool "
-              f"questions answered as content; {elapsed:.0f} s", flush=True)
+              f"questions answered as content; {elapsed:.0f} s{grammar}", flush=True)
         if verbose:
             for case, reply in zip(cases, replies[stream]):
                 for p in problems(case, reply):
@@ -159,21 +164,27 @@ def main() -> None:
     parser.add_argument("--model", default="m")
     parser.add_argument("--api-key", default="none")
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="in process: every request prefills its whole prompt (the streamed pass otherwise hits the "
+                             "prefix cache, whose shorter prefill can flip a greedy near-tie)")
     args = parser.parse_args()
     if args.url:
         run(openai.OpenAI(base_url=args.url, api_key=args.api_key), args.model, CASES, args.max_tokens)
         return
     from fastapi.testclient import TestClient
+    from structured_outputs import GrammarClock  # this directory
 
     from qwenkit.engine.llm import AsyncLLM
+    from qwenkit.engine.llm_engine import EngineConfig
     from qwenkit.server.app import create_app
     from qwenkit.server.state import ServerConfig
     from qwenkit.weights.loader import load_model
 
-    app = create_app(AsyncLLM(load_model(None)), ServerConfig(served_model_name=args.model))
+    config = EngineConfig(enable_prefix_caching=not args.no_prefix_cache)
+    app = create_app(AsyncLLM(load_model(None), engine_config=config), ServerConfig(served_model_name=args.model))
     with TestClient(app) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key=args.api_key, http_client=http, max_retries=0)
-        run(client, args.model, CASES, args.max_tokens)
+        run(client, args.model, CASES, args.max_tokens, clock=GrammarClock())
 
 
 if __name__ == "__main__":
