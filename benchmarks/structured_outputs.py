@@ -1,9 +1,10 @@
 """Structured outputs on the default model (issue 18): 20 JSON schemas x 3 prompts, every output
 checked with `jsonschema`, constrained vs the same prompts unconstrained (schema given in the
 prompt only); then the decode overhead of a JSON schema at batch 1 and 16 (tokens/s with and
-without the grammar, same prompts, greedy).
+without the grammar, same prompts, greedy, interleaved runs) and the share of the constrained
+runs' wall time spent filling and applying the token bitmask.
 
-    python benchmarks/structured_outputs.py [--quick]
+    python benchmarks/structured_outputs.py [--quick] [--only validity|overhead]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jsonschema
 from qwenkit.engine.llm import LLM
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.structured import GuidedDecoding
+from qwenkit.structured.processor import GrammarProcessor
 from qwenkit.weights.loader import load_model
 
 S, I, N, B = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
@@ -92,31 +94,62 @@ def validity(llm: LLM, max_tokens: int) -> None:
             print("   ", f)
 
 
-def overhead(llm: LLM, batch: int, tokens: int) -> None:
+class GrammarClock:
+    """Time spent inside the grammar's batched mask fill + apply (GrammarProcessor.apply), so its
+    share of a run's wall time can be reported next to tokens/s (which the load of a shared
+    machine blurs: both are measured in the same run)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._apply = GrammarProcessor.apply.__func__
+
+        def timed(cls, logits, rows, processors):
+            t0 = time.perf_counter()
+            try:
+                self._apply(cls, logits, rows, processors)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        GrammarProcessor.apply = classmethod(timed)
+
+
+def overhead(llm: LLM, batch: int, tokens: int, clock: GrammarClock, rounds: int = 3) -> None:
     # A string that must be longer than the run: both runs last exactly `tokens` tokens.
     schema = {"type": "object", "properties": {"story": {"type": "string", "minLength": 100000}}, "required": ["story"]}
     prompts = [chat(llm, f"Tell story number {i} about the sea, as JSON.") for i in range(batch)]
     rates: dict[bool, list[float]] = {}
-    for constrained in (False, True, False, True):  # interleaved: the machine's load drifts
+    inside = wall = 0.0
+    for constrained in (False, True) * rounds:  # interleaved: the machine's load drifts
         extra = (GuidedDecoding.from_json_schema(schema),) if constrained else ()
         params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0, logits_processors=extra)
+        before = clock.seconds
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - t0
+        if constrained:
+            inside, wall = inside + clock.seconds - before, wall + elapsed
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         rates.setdefault(constrained, []).append(n / elapsed)
     plain, guided = max(rates[False]), max(rates[True])
-    print(f"batch {batch:2d}: {plain:.1f} tok/s plain, {guided:.1f} tok/s with a JSON schema: {guided / plain:.3f}x", flush=True)
+    pairs = sorted(g / p for p, g in zip(rates[False], rates[True]))
+    print(f"batch {batch:2d}: best {plain:.1f} tok/s plain, {guided:.1f} tok/s with a JSON schema: {guided / plain:.3f}x "
+          f"(median of {rounds} interleaved pairs {pairs[len(pairs) // 2]:.3f}x); mask fill + apply "
+          f"{inside / wall * 100:.1f}% of the constrained runs' wall time", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer tokens")
+    parser.add_argument("--only", choices=["validity", "overhead"], help="run one of the two parts")
     args = parser.parse_args()
     llm = LLM(load_model(None))
-    validity(llm, 48 if args.quick else 96)
+    if args.only != "overhead":
+        validity(llm, 48 if args.quick else 96)
+    if args.only == "validity":
+        return
+    clock = GrammarClock()
     for batch in (1, 16):
-        overhead(llm, batch, 16 if args.quick else 32)
+        overhead(llm, batch, 16 if args.quick else 32, clock)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ CASES = [
     ),
     (
         '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {"x": [1, 2]}}\n</tool_call>',
-        False, None, "\n", [ToolCall("a", "{}"), ToolCall("b", '{"x": [1, 2]}')],
+        False, None, "", [ToolCall("a", "{}"), ToolCall("b", '{"x": [1, 2]}')],
     ),
     ('<tool_call>\n{"name": "broken", "arguments": {"city": }\n</tool_call>', False, None,
      '<tool_call>\n{"name": "broken", "arguments": {"city": }\n</tool_call>', []),
     ("<think>\nweigh options\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"q\": \"日本\"}}\n</tool_call>",
      False, "weigh options", "", [ToolCall("f", '{"q": "日本"}')]),
     ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}', False, None, "", [ToolCall("f", '{"a": 1}')]),  # cut at stop
+    ('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n\nDone.', False, None, "Done.", [ToolCall("f", "{}")]),
 ]
 
 
@@ -77,6 +78,15 @@ TOOL_CASES = [
     ('{"name": "get_weather", "city": "Paris"}', '{"name": "get_weather", "city": "Paris"}', []),
     ('{"name": "get_weather", "arguments": {"city": ', '{"name": "get_weather", "arguments": {"city": ', []),
     ('{"a": 1}', '{"a": 1}', []),
+    # Pretty-printed in a code block, as the small models often write a call; fences that hold no call stay text.
+    ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```', "",
+     [ToolCall("get_weather", '{"city": "Paris"}')]),
+    ('```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```\n```\n{"name": "add", "arguments": {"a": 3}}\n```\nDone.',
+     "Done.", [ToolCall("add", '{"a": 1, "b": 2}'), ToolCall("add", '{"a": 3}')]),
+    ('```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}', "", [ToolCall("get_weather", '{"city": "Paris"}')]),
+    ('```python\nprint(1)\n```', '```python\nprint(1)\n```', []),
+    ('```json\n{"name": "launch_rockets", "arguments": {}}\n```', '```json\n{"name": "launch_rockets", "arguments": {}}\n```', []),
+    ('``', '``', []),
     # Qwen3-Coder's XML form, parameters typed by the declared schema.
     ('<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n</parameter>\n'
      '<parameter=note>\n42\n</parameter>\n</function>\n</tool_call>',

@@ -122,3 +122,68 @@ def test_default_model_output_follows_the_grammar_in_one_batch(gguf_model):
     jsonschema.validate(json.loads(texts[1]), PET)
     assert texts[2] in ("yes", "no")
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[3])
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+              "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get", "parameters": {
+              "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}]
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TAGGED = '<tool_call>\n{"name": "get", "arguments": {"n": 1}}\n</tool_call>'
+AUTO_CASES = [
+    # (reply, allowed with parallel calls, allowed with one call at most)
+    ("Hello there.", True, True),
+    ("", True, True),
+    ("Sure! " + CALL, True, True),  # a bare object later in the text is free: the parser keeps it as text
+    ('Example: {"name": "get_weather", "arguments": {"city": 5}}', True, True),
+    ('{"name": "Bob", "age": 3}', True, True),  # not a declared tool's name: free
+    ('{"name": "getaway"}', True, True),
+    ('{"a": 1}', True, True),
+    ("<b>bold</b>", True, True),
+    (CALL, True, True),
+    ("\n " + CALL, True, True),
+    ('{"name": "get", "arguments": {"n": 2}}\n' + CALL, True, False),  # two bare calls, one per line
+    (CALL + "\nDone: {\"name\": \"x\"}", True, False),
+    ("Let me see.\n" + TAGGED + "\nok", True, False),
+    (TAGGED, True, True),
+    ('<think>\n{"name": "get", "arguments": "x"}\n</think>\n\n' + CALL, True, True),
+    ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```', True, True),
+    ('{\n  "name": "get",\n  "arguments": {"n": 3}\n}', True, True),
+    ('```json\n{"name": "get", "arguments": {"n": 1}}\n```\n```json\n{"name": "get", "arguments": {"n": 2}}\n```', True, False),
+    ("```python\nprint(1)\n```", True, True),
+    ('```json\n{"name": "Bob"}\n```', True, True),
+    # A bare call of a declared tool at the start must be a valid call.
+    ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": 5\n  }\n}\n```', False, False),
+    ('```json\n{"name": "get", "arguments": {"n": 1}}', False, False),  # the fence must be closed
+    ('{"name": "get_weather", "arguments": {"city": 5}}', False, False),
+    ('{"name": "get_weather"}', False, False),
+    ('{"name": "get_weather", "city": "Paris"}', False, False),
+    ('{"name":"get_weather","arguments":{"city":"Paris"}}', False, False),  # the compact opening is held to the spaced one
+    ('{"name": "get", "arguments": {"n": 2}}\n{"name": "get_weather", "arguments": {"town": "Paris"}}', False, False),
+    ('<tool_call>\n{"name": "nope", "arguments": {"n": 1}}\n</tool_call>', False, False),
+    ('<think>\nhmm\n</think>\n\n{"name": "get", "arguments": {"n": "a"}}', False, False),
+    ("<tool_call", False, False),  # cannot stop inside an opening
+]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_auto_tool_grammar_engages_only_on_a_call(tokenizer, parallel):
+    """tool_choice "auto": checked by feeding whole replies to the compiled grammar; replies the
+    grammar allows that start with a bare call also parse as calls with schema-valid arguments."""
+    import xgrammar as xgr
+
+    from qwenkit.structured.compiler import compiler_for
+    from qwenkit.structured.tools import _bare_openings, tool_call_guidance
+    from qwenkit.tokenizer.output_parser import parse_output
+
+    compiled = compiler_for(tokenizer).compile(tool_call_guidance(TOOLS, parallel=parallel))
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for reply, allowed_parallel, allowed_single in AUTO_CASES:
+        matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        allowed = matcher.accept_string(reply) and matcher.is_completed() if reply else matcher.is_completed()
+        assert allowed == (allowed_parallel if parallel else allowed_single), reply
+        parsed = parse_output(reply, tools=schemas)
+        if allowed and any(reply.lstrip().startswith(opening) for opening in _bare_openings(TOOLS)):
+            assert parsed.tool_calls, reply
+        for call in parsed.tool_calls if allowed else []:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])

@@ -93,6 +93,69 @@ def test_bare_tool_call_becomes_a_tool_call(client):
     assert (name, json.loads(arguments), finish, content) == ("get_weather", json.loads(call.function.arguments), "tool_calls", "")
 
 
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Get the current local time in an IANA timezone",
+                                      "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}}
+CURRENCY = {"type": "function", "function": {"name": "convert_currency", "description": "Convert an amount of money from one currency to another",
+                                          "parameters": {"type": "object", "required": ["amount", "from_currency", "to_currency"], "properties": {
+                                              "amount": {"type": "number", "minimum": 0},
+                                              "from_currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                              "to_currency": {"type": "string", "pattern": "^[A-Z]{3}$"}}}}}
+SEARCH = {"type": "function", "function": {"name": "search_web", "description": "Search the web and return the top results",
+                                        "parameters": {"type": "object", "required": ["query"], "properties": {
+                                            "query": {"type": "string"}, "max_results": {"type": "integer", "minimum": 1, "maximum": 10}}}}}
+# (question, tools, expected calls as (name, arguments that must be among the call's)); no calls: an answer in text.
+# The greedy replies of the default model, checked by hand: a bare call on one line, calls written as
+# a pretty-printed ```json block (currency, search), two tagged calls in one reply, and a plain answer.
+TOOL_PROMPTS = [
+    ("What is the weather in Paris right now? Use the tool.", [*WEATHER], [("get_weather", {"city": "Paris"})]),
+    ("Convert 100 US dollars to euros.", [*WEATHER, CURRENCY],
+     [("convert_currency", {"amount": 100, "from_currency": "USD", "to_currency": "EUR"})]),
+    ("Search the web for the latest Python release.", [*WEATHER, SEARCH], [("search_web", {})]),
+    ("What is the weather in Paris and in London? Reply with two <tool_call> blocks.", [*WEATHER],
+     [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "London"})]),
+    ("Write a haiku about the sea.", [*WEATHER, TIME], []),
+]
+
+
+def chat_reply(client, question, tools, stream):
+    """(content, [(name, arguments text)], finish_reason), from the whole reply or its chunks."""
+    kwargs = dict(model="m", messages=[{"role": "user", "content": question}], tools=tools, tool_choice="auto",
+                  temperature=0, max_tokens=96)
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        return choice.message.content or "", [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []], choice.finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for tc in c.delta.tool_calls or []:
+                name, arguments = calls.get(tc.index, ("", ""))
+                calls[tc.index] = (name + (tc.function.name or ""), arguments + (tc.function.arguments or ""))
+            finish = c.finish_reason or finish
+    return content, [calls[k] for k in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("question, tools, expected", TOOL_PROMPTS, ids=[q[:24] for q, _, _ in TOOL_PROMPTS])
+def test_auto_tool_calls_plain_and_streamed(client, question, tools, expected, stream):
+    """tool_choice "auto" (see benchmarks/tool_calls.py for all 20 prompts): calls come back as
+    tool_calls whose arguments validate against the tool's schema, a question that needs no tool
+    as content. Streamed and plain replies are checked alike, not against each other: the second
+    request hits the prefix cache, whose shorter prefill can flip a greedy near-tie in free text."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    reply = chat_reply(client, question, tools, stream)
+    content, calls, finish = reply
+    if not expected:
+        assert calls == [] and finish == "stop" and content.strip() and "{" not in content, reply
+        return
+    assert finish == "tool_calls" and not content.strip(), reply
+    assert [name for name, _ in calls] == [name for name, _ in expected], reply
+    for (name, arguments), (_, must) in zip(calls, expected):
+        value = json.loads(arguments)
+        jsonschema.validate(value, schemas[name])
+        assert value.items() >= must.items(), (value, must)
+
+
 def test_required_tool_call_arguments_follow_the_schema(client):
     reply = ask(client, "Hello!", tools=WEATHER, tool_choice="required").choices[0]
     assert reply.finish_reason == "tool_calls"

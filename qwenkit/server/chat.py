@@ -139,7 +139,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     max_tokens = state.max_tokens(key, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
     top = body.top_logprobs or 0
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
-    params = with_guidance(state, body, params, prefix)
+    params = await state.off_loop(with_guidance, state, body, params, prefix)  # compiling a grammar takes a moment
     request_id = new_id("chatcmpl")
     stream = await state.start(key, prompt_ids, params, request_id, model, media)
     if body.stream:

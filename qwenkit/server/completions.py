@@ -71,7 +71,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
         for i, prompt in enumerate(prompt_list(body.prompt)):
             prompt_ids = await prompt_ids_for(state, body, prompt)
             max_tokens = state.max_tokens(key, len(prompt_ids), body.max_tokens or 16)
-            params = with_guidance(state, body, state.sampling_params(body, max_tokens, logprobs=body.logprobs))
+            params = await state.off_loop(with_guidance, state, body, state.sampling_params(body, max_tokens, logprobs=body.logprobs))
             streams.append(await state.start(key, prompt_ids, params, f"{request_id}-{i}", model))  # the engine has checked the ids
             echoes.append(await state.off_loop(state.tokenizer.decode, prompt_ids) if body.echo else "")
     except BaseException:  # a later prompt was refused: the earlier ones must not run on unseen

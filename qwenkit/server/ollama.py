@@ -235,7 +235,7 @@ async def start(state: ServerState, key: str, model: str, prompt_ids: list[int],
                 prefix: str = "", media: list | None = None) -> AsyncIterator[RequestOutput]:
     """Submit the request (refusals are 400s before anything streams); `prefix`: a forced tool-call opening."""
     max_tokens = state.max_tokens(key, len(prompt_ids), fields.max_tokens)
-    params = with_guidance(state, fields, state.sampling_params(fields, max_tokens), prefix)
+    params = await state.off_loop(with_guidance, state, fields, state.sampling_params(fields, max_tokens), prefix)
     return await state.start(key, prompt_ids, params, new_id("ollama"), model, media)
 
 

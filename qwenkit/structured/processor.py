@@ -1,5 +1,17 @@
 """The grammar as a logits processor: one bitmask filled for every constrained row of the batch
-(xgrammar's batched, threaded fill), applied to the logits in one native call."""
+(xgrammar's batched, threaded fill), applied to the logits in one native call.
+
+Measured on the default model (benchmarks/structured_outputs.py, 2 shared cores): filling and
+applying the mask takes 0.5-2% of a JSON-schema run's wall time at batch 1 and 16 (0.1 ms per
+row per step in a JSON string, a few ms for structure). Two things this does not do, on purpose:
+- Fill on a worker thread during the forward pass: the forward already runs torch on every core
+  here, so the fill would compete for them rather than overlap, to save at most those 0.5-2%.
+- Jump-forward of forced text (`GrammarMatcher.find_jump_forward_string`): the forced string has
+  to become tokens the model did not choose (a retokenization that can differ from how the model
+  would have split it, e.g. `"` + `, "` versus `",` + ` "`, which changes what follows), and
+  appending several tokens to a sequence in one step needs the multi-token decode path that
+  speculative decoding adds to the engine.
+"""
 
 from __future__ import annotations
 

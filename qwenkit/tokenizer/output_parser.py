@@ -5,7 +5,8 @@ Qwen writes reasoning as `<think>...</think>` (Qwen3) and tool calls as
 Qwen3-Coder's template, `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`.
 Small Qwen2.5 models often drop the tags and answer a bare `{"name": ..., "arguments": ...}`: when
 the request declared tools, a reply that starts with such an object naming a declared tool is a
-call too (and so are further objects after it, one per line). The parser takes
+call too, also pretty-printed in a ```json code block as they often write it (and so are further
+objects after it, one per line). The parser takes
 text in arbitrary pieces (token by token while streaming, or all at once) and gives the same
 result either way: text that might be the start of a tag is held back until it is decided. A
 tool call whose JSON does not parse is handed back as ordinary content, never dropped.
@@ -22,6 +23,7 @@ from typing import Any
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 BARE_CALL_START = '{"name":"'  # with whitespace removed
+FENCES, FENCE_CLOSE = ("```json\n", "```\n"), "```"  # a bare call may come in a code block
 _BARE_NAME = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
@@ -93,7 +95,26 @@ def parse_tool_call(body: str, tools: Mapping[str, Any] | None = None) -> ToolCa
 
 
 def _bare_call(buffer: str, tools: Mapping[str, Any], final: bool) -> ToolCall | tuple[ToolCall, str] | str:
-    """A bare call at the start of `buffer`: (call, rest), "maybe" (undecided yet) or "no"."""
+    """A bare call at the start of `buffer`, possibly in a ```json code fence: (call, rest),
+    "maybe" (undecided yet) or "no"."""
+    fence = next((f for f in FENCES if buffer.startswith(f)), None)
+    if fence is not None:
+        found = _bare_object(buffer[len(fence) :], tools, final)
+        if not isinstance(found, tuple):
+            return found
+        call, rest = found
+        after = rest.lstrip()
+        if after.startswith(FENCE_CLOSE):
+            return call, after[len(FENCE_CLOSE) :]
+        if not final and FENCE_CLOSE.startswith(after):
+            return "maybe"
+        return call, rest  # the fence is never closed: the call stands, what follows is text
+    if not final and buffer and any(f.startswith(buffer) for f in FENCES):
+        return "maybe"
+    return _bare_object(buffer, tools, final)
+
+
+def _bare_object(buffer: str, tools: Mapping[str, Any], final: bool) -> tuple[ToolCall, str] | str:
     match = _BARE_NAME.match(buffer)
     if match is None:
         compact = "".join(buffer.split())
@@ -132,6 +153,7 @@ class OutputParser:
         self.buffer = ""
         self.saw_reasoning = thinking_open
         self.after_think = False  # strip the blank lines that follow </think>
+        self.after_call = False  # and the whitespace after a tool call (between calls, or before text)
         self._prefix = prefix
 
     def feed(self, text: str) -> list[Delta]:
@@ -171,6 +193,11 @@ class OutputParser:
                     if not self.buffer and not final:
                         return out
                     self.after_think = False
+                if self.after_call:
+                    self.buffer = self.buffer.lstrip()
+                    if not self.buffer and not final:
+                        return out
+                    self.after_call = False
                 if self.bare:
                     found = _bare_call(self.buffer.lstrip(), self.tools, final)
                     if found == "maybe":
@@ -206,6 +233,7 @@ class OutputParser:
                 call = parse_tool_call(body.strip(), self.tools)
                 if call is not None:
                     out.append(Delta(tool_call=call))
+                    self.after_call = True
                 else:  # malformed: give the text back as it was written
                     out.append(Delta(content=TOOL_OPEN + body + (TOOL_CLOSE if closed else "")))
                 self.mode = "content"
