@@ -14,6 +14,7 @@ import torch
 
 from qwenkit.engine.logits_process import LogitsProcessor, apply_processors
 from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.engine.speculative import sample_against_draft
 
 
 @dataclass
@@ -24,6 +25,7 @@ class SamplingRow:
     generator: torch.Generator | None
     blocked_token_ids: frozenset[int]  # masked while below min_tokens
     processors: list[LogitsProcessor] = field(default_factory=list)
+    draft_token_id: int | None = None  # a drafted token this row verifies (engine/speculative.py)
 
 
 @dataclass
@@ -126,7 +128,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
             tokens.append(int(index))
         else:  # shape_distribution makes the row finite itself
             probs = shape_distribution(processed[i], row.params)
-            tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+            if row.draft_token_id is None:
+                tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+            else:
+                tokens.append(sample_against_draft(probs, row.draft_token_id, row.generator))
     logprobs: list[TokenLogprobs | None] = []
     for i, row in enumerate(rows):
         k = row.params.logprobs

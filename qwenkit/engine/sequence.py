@@ -14,6 +14,7 @@ from qwenkit.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from qwenkit.engine.logits_process import LogitsProcessor
     from qwenkit.engine.sampler import TokenLogprobs
+    from qwenkit.engine.speculative import SpeculationState
 
 
 class SequenceStatus(Enum):
@@ -42,6 +43,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     lora_name: str | None = None  # the adapter this sequence runs with, None for the base model
     sampling: SamplingState = field(default_factory=SamplingState)
+    speculation: SpeculationState | None = None  # None: decodes one token per step
     # scheduling
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
