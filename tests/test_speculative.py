@@ -251,3 +251,39 @@ def test_stop_strings_inside_an_accepted_run(real):
     assert want.finish_reason == "stop" and want.stop_reason == stop
     assert (have.text, have.token_ids, have.finish_reason, have.stop_reason) == (want.text, want.token_ids, "stop", stop)
     assert_pool_free(spec)
+
+
+# ---- controls -----------------------------------------------------------------------------------
+
+
+def test_cli_flags_reach_the_engine_config():
+    from qwenkit.cli.common import engine_config
+    from qwenkit.cli.main import build_parser
+
+    for command in (["serve"], ["generate", "hi"], ["bench"]):
+        args = build_parser().parse_args([*command, "--speculative", "ngram", "--num-speculative-tokens", "5"])
+        config = engine_config(args)
+        assert (config.speculative, config.num_speculative_tokens) == ("ngram", 5)
+    assert engine_config(build_parser().parse_args(["bench"])).speculative is None
+
+
+def test_metrics_and_bench_report_acceptance(tiny):
+    from prometheus_client import generate_latest
+
+    from qwenkit.engine.benchmark import run_concurrent
+    from qwenkit.engine.llm import EngineStats
+    from qwenkit.engine.speculative import SpeculationStats
+    from qwenkit.server.metrics import ServerMetrics
+
+    text = generate_latest(ServerMetrics(lambda: EngineStats(speculation=SpeculationStats(4, 10, 7))).registry).decode()
+    assert "qwenkit_spec_decode_draft_acceptance_rate 0.7" in text
+    assert "qwenkit_spec_decode_mean_accepted_length 2.75" in text
+    assert "qwenkit_spec_decode_num_draft_tokens 10.0" in text
+    plain = generate_latest(ServerMetrics(lambda: EngineStats()).registry).decode()
+    assert "qwenkit_spec_decode_draft_acceptance_rate 0.0" in plain
+
+    _, loaded = tiny
+    llm = LLM(loaded, engine_config=NGRAM)
+    result = run_concurrent(llm.engine, repetitive_prompts(3, seed=4), 24)
+    assert result.speculation is not None and result.speculation.num_draft_tokens > 0
+    assert "speculation" in result.report() and "tokens per verification" in result.report()

@@ -8,13 +8,14 @@ import queue
 import threading
 import traceback
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qwenkit.engine.embedding import embed_token_ids, embedding_token_ids, fit_to_context
 from qwenkit.engine.llm_engine import EngineConfig, LLMEngine
 from qwenkit.engine.outputs import RequestOutput
 from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.engine.speculative import SpeculationStats
 from qwenkit.weights.loader import LoadedModel, load_model
 
 Prompt = str | list[int]
@@ -105,6 +106,7 @@ class EngineStats:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    speculation: SpeculationStats | None = None  # totals, when the engine speculates
 
 
 class AsyncLLM:
@@ -149,7 +151,9 @@ class AsyncLLM:
 
     def _publish_stats(self) -> None:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting), blocks.usage, blocks.stats.hit_rate)
+        speculator = self.engine.speculator
+        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting), blocks.usage, blocks.stats.hit_rate,
+                                 None if speculator is None else replace(speculator.stats))
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
