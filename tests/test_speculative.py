@@ -287,3 +287,29 @@ def test_metrics_and_bench_report_acceptance(tiny):
     result = run_concurrent(llm.engine, repetitive_prompts(3, seed=4), 24)
     assert result.speculation is not None and result.speculation.num_draft_tokens > 0
     assert "speculation" in result.report() and "tokens per verification" in result.report()
+
+
+# ---- draft model --------------------------------------------------------------------------------
+
+
+def test_a_model_drafting_for_itself_is_always_right(tiny, tmp_path_factory):
+    ref, loaded = tiny
+    path = tmp_path_factory.mktemp("tiny_draft")
+    ref.save_pretrained(path)  # the same weights as `loaded`, loaded again as the draft model
+    from tiny_models import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(path)
+    spec = LLM(loaded, engine_config=EngineConfig(speculative=f"draft:{path}", num_speculative_tokens=4, block_size=4))
+    plain = LLM(loaded)
+    batch = repetitive_prompts(3, seed=5) + [torch.randint(0, 290, (30,), generator=torch.Generator().manual_seed(1)).tolist()]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    outs = spec.generate(batch, params)
+    for ids, out in zip(batch, outs):
+        assert out.outputs[0].token_ids == plain.generate(ids, params)[0].outputs[0].token_ids
+    stats = spec.engine.speculator.stats
+    assert stats.num_draft_tokens > 50 and stats.acceptance_rate == 1.0
+    sampled = spec.generate(batch, SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 30 for o in sampled)
+    assert_pool_free(spec)
+    drafter = spec.engine.speculator.drafter.block_manager
+    assert drafter.num_free_blocks == drafter.num_blocks  # the draft model's cache, too

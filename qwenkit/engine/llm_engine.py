@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenkit.engine.block_manager import BlockManager
+from qwenkit.engine.draft_model import DraftModelDrafter
 from qwenkit.engine.logits_process import ProcessorContext, make_processors
 from qwenkit.engine.model_runner import ModelRunner
 from qwenkit.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -17,12 +18,12 @@ from qwenkit.engine.sampler import RowSamplingError, SamplingRow, sample
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import SamplingState, Sequence
-from qwenkit.engine.speculative import make_speculator, num_accepted
+from qwenkit.engine.speculative import NgramDrafter, Speculator, num_accepted
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 from qwenkit.weights.context import check_kv_pool
-from qwenkit.weights.loader import LoadedModel, LoadPlan
+from qwenkit.weights.loader import LoadedModel, LoadPlan, load_model
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context
     kv_cache_dtype: str = "auto"  # "auto": the loader's choice (LoadPlan.kv_cache_dtype)
-    # Speculative decoding (engine/speculative.py): None, or "ngram" (prompt lookup); at most
+    # Speculative decoding (engine/speculative.py): None, "ngram" (prompt lookup) or "draft:PATH"
+    # (a smaller model with the same tokenizer, engine/draft_model.py); at most
     # num_speculative_tokens drafts per sequence and step, looked up by the last n tokens, n from
     # prompt_lookup_max down to prompt_lookup_min.
     speculative: str | None = None
@@ -74,6 +76,20 @@ def kv_cache_dtype(name: str, plan: LoadPlan) -> torch.dtype:
     return KV_CACHE_DTYPES[name]
 
 
+def make_speculator(config: EngineConfig, target: LoadedModel, kv_dtype: torch.dtype) -> Speculator | None:
+    """The speculator `config.speculative` asks for (None: none)."""
+    method = config.speculative
+    if method is None:
+        return None
+    if method == "ngram":
+        return Speculator(NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max), config.num_speculative_tokens)
+    if method.startswith("draft:") and len(method) > len("draft:"):
+        draft = load_model(method[len("draft:") :])
+        drafter = DraftModelDrafter(draft, target, config.kv_cache_memory, config.block_size, kv_dtype)
+        return Speculator(drafter, config.num_speculative_tokens)
+    raise QwenkitError(f"speculative must be 'ngram' or 'draft:PATH', not {method!r}")
+
+
 class PromptTooLong(QwenkitError):
     """The prompt leaves no room in the context; says both numbers."""
 
@@ -104,9 +120,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, self.cache)
-        self.speculator = make_speculator(
-            config.speculative, config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
-        )
+        self.speculator = make_speculator(config, loaded, kv_dtype)
         self.lora_adapters: dict[str, str] = {}  # name -> directory
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -206,7 +220,7 @@ class LLMEngine:
     def _end_request(self, request: Request, reason: str) -> None:
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
+                self._finish_sequence(seq)
                 seq.finish_reason = reason
         request.ended = True
         request.metrics.finished_time = time.monotonic()
@@ -389,7 +403,13 @@ class LLMEngine:
             if stop is not None:
                 stop_reason = stop
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._finish_sequence(seq)
+
+    def _finish_sequence(self, seq: Sequence) -> None:
+        """Its blocks back to the pool, and the drafter's (a draft model's cache) to the drafter's."""
         self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []

@@ -126,6 +126,9 @@ class Drafter(ABC):
         """Up to `num_tokens[i]` guesses of the tokens that follow `seqs[i]` (fewer, or none, when
         the drafter has no good guess; a guess costs verification time)."""
 
+    def release(self, seq: Sequence) -> None:
+        """The sequence is done: free whatever the drafter holds for it."""
+
 
 class NgramIndex:
     """The latest earlier occurrence of each n-gram (n in [min_n, max_n]) of a growing token list,
@@ -213,18 +216,13 @@ class Speculator:
             for seq, drafts in zip(asking, self.drafter.propose(asking, sizes)):
                 seq.speculation.draft_token_ids = drafts
 
+    def release(self, seq: Sequence) -> None:
+        if seq.speculation is not None:
+            self.drafter.release(seq)
+
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
         self.stats.num_verifications += 1
         self.stats.num_draft_tokens += drafted
         self.stats.num_accepted_tokens += accepted
         seq.speculation.record(drafted, accepted)
         seq.speculation.draft_token_ids = []
-
-
-def make_speculator(method: str | None, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int) -> Speculator | None:
-    """`method`: None (no speculation) or "ngram"."""
-    if method is None:
-        return None
-    if method == "ngram":
-        return Speculator(NgramDrafter(prompt_lookup_min, prompt_lookup_max), num_speculative_tokens)
-    raise QwenkitError(f"speculative must be 'ngram' or 'draft:PATH', not {method!r}")
