@@ -121,7 +121,7 @@ def run_llama_cpp(prompts: dict[str, list[list[int]]], max_tokens: int, pred_tok
     result = {}
     for n in [0, *pred_tokens]:
         draft = LlamaPromptLookupDecoding(num_pred_tokens=n) if n else None
-        llm = Llama(str(ensure_assembled()), draft_model=draft, **settings)
+        llm = Llama(str(ensure_assembled()), draft_model=draft, logits_all=draft is not None, **settings)  # lookup needs every logit
         name = "llama.cpp" if not n else f"llama.cpp lookup {n}"
         for workload, batch in prompts.items():
             runs, outputs = [], []

@@ -165,6 +165,20 @@ def test_greedy_tiny_model_equals_plain_decoding_and_frees_rejected_blocks(tiny)
     assert_pool_free(spec)
 
 
+def test_n_samples_speculate_each_on_its_own(tiny):
+    _, loaded = tiny
+    spec, plain = LLM(loaded, engine_config=EngineConfig(speculative="ngram", prompt_lookup_min=1)), LLM(loaded)
+    ids = repetitive_prompts(1, seed=6)[0]
+    greedy = SamplingParams(n=3, max_tokens=30, temperature=0, ignore_eos=True)
+    want = plain.generate(ids, greedy.with_changes(n=1))[0].outputs[0].token_ids
+    assert [o.token_ids for o in spec.generate(ids, greedy)[0].outputs] == [want] * 3
+    sampled = SamplingParams(n=3, max_tokens=30, temperature=0.3, seed=5, ignore_eos=True)
+    first, again = (spec.generate(ids, sampled)[0] for _ in range(2))
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
+    assert spec.engine.speculator.stats.num_accepted_tokens > 0
+    assert_pool_free(spec)
+
+
 def test_preemption_and_abort_with_speculation(tiny):
     _, loaded = tiny
     per_token = 2 * 3 * 2 * 24 * 4  # layers * kv heads * head_dim * fp32, for K and V

@@ -38,9 +38,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float16 for GGUF blocks in place (as llama.cpp), else the model's dtype")
-    parser.add_argument("--speculative", default=None, metavar="ngram",
-                        help="speculative decoding: ngram (prompt lookup: drafts copied from the prompt and output; "
-                             "greedy output unchanged, sampling distribution unchanged)")
+    parser.add_argument("--speculative", default=None, metavar="ngram|draft:PATH",
+                        help="speculative decoding, exact (greedy output and sampling distribution unchanged): "
+                             "ngram drafts by prompt lookup (copies from the prompt and output), draft:PATH with a "
+                             "smaller model sharing the tokenizer")
     parser.add_argument("--num-speculative-tokens", type=int, default=8, help="most tokens drafted per sequence and step")
 
 
