@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from qwenkit.engine import LLM, EngineConfig, SamplingParams
-from qwenkit.engine.speculative import Drafter, NgramIndex, SpeculationState, Speculator, sample_against_draft
+from qwenkit.engine.speculative import (
+    PRIOR_TOKEN_COST, Drafter, NgramIndex, SpeculationState, Speculator, StepCosts, best_k,
+)
 from qwenkit.weights.loader import load_model
 from tiny_models import save_tiny
 
@@ -52,31 +54,33 @@ def test_ngram_index_prefers_long_then_latest_matches():
     assert NgramIndex(1, 2).propose([4, 4, 4], 4) == [4]  # a run predicts itself, up to the current end
 
 
-def test_adaptive_k_backs_off_and_retries():
-    state = SpeculationState(max_k=8, k=8)
-    for k in (4, 2, 1):
-        state.record(state.k, 0)
-        assert (state.k, state.cooldown) == (k, 0)
-    state.record(1, 0)
-    assert state.k == 1 and state.cooldown > 0  # drafting paused, then one token is tried again
-    first_pause = state.cooldown
-    state.record(1, 0)
-    assert state.cooldown == 2 * first_pause  # each further miss waits longer
-    state.record(1, 1)
-    assert state.k == 2  # a full hit guesses further
-    state.record(2, 2)
-    state.record(4, 4)
-    assert state.k == 8
-    state.record(8, 3)
-    assert state.k == 4  # as far as the last run, and one more
+def test_k_weighs_acceptance_against_measured_step_costs():
+    costs = StepCosts()
+    assert costs.estimate(5) == 1 + 4 * PRIOR_TOKEN_COST  # nothing timed yet: the prior
+    costs.observe(1, 0.010)
+    costs.observe(5, 0.030)
+    assert costs.estimate(3) == 0.010 + 2 * PRIOR_TOKEN_COST * 0.010 and costs.estimate(5) == 0.030
+    assert costs.estimate(7) == 0.030 + 2 * PRIOR_TOKEN_COST * 0.010
+    cheap = lambda k: 1 + 0.1 * k  # noqa: E731
+    dear = lambda k: 1 + 1.0 * k  # noqa: E731
+    assert best_k(0.9, 8, cheap) == 8 and best_k(0.9, 8, dear) == 0 and best_k(0.1, 8, cheap) == 0
+    assert 1 <= best_k(0.8, 8, lambda k: 1 + 0.4 * k) < 8
 
-
-def test_rejection_sampling_with_a_point_mass_draft_keeps_the_distribution():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    g = torch.Generator().manual_seed(0)
-    for draft in (0, 3):
-        counts = torch.bincount(torch.tensor([sample_against_draft(probs, draft, g) for _ in range(20000)]), minlength=4)
-        assert chi_square_p_value(counts, probs) > 1e-3
+    state = SpeculationState(max_k=8)
+    assert 1 <= state.choose_k(cheap) < 8  # the prior (2 of 3 kept) is worth a try, not a long one
+    for _ in range(20):
+        state.record(8, 0)
+    assert state.choose_k(cheap) == 0 and state.cooldown > 0  # not worth it: pause...
+    pause = state.cooldown
+    ks = [state.choose_k(cheap) for _ in range(pause)]
+    assert ks == [0] * (pause - 1) + [1]  # ...then retry with one token
+    state.record(1, 0)
+    state.choose_k(cheap)
+    assert state.cooldown == 2 * pause  # each fruitless retry waits longer
+    for _ in range(10):
+        state.record(8, 8)
+    state.cooldown = 0
+    assert state.choose_k(cheap) == 8  # copying again: guess far
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -133,15 +137,19 @@ def test_sampling_with_speculation_matches_the_target_distribution(tiny):
     assert_pool_free(llm)
 
 
-def test_a_seed_reproduces_with_speculation_alone_or_batched(tiny):
+def test_a_seed_samples_the_same_with_or_without_speculation(tiny):
+    """Draws of positions after a rejected draft are rewound: a seeded request draws what it would
+    have drawn decoding plainly, whatever k the (timing-dependent) choice made, alone or batched."""
     _, loaded = tiny
-    llm = LLM(loaded, engine_config=EngineConfig(speculative="ngram", prompt_lookup_min=1))
+    spec = LLM(loaded, engine_config=EngineConfig(speculative="ngram", prompt_lookup_min=1))
+    plain = LLM(loaded)
     batch = repetitive_prompts(4, seed=1)
     params = SamplingParams(max_tokens=30, temperature=0.3, seed=11, ignore_eos=True)
-    together = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
-    alone = [llm.generate(ids, params)[0].outputs[0].token_ids for ids in batch]
-    assert together == alone
-    assert llm.engine.speculator.stats.num_accepted_tokens > 0
+    together = [o.outputs[0].token_ids for o in spec.generate(batch, params)]
+    alone = [spec.generate(ids, params)[0].outputs[0].token_ids for ids in batch]
+    assert together == alone == [plain.generate(ids, params)[0].outputs[0].token_ids for ids in batch]
+    stats = spec.engine.speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # drafts were kept and rejected
 
 
 def test_greedy_tiny_model_equals_plain_decoding_and_frees_rejected_blocks(tiny):

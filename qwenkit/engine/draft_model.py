@@ -3,7 +3,7 @@
 The draft model keeps its own paged KV cache, with a mirror `Sequence` per target sequence. Each
 step the mirror catches up with the tokens the target accepted since (one chunk, batched over
 sequences), then guesses k tokens one batched decode at a time. Its guesses are its argmax: a
-point mass, so the target's rejection sampling (speculative.sample_against_draft) stays exact.
+point mass, so the target's verification keeps the output exact (see engine/speculative.py).
 A draft pool that runs out only means no guesses for that sequence; nothing waits on it.
 """
 

@@ -234,12 +234,15 @@ class LLMEngine:
         """Run one batch. Raises only if the batch's shared forward pass fails (see fail_all); a
         failure that belongs to one request (its sampling, its processors, its text) ends that
         request alone, with `error` set on its final output."""
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
         logits = self.runner.run(batch)
+        if self.speculator is not None and all(item.num_tokens == 1 for item in batch):  # what drafts cost (decodes only)
+            self.speculator.costs.observe(sum(1 + len(item.draft_token_ids) for item in batch), time.perf_counter() - started)
         self.num_computed_tokens += sum(item.num_tokens + len(item.draft_token_ids) for item in batch)
         sampling: list[tuple[Sequence, int]] = []  # (sequence, its first logits row)
         drafts: dict[int, list[int]] = {}  # seq_id -> the drafted tokens its next logits rows verify
@@ -256,9 +259,9 @@ class LLMEngine:
         rows = self._fork_samples(sampling, failed)
         rows = [(seq, row) for seq, row in rows if seq.request_id not in failed]
         # Each drafted token adds a row: the model's choice at that position, sampled as if the
-        # drafts before it were the sequence's tokens (speculative.sample_against_draft).
+        # drafts before it were the sequence's tokens (see engine/speculative.py).
         positions = [
-            (seq, row + i, self._sampling_row(seq, d[:i], d[i] if i < len(d) else None))
+            (seq, row + i, self._sampling_row(seq, d[:i], bool(d)))
             for seq, row in rows
             for d in (drafts.get(seq.seq_id, []),)
             for i in range(len(d) + 1)
@@ -269,13 +272,16 @@ class LLMEngine:
         start = 0
         for seq, _ in rows:
             d = drafts.get(seq.seq_id, [])
-            sampled = tokens[start : start + len(d) + 1]
-            start += len(d) + 1
+            first, start = start, start + len(d) + 1
+            sampled = tokens[first:start]
             if seq.request_id in failed or any(token is None for token, _ in sampled):
                 continue
             request = self.requests[seq.request_id]
             touched[request.request_id] = request
             accepted = num_accepted(d, [token for token, _ in sampled])
+            if accepted < len(d) and positions[first + accepted][2].generator_state is not None:
+                # Undo the draws of the positions after the model's own token: a seed draws as without drafts.
+                seq.sampling.generator.set_state(positions[first + accepted][2].generator_state)
             try:
                 for i, (token, lp) in enumerate(sampled[: accepted + 1]):  # the kept drafts, then the model's own token
                     if seq.is_finished:  # a stop inside the accepted run: the rest is discarded
@@ -363,15 +369,15 @@ class LLMEngine:
                 failed[seq.request_id] = exc
         return rows
 
-    def _sampling_row(self, seq: Sequence, drafted: list[int], draft: int | None) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, drafted: list[int], verifies: bool) -> SamplingRow:
         """How `seq` samples its next token, or, in verification, the token after `drafted` (the
-        drafts before this position), checking `draft`."""
+        drafts before this position)."""
         p = seq.params
         blocked = set(p.stop_token_ids)
         if not p.ignore_eos:
             blocked |= self.tokenizer.stop_token_ids
         return SamplingRow(p, seq.token_ids + drafted if drafted else seq.token_ids, seq.num_prompt_tokens,
-                           seq.sampling.generator, frozenset(blocked), seq.sampling.processors, draft)
+                           seq.sampling.generator, frozenset(blocked), seq.sampling.processors, verifies)
 
     def _append(self, request: Request, seq: Sequence, token: int, lp, now: float) -> None:
         seq.append_token(token, now)

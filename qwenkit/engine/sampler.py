@@ -14,7 +14,6 @@ import torch
 
 from qwenkit.engine.logits_process import LogitsProcessor, apply_processors
 from qwenkit.engine.sampling_params import SamplingParams
-from qwenkit.engine.speculative import sample_against_draft
 
 
 @dataclass
@@ -25,7 +24,10 @@ class SamplingRow:
     generator: torch.Generator | None
     blocked_token_ids: frozenset[int]  # masked while below min_tokens
     processors: list[LogitsProcessor] = field(default_factory=list)
-    draft_token_id: int | None = None  # a drafted token this row verifies (engine/speculative.py)
+    # A row that verifies a drafted token (engine/speculative.py) keeps its generator's state after
+    # its draw, so that the engine can rewind the draws of positions after a rejected draft.
+    verifies: bool = False
+    generator_state: torch.Tensor | None = None
 
 
 @dataclass
@@ -128,10 +130,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
             tokens.append(int(index))
         else:  # shape_distribution makes the row finite itself
             probs = shape_distribution(processed[i], row.params)
-            if row.draft_token_id is None:
-                tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-            else:
-                tokens.append(sample_against_draft(probs, row.draft_token_id, row.generator))
+            tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+            if row.verifies and row.generator is not None:
+                row.generator_state = row.generator.get_state()
     logprobs: list[TokenLogprobs | None] = []
     for i, row in enumerate(rows):
         k = row.params.logprobs

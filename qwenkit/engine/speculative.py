@@ -8,11 +8,19 @@ plus the model's own token at that position (the correction, or the bonus token 
 right). So a step emits between 1 and k + 1 tokens, exactly as plain decoding would have:
 
 - greedy: a draft is kept iff it is the argmax, so the output is token for token the same;
-- sampling: rejection sampling (Leviathan et al. 2023, Chen et al. 2023) keeps the distribution
-  (`sample_against_draft`).
+- sampling: every position samples its token from the model's distribution p as usual, and a
+  draft is kept iff it equals that token. For a drafter whose proposal is a point mass q = δ(x)
+  (prompt lookup, a draft model's argmax) this is exactly the rejection sampling of Leviathan et
+  al. 2023 / Chen et al. 2023: x is kept with probability p(x) = min(1, p(x) / q(x)), and after a
+  rejection the token is distributed as p given it is not x, i.e. the residual
+  normalize(max(p - q, 0)). The draws of positions after a rejection are rewound (the sampler
+  keeps each verification row's generator state), so a seeded request draws exactly what it
+  would have without speculation: the same seed gives the same output with or without it, and
+  whatever k the timing-dependent choice below made.
 
-Drafting backs off per sequence when its guesses miss (`SpeculationState.record`), so text the
-drafter cannot predict decodes at plain speed. The drafter here is prompt lookup (n-gram): code
+How far each sequence guesses weighs its recent acceptance against what a bigger step was
+measured to cost here (`SpeculationState.choose_k`, `StepCosts`); when no guess pays, the sequence
+decodes plainly and retries rarely, so text the drafter cannot predict decodes at plain speed. The drafter here is prompt lookup (n-gram): code
 edits and answers about given code copy long spans of their input, and finding them is free.
 """
 
@@ -29,30 +37,63 @@ from qwenkit.errors import QwenkitError
 if TYPE_CHECKING:
     from qwenkit.engine.sequence import Sequence
 
-# After drafting falls to k = 0, wait this many decode steps before guessing again (one token);
-# each further miss doubles the wait, up to the maximum, so a text the drafter never predicts
-# pays for about one 2-token verification every RETRY_MAX_STEPS steps.
+# Until a step size has been timed, each token beyond a decode's is assumed to cost this fraction
+# of a decode step (optimistic, so that larger steps get tried and then measured).
+PRIOR_TOKEN_COST = 0.25
+# Draft only when the expected tokens per unit of time beat plain decoding by this much: a guess
+# that is barely worth it on paper is not worth the noise in the estimates.
+MIN_GAIN = 0.05
+# Acceptance statistics decay by this factor per verification (about the last 10 count).
+DECAY = 0.9
+# When drafting does not pay, wait this many decode steps before one cheap retry (a single drafted
+# token); each fruitless retry doubles the wait, up to the maximum.
 RETRY_MIN_STEPS = 8
 RETRY_MAX_STEPS = 256
 
 
-def sample_against_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | None) -> int:
-    """A token distributed as `probs`, equal to `draft` whenever the draft can be kept.
+@dataclass
+class StepCosts:
+    """Seconds of decode-only steps by their number of tokens (moving averages): what a drafted
+    token costs on this machine. Verifying k drafts is not free on CPU, and how far from free
+    depends on the kernels and the cores, so it is measured rather than assumed."""
 
-    Rejection sampling for a drafter whose proposal is a point mass q = δ(draft) (prompt lookup,
-    or any deterministic guess): keep the draft with probability min(1, p(x) / q(x)) = p(x); else
-    draw from the residual normalize(max(p - q, 0)), which is p with the draft removed. The
-    result is exactly p, and a rejection never returns the draft, so the caller sees where the
-    accepted prefix ends by comparing tokens.
-    """
-    p_draft = float(probs[draft])
-    if float(torch.rand((), generator=generator)) < p_draft:
-        return draft
-    residual = probs.clone()
-    residual[draft] = 0.0
-    if not float(residual.sum()) > 0:  # p was (numerically) all on the draft
-        return draft
-    return int(torch.multinomial(residual, 1, generator=generator))
+    seconds: dict[int, float] = field(default_factory=dict)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        old = self.seconds.get(num_tokens)
+        self.seconds[num_tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def estimate(self, num_tokens: int) -> float:
+        """Seconds of a step of `num_tokens`: as measured, else the nearest smaller measured size
+        plus PRIOR_TOKEN_COST decode steps per extra token (in units of a decode step until
+        anything was timed)."""
+        if num_tokens in self.seconds:
+            return self.seconds[num_tokens]
+        if not self.seconds:
+            return 1 + PRIOR_TOKEN_COST * (num_tokens - 1)
+        smallest = min(self.seconds)
+        decode_step = self.seconds[smallest] / (1 + PRIOR_TOKEN_COST * (smallest - 1))
+        below = max((t for t in self.seconds if t < num_tokens), default=None)
+        if below is None:
+            return decode_step * (1 + PRIOR_TOKEN_COST * (num_tokens - 1))
+        return self.seconds[below] + decode_step * PRIOR_TOKEN_COST * (num_tokens - below)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a verification of k drafts emits when each draft is kept with probability alpha
+    (given the ones before it were): 1 + alpha + ... + alpha^k."""
+    return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def best_k(alpha: float, max_k: int, relative_cost) -> int:
+    """The number of drafts that maximizes expected tokens per unit of time; 0 when none beats
+    plain decoding by MIN_GAIN. `relative_cost(k)`: a step with k drafts over one without."""
+    best, best_value = 0, 1 + MIN_GAIN
+    for k in range(1, max_k + 1):
+        value = expected_tokens(alpha, k) / relative_cost(k)
+        if value > best_value:
+            best, best_value = k, value
+    return best
 
 
 def num_accepted(drafts: list[int], sampled: list[int]) -> int:
@@ -96,28 +137,40 @@ class SpeculationStats:
 
 @dataclass
 class SpeculationState:
-    """One sequence's speculation: what it drafted for this step and how far it should guess."""
+    """One sequence's speculation: what it drafted for this step, and how often its drafts are kept."""
 
     max_k: int
-    k: int  # drafts to ask for next (adaptive)
     draft_token_ids: list[int] = field(default_factory=list)  # for the step being scheduled
+    # Decayed counts of kept drafts and of verifications that ended in a rejected one (the prior
+    # says 2 of 3: worth a first try); alpha = kept / (kept + rejected) per drafted token.
+    kept: float = 2.0
+    rejected: float = 1.0
     cooldown: int = 0  # decode steps left before drafting is retried
     retry_steps: int = RETRY_MIN_STEPS  # the next cool-down's length
     drafter_state: object | None = None  # the drafter's own per-sequence state (prompt lookup: NgramIndex)
 
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.rejected)
+
     def record(self, drafted: int, accepted: int) -> None:
-        """Adapt k to how the last verification went: guess further after a full hit, as far as the
-        last run after a partial one, half as far after a miss; at zero, pause and retry later."""
-        if accepted == drafted:
-            self.k = min(self.max_k, 2 * self.k)
+        self.kept = DECAY * self.kept + accepted
+        self.rejected = DECAY * self.rejected + (accepted < drafted)
+        if accepted:
             self.retry_steps = RETRY_MIN_STEPS
-        elif accepted:
-            self.k = min(self.max_k, accepted + 1)
-        else:
-            self.k //= 2
-            if self.k == 0:
-                self.k, self.cooldown = 1, self.retry_steps
-                self.retry_steps = min(RETRY_MAX_STEPS, 2 * self.retry_steps)
+
+    def choose_k(self, relative_cost) -> int:
+        """How many drafts to ask for this step: the best trade of expected tokens against the
+        step's cost; when none pays, pause (cooldown) and then retry with one, so that a sequence
+        whose text turns predictable later gets to show it."""
+        if self.cooldown:
+            self.cooldown -= 1
+            return 1 if self.cooldown == 0 else 0
+        k = best_k(self.alpha, self.max_k, relative_cost)
+        if k == 0:
+            self.cooldown = self.retry_steps
+            self.retry_steps = min(RETRY_MAX_STEPS, 2 * self.retry_steps)
+        return k
 
 
 class Drafter(ABC):
@@ -183,6 +236,7 @@ class Speculator:
         self.drafter = drafter
         self.num_speculative_tokens = num_speculative_tokens
         self.stats = SpeculationStats()
+        self.costs = StepCosts()
 
     def new_state(self, seq: Sequence) -> SpeculationState | None:
         """None when the sequence must decode one token at a time: the request opted out, or a
@@ -190,25 +244,26 @@ class Speculator:
         that `accept`s tokens one by one, so drafted positions could not be masked correctly."""
         if not seq.params.speculative or seq.sampling.processors:
             return None
-        k = self.num_speculative_tokens
-        return SpeculationState(max_k=k, k=k)
+        return SpeculationState(max_k=self.num_speculative_tokens)
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Set the drafts of every running sequence that decodes this step."""
+        decoding = [seq for seq in running if seq.num_uncomputed_tokens == 1]
+        base = max(1, len(decoding))  # the step's tokens without drafts
+        base_cost = self.costs.estimate(base)
+
+        def relative_cost(k: int) -> float:
+            return self.costs.estimate(base + k) / base_cost
+
         asking, sizes = [], []
-        for seq in running:
+        for seq in decoding:
             state = seq.speculation
             if state is None:
                 continue
             state.draft_token_ids = []
-            if seq.num_uncomputed_tokens != 1:  # still prefilling
-                continue
-            if state.cooldown:
-                state.cooldown -= 1
-                continue
             # Every emitted token must fit max_tokens and the context; a step emits drafts + 1.
             room = min(seq.params.max_tokens - seq.num_output_tokens, max_model_len - len(seq)) - 1
-            k = min(state.k, room)
+            k = min(state.choose_k(relative_cost), room)
             if k > 0:
                 asking.append(seq)
                 sizes.append(k)
