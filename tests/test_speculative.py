@@ -335,3 +335,17 @@ def test_a_model_drafting_for_itself_is_always_right(tiny, tmp_path_factory):
     assert_pool_free(spec)
     drafter = spec.engine.speculator.drafter.block_manager
     assert drafter.num_free_blocks == drafter.num_blocks  # the draft model's cache, too
+
+
+def test_the_default_model_drafting_for_itself(real):
+    """The embedded GGUF as its own draft model: every guess is right, the output is plain decoding's."""
+    from qwenkit.weights.default_model import ensure_assembled
+
+    plain, _, batch, params, expected = real
+    spec = LLM(plain.engine.loaded, engine_config=EngineConfig(speculative=f"draft:{ensure_assembled()}", num_speculative_tokens=4))
+    params = params.with_changes(max_tokens=24, logprobs=None)
+    out = spec.generate(batch[0], params)[0].outputs[0]
+    assert out.token_ids == expected[0].outputs[0].token_ids[:24]
+    stats = spec.engine.speculator.stats
+    assert stats.num_draft_tokens >= 8 and stats.acceptance_rate == 1.0
+    assert_pool_free(spec)
