@@ -248,6 +248,9 @@ class Speculator:
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Set the drafts of every running sequence that decodes this step."""
+        for seq in running:  # drafts are for one step only
+            if seq.speculation is not None:
+                seq.speculation.draft_token_ids = []
         decoding = [seq for seq in running if seq.num_uncomputed_tokens == 1]
         base = max(1, len(decoding))  # the step's tokens without drafts
         base_cost = self.costs.estimate(base)
@@ -260,7 +263,6 @@ class Speculator:
             state = seq.speculation
             if state is None:
                 continue
-            state.draft_token_ids = []
             # Every emitted token must fit max_tokens and the context; a step emits drafts + 1.
             room = min(seq.params.max_tokens - seq.num_output_tokens, max_model_len - len(seq)) - 1
             k = min(state.choose_k(relative_cost), room)
