@@ -24,16 +24,18 @@ pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native GGUF kerne
 SMALL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernel sees it: per 32 values, scale = max|x| / 127, codes rounded half to even."""
-    blocks = x.reshape(x.shape[0], -1, 32)
+def int8_activations(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x as the kernel sees it: per block of values (32 for the 32-value types, as llama.cpp's Q8_0;
+    256 for the K-quants, as its Q8_K), scale = max|x| / 127, codes rounded half to even."""
+    blocks = x.reshape(x.shape[0], -1, block)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
     return (torch.round(blocks * inverse) * scale).reshape(x.shape)
 
 
-def check_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
-    same_rounding = int8_activations(x).double() @ weight.double().T
+def check_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kind: Q | None = None) -> None:
+    block = 256 if kind in K_QUANTS else 32
+    same_rounding = int8_activations(x, block).double() @ weight.double().T
     assert (y - same_rounding).abs().max() <= 1e-5 * same_rounding.abs().max()
     exact = x.double() @ weight.double().T
     assert (y - exact).abs().max() <= 2e-2 * exact.abs().max()
@@ -106,7 +108,7 @@ def test_real_file_blocks(default_gguf):
         cpu_kernels().dequantize_into(layer.blocks, int(tensor.kind), rounded, layer.packed)
         assert torch.equal(rounded, weight.bfloat16()), tensor.kind.name
         x = torch.randn(2, tensor.shape[1])
-        check_product(layer(x), x, weight)
+        check_product(layer(x), x, weight, tensor.kind)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +185,7 @@ def test_batched_product_is_each_token_alone(kernels, kind):
         y = kernels.matmul(x, rows, int(kind), packed)
         for t in range(tokens):
             assert torch.equal(y[t], kernels.matmul(x[t : t + 1], rows, int(kind), packed)[0]), (kind.name, tokens, t)
-        check_product(y, x, weight)
+        check_product(y, x, weight, kind)
 
 
 @pytest.mark.parametrize("kind", ALL_TYPES)
@@ -208,7 +210,7 @@ def test_every_instruction_set_gives_the_same_values(kernels, kind, cols):
     x = torch.randn(5, cols)
     y, reference = kernels.matmul(x, rows, int(kind), packed), best.matmul(x, rows, int(kind), packed)
     assert (y - reference).abs().max() <= 1e-5 * reference.abs().max()
-    check_product(y, x, weight)
+    check_product(y, x, weight, kind)
 
 
 def test_every_instruction_set_gives_the_same_decode_ops(kernels):

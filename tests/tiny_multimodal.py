@@ -76,3 +76,42 @@ def save_tiny_multimodal(arch: str, directory: Path) -> torch.nn.Module:
     randomize(model)
     model.save_pretrained(directory)
     return model
+
+
+MEDIA_TOKENS = {IMAGE: "<|image_pad|>", VIDEO: "<|video_pad|>", VISION_START: "<|vision_start|>",
+                VISION_END: "<|vision_end|>", AUDIO: "<|AUDIO|>"}
+
+
+def tiny_multimodal_tokenizer():
+    """tiny_tokenizer's byte-level BPE with the media tokens at the ids the tiny configs use
+    (290-294), ChatML at 295-297 and <|audio_bos|> / <|audio_eos|> at 298-299; no chat template, so
+    the loader supplies the released Qwen2-VL / Qwen2-Audio one."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    merges = [("Ġ", "t"), ("h", "e"), ("i", "n")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    while len(vocab) < IMAGE:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    specials = [MEDIA_TOKENS[i] for i in sorted(MEDIA_TOKENS)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|audio_eos|>"]
+    for t in specials:
+        vocab[t] = len(vocab)
+    tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
+    return tok
+
+
+def save_tiny_multimodal_checkpoint(arch: str, directory: Path) -> torch.nn.Module:
+    """A loadable checkpoint (model, tokenizer, a small-budget preprocessor config); returns the reference."""
+    import json
+
+    ref = save_tiny_multimodal(arch, directory)
+    tiny_multimodal_tokenizer().save_pretrained(directory)
+    if arch == "qwen2_audio":
+        processor = {"feature_size": 128, "sampling_rate": 16000, "feature_extractor_type": "WhisperFeatureExtractor"}
+    else:  # a small budget keeps the tiny tests' images at tens of tokens
+        processor = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64, "image_processor_type": "Qwen2VLImageProcessor"}
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor))
+    return ref

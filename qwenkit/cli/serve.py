@@ -31,13 +31,26 @@ def register(subparsers) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="serve a PEFT-format LoRA adapter under NAME (repeatable); requests pick it with model=NAME")
     p.add_argument("--log-requests", action="store_true", help="log each request line (prompts and outputs are never logged)")
+    media = p.add_argument_group("media (Qwen2-VL, Qwen2.5-VL, Qwen2-Audio)")
+    media.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="let requests read local files (file:// URLs or paths) under DIR (default: no local files)")
+    media.add_argument("--allowed-media-domain", action="append", default=[], metavar="HOST",
+                       help="let requests fetch http(s) media from HOST and its subdomains (repeatable; '*' for any). Off by default: data: URLs only")
+    media.add_argument("--max-media-bytes", type=int, default=20 << 20, help="largest media item fetched or decoded, in bytes")
+    media.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds to fetch one media URL")
+    media.add_argument("--max-media-pixels", type=int, default=None,
+                       help="pixels per image or video frame after resizing: caps the checkpoint's max_pixels and what requests ask for")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from qwenkit.engine.llm import AsyncLLM
     from qwenkit.errors import QwenkitError
+    from pathlib import Path
+
+    from qwenkit.multimodal.sources import MediaPolicy
     from qwenkit.server.app import serve
+    from qwenkit.server.media import MediaServerConfig
     from qwenkit.server.state import ServerConfig
 
     keys = args.api_key or [k for k in os.environ.get("QWENKIT_API_KEY", "").split(",") if k]
@@ -56,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_minute=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
         max_tokens_limit=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars,
         metrics_require_key=args.metrics_require_key,
+        media=MediaServerConfig(
+            MediaPolicy(
+                allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
+                allowed_domains=tuple(args.allowed_media_domain), max_bytes=args.max_media_bytes, timeout=args.media_fetch_timeout,
+            ),
+            max_pixels=args.max_media_pixels,
+        ),
     )
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({'API key required' if keys else 'no API key'})",
           file=sys.stderr, flush=True)

@@ -33,9 +33,10 @@ class PrefixCacheStats:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
-def block_hash(previous: bytes | None, tokens: list[int]) -> bytes:
+def block_hash(previous: bytes | None, tokens: list[int], media_keys: bytes = b"") -> bytes:
     h = hashlib.blake2b(previous or b"", digest_size=16)
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    h.update(media_keys)  # the content of the images/audio whose placeholder tokens these are
     return h.digest()
 
 
@@ -86,7 +87,8 @@ class BlockManager:
         previous = seq.cache_salt
         full_blocks = (len(seq) - 1) // self.block_size
         for i in range(full_blocks):
-            h = block_hash(previous, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            start, end = i * self.block_size, (i + 1) * self.block_size
+            h = block_hash(previous, seq.token_ids[start:end], seq.block_media_keys(start, end))
             block_id = self.cached.get(h)
             if block_id is None:
                 break
@@ -144,7 +146,8 @@ class BlockManager:
         for i in range(full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                block.hash = block_hash(previous, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+                start, end = i * self.block_size, (i + 1) * self.block_size
+                block.hash = block_hash(previous, seq.token_ids[start:end], seq.block_media_keys(start, end))
                 self.cached.setdefault(block.hash, block.block_id)
             previous = block.hash
 

@@ -13,13 +13,23 @@ from typing import Any
 
 from qwenkit.engine.embedding import embed_token_ids, embedding_token_ids, fit_to_context
 from qwenkit.engine.llm_engine import EngineConfig, LLMEngine
+from qwenkit.engine.media_chat import MediaContext, chat_media
+from qwenkit.engine.media_inputs import MediaItem, accepted_kinds
 from qwenkit.engine.outputs import RequestOutput
 from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.multimodal.processor import MediaOptions
+from qwenkit.multimodal.sources import LIBRARY_POLICY, MediaPolicy
 from qwenkit.engine.speculative import SpeculationStats
 from qwenkit.weights.loader import LoadedModel, load_model
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
+
+
+def media_context(engine: LLMEngine, policy: MediaPolicy, options: dict[str, Any] | None = None) -> MediaContext:
+    """How requests to this engine read their media (`options`: per-request min_pixels, max_pixels, fps)."""
+    loaded = engine.loaded
+    return MediaContext(loaded.processor, accepted_kinds(loaded.config), policy, MediaOptions.from_dict(options))
 
 
 def _engine(model: str | LoadedModel | None, dtype: str | None, engine_config: EngineConfig | None, **load_options) -> LLMEngine:
@@ -40,12 +50,18 @@ class LLM:
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
         lora: str | None = None,
+        media: list[list[MediaItem]] | list[MediaItem] | None = None,
     ) -> list[RequestOutput]:
-        """`lora` names an adapter added with `engine.add_lora` (None: the base model)."""
+        """`lora` names an adapter added with `engine.add_lora` (None: the base model); `media[i]` are
+        prompt i's preprocessed images/videos/audio in prompt order (see LLMEngine.add_request), or
+        for a single prompt, its media list."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         per_prompt = params if isinstance(params, list) else [params] * len(batch)
-        ids = [self.engine.add_request(p, sp, lora_name=lora) for p, sp in zip(batch, per_prompt)]
+        if single and media and isinstance(media[0], MediaItem):  # one prompt: its media as a flat list
+            media = [media]
+        per_media = media if media is not None else [None] * len(batch)
+        ids = [self.engine.add_request(p, sp, lora_name=lora, media=m) for p, sp, m in zip(batch, per_prompt, per_media)]
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -59,13 +75,23 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         tools: list[dict] | None = None,
         lora: str | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+        media_policy: MediaPolicy = LIBRARY_POLICY,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
         """One conversation or a list of them, through the model's chat template (Tokenizer.encode_chat:
-        text in the messages stays text, even when it spells a control token)."""
+        text in the messages stays text, even when it spells a control token). Contents may be lists
+        of OpenAI-style parts with images, video and audio (engine/media_chat.py); the media are read
+        as `media_policy` allows (by default: local paths, data: and http(s) URLs) and preprocessed
+        with the checkpoint's settings, overridden by `mm_processor_kwargs` (min_pixels, max_pixels, fps)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.encode_chat(c, tools, **template_kwargs) for c in conversations]
-        return self.generate(prompts, params, lora)
+        ctx = media_context(self.engine, media_policy, mm_processor_kwargs)
+        prompts, media = [], []
+        for conversation in conversations:
+            rendered, items = chat_media(conversation, ctx)
+            prompts.append(self.tokenizer.encode_chat(rendered, tools, **template_kwargs))
+            media.append(items)
+        return self.generate(prompts, params, lora, media)
 
     def embed(
         self,
@@ -83,9 +109,11 @@ class LLM:
         ids = fit_to_context(ids, self.engine.max_model_len, truncate)
         return embed_token_ids(self.engine.loaded.model, ids, pooling, dimensions, normalize)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, lora: str | None = None, media: list[MediaItem] | None = None
+    ) -> Iterator[RequestOutput]:
         """One request, yielding an output each time it produces tokens (the CLI uses this)."""
-        request_id = self.engine.add_request(prompt, params, lora_name=lora)
+        request_id = self.engine.add_request(prompt, params, lora_name=lora, media=media)
         try:
             while True:
                 for out in self.engine.step():
@@ -165,7 +193,8 @@ class AsyncLLM:
             self._streams.pop(out.request_id, None)
 
     async def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None,
+        media: list[MediaItem] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and wait until the engine has accepted it: a request the engine refuses
         (LLMEngine.validate_request: empty or too long prompt, ids outside the vocabulary...) raises
@@ -186,7 +215,7 @@ class AsyncLLM:
 
         def add():
             try:
-                self.engine.add_request(prompt, params, request_id, lora)
+                self.engine.add_request(prompt, params, request_id, lora, media)
             except Exception as exc:  # reported to the caller, not to the engine thread
                 loop.call_soon_threadsafe(settle, exc)
             else:
@@ -216,19 +245,24 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None, lora: str | None = None,
+        media: list[MediaItem] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """add_request and its outputs in one call (a refused request raises on the first iteration)."""
-        stream = await self.add_request(prompt, params, request_id, lora)
+        stream = await self.add_request(prompt, params, request_id, lora, media)
         try:
             async for out in stream:
                 yield out
         finally:
             await stream.aclose()  # now, not at garbage collection: an abandoned request is aborted at once
 
-    async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, lora=None, **template_kwargs):
-        prompt = self.tokenizer.encode_chat(messages, tools, **template_kwargs)
-        async for out in self.generate(prompt, params, request_id, lora):
+    async def chat(self, messages: Messages, params: SamplingParams | None = None, tools=None, request_id=None, lora=None,
+                   mm_processor_kwargs: dict[str, Any] | None = None, media_policy: MediaPolicy = LIBRARY_POLICY, **template_kwargs):
+        """As LLM.chat, for one conversation (media parts read in a worker thread)."""
+        ctx = media_context(self.engine, media_policy, mm_processor_kwargs)
+        rendered, media = await asyncio.to_thread(chat_media, messages, ctx)
+        prompt = self.tokenizer.encode_chat(rendered, tools, **template_kwargs)
+        async for out in self.generate(prompt, params, request_id, lora, media):
             yield out
 
     def abort(self, request_id: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from qwenkit.engine.block_manager import BlockManager
 from qwenkit.engine.draft_model import DraftModelDrafter
 from qwenkit.engine.logits_process import ProcessorContext, make_processors
+from qwenkit.engine.media_inputs import EncoderCache, MediaItem, MultimodalInputs, placeholder_ids, prepare_multimodal
 from qwenkit.engine.model_runner import ModelRunner
 from qwenkit.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenkit.engine.paged_attention import PagedKVCache
@@ -35,6 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context
     kv_cache_dtype: str = "auto"  # "auto": the loader's choice (LoadPlan.kv_cache_dtype)
+    encoder_cache_bytes: int = 256 << 20  # multimodal models: encoder outputs kept by content key
     # Speculative decoding (engine/speculative.py): None, "ngram" (prompt lookup) or "draft:PATH"
     # (a smaller model with the same tokenizer, engine/draft_model.py); at most
     # num_speculative_tokens drafts per sequence and step, looked up by the last n tokens, n from
@@ -56,6 +58,7 @@ class Request:
     metrics: RequestMetrics
     thinking_open: bool
     new_tokens: list[list[int]] = field(default_factory=list)
+    media: MultimodalInputs | None = None  # every sample's prompt media (see engine/media_inputs.py)
     error: str | None = None  # why the request failed (its own fault, or the batch's)
     ended: bool = False  # aborted or failed before every sample finished
 
@@ -119,7 +122,9 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, self.cache)
+        self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+        self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
+        self._placeholders = placeholder_ids(model_cfg)
         self.speculator = make_speculator(config, loaded, kv_dtype)
         self.lora_adapters: dict[str, str] = {}  # name -> directory
         self.requests: dict[str, Request] = {}
@@ -138,8 +143,11 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         lora_name: str | None = None,
+        media: list[MediaItem] | None = None,
     ) -> str:
-        """Queue a request; `lora_name` runs it with an adapter added by `add_lora`."""
+        """Queue a request; `lora_name` runs it with an adapter added by `add_lora`. `media` are the
+        prompt's images/videos/audio in prompt order, each at one placeholder token (or already at
+        one per encoder output) of the prompt."""
         params = params or self.default_sampling_params()
         if lora_name is not None and lora_name not in self.lora_adapters:
             raise QwenkitError(f"unknown LoRA adapter {lora_name!r}; loaded: {', '.join(self.lora_adapters) or 'none'}")
@@ -148,10 +156,13 @@ class LLMEngine:
             raise QwenkitError(f"request id {request_id!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        mm = None
+        if media or (self._placeholders and not self._placeholders.isdisjoint(ids)):
+            ids, mm = prepare_multimodal(ids, media or [], self.loaded.config)
         self.validate_request(ids, params)
         now = time.monotonic()
         opens = prompt_opens_thinking(prompt_text if prompt_text is not None else self.tokenizer.decode(ids[-64:]))
-        request = Request(request_id, prompt_text, ids, params, [], [], RequestMetrics(now), opens)
+        request = Request(request_id, prompt_text, ids, params, [], [], RequestMetrics(now), opens, media=mm)
         first = self._new_sequence(request, 0, ids, now, lora_name)  # may raise (a request's own factory): nothing is queued yet
         self.requests[request_id] = request
         self.scheduler.add(first)
@@ -192,7 +203,7 @@ class LLMEngine:
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed + index)
         context = ProcessorContext(self.tokenizer, params, request.prompt_token_ids, request.thinking_open)
         seq = Sequence(next(self._seq_ids), request.request_id, index, list(ids), len(request.prompt_token_ids), params,
-                       now, lora_name, SamplingState(generator, make_processors(context)))
+                       now, lora_name, SamplingState(generator, make_processors(context)), media=request.media)
         if self.speculator is not None:
             seq.speculation = self.speculator.new_state(seq)
         request.seqs.append(seq)

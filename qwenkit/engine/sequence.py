@@ -13,6 +13,7 @@ from qwenkit.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from qwenkit.engine.logits_process import LogitsProcessor
+    from qwenkit.engine.media_inputs import MultimodalInputs
     from qwenkit.engine.sampler import TokenLogprobs
     from qwenkit.engine.speculative import SpeculationState
 
@@ -44,6 +45,7 @@ class Sequence:
     lora_name: str | None = None  # the adapter this sequence runs with, None for the base model
     sampling: SamplingState = field(default_factory=SamplingState)
     speculation: SpeculationState | None = None  # None: decodes one token per step
+    media: MultimodalInputs | None = None  # the prompt's images/videos/audio and M-RoPE positions
     # scheduling
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -65,6 +67,11 @@ class Sequence:
     def cache_salt(self) -> bytes | None:
         """Seeds the prefix-cache hash chain: K/V computed under an adapter differ from the base model's."""
         return None if self.lora_name is None else b"lora:" + self.lora_name.encode()
+
+    def block_media_keys(self, start: int, end: int) -> bytes:
+        """Content keys of the media among tokens [start, end): part of that KV block's cache hash,
+        so blocks with equal placeholder tokens but different images never match."""
+        return b"" if self.media is None else self.media.keys_in(start, end)
 
     @property
     def num_output_tokens(self) -> int:

@@ -239,10 +239,11 @@ class Speculator:
         self.costs = StepCosts()
 
     def new_state(self, seq: Sequence) -> SpeculationState | None:
-        """None when the sequence must decode one token at a time: the request opted out, or a
-        logits processor (a grammar, a thinking budget) constrains it: processors keep state
-        that `accept`s tokens one by one, so drafted positions could not be masked correctly."""
-        if not seq.params.speculative or seq.sampling.processors:
+        """None when the sequence must decode one token at a time: the request opted out, a
+        logits processor (a grammar, a thinking budget) constrains it (processors keep state
+        that `accept`s tokens one by one, so drafted positions could not be masked correctly),
+        or it carries media (not verified with M-RoPE positions yet)."""
+        if not seq.params.speculative or seq.sampling.processors or seq.media is not None:
             return None
         return SpeculationState(max_k=self.num_speculative_tokens)
 

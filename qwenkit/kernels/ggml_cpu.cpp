@@ -5,9 +5,11 @@
 // memory. Each row is read through a View that yields 64 unsigned codes at a time and a scale
 // and offset per 16 or 32 values, so that one dot product (rows_dot) serves every block type:
 //     w = scale * (code - zero) - min        (zero is per type)
-// The activations are quantized to int8 in blocks of 32, as llama.cpp does, so the inner loop is
-// one VPDPBUSD per 64 weights; the scales are applied in float per lane group. Rows of 32-value
-// types whose length is not a multiple of 64 are unpacked into L1-resident scratch instead.
+// The activations are quantized to int8 in blocks of 32 (256 for the K-quants), as llama.cpp
+// does, so the inner loop is one VPDPBUSD per 64 weights. The 32-value types' scales are applied
+// in float per lane group; Q4_K's and Q6_K's integer sub-block scales in integers (one VPDPWSSD),
+// with float work once per 256 values (rows_dot_k). Rows of 32-value types whose length is not a
+// multiple of 64, and the other K-quants, are unpacked into L1-resident scratch instead.
 //
 // Block layouts are ggml's (ggml-common.h); the formulas follow ggml's dequantize_row_* so that
 // `dequantize` gives the same float32 values bit for bit.
@@ -136,6 +138,20 @@ struct Q4KView {
       }
     }
   }
+  // The same scales as integers: sc per 32 values (masked to 16 bits, see tile_dot_k) and d per 256.
+  void int_scales(int64_t k, int32_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 144 * b;
+      d[b] = f16(p);
+      const float dmin = f16(p + 2);
+      for (int j = 0; j < 8; ++j) {
+        int s, m;
+        scale_min_k4(j, p + 4, s, m);
+        sc[8 * b + j] = s;
+        off[8 * b + j] = dmin * m;
+      }
+    }
+  }
   __m512i codes64(int64_t c) const {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 144 * (c / 4) + 16 + 32 * (c % 4)));
     const __m256i m = _mm256_set1_epi8(0x0F);
@@ -158,6 +174,17 @@ struct Q6KView {
       for (int j = 0; j < 16; ++j) {
         ws[16 * b + j] = d * sc[j];
         off[16 * b + j] = ws[16 * b + j] * 32.0f;
+      }
+    }
+  }
+  void int_scales(int64_t k, int32_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 210 * b;
+      const int8_t* s = reinterpret_cast<const int8_t*>(p + 192);
+      d[b] = f16(p + 208);
+      for (int j = 0; j < 16; ++j) {
+        sc[16 * b + j] = s[j] & 0xFFFF;  // an int16 in the lane's low half, zero in the high half
+        off[16 * b + j] = d[b] * s[j] * 32.0f;
       }
     }
   }
@@ -191,6 +218,21 @@ inline __m512 spread_step(const float* scales, int64_t c) {
   } else {
     const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(scales + 4 * c)));
+  }
+}
+
+// The subtracted part of a row's dot products with tokens [t0, t0 + nt): per weight group, the
+// group's offset (scale * zero + min) times the token's scaled sum of codes in the group.
+inline void subtract_offsets(const float* off, const float* xsums, int64_t groups, int64_t t0, int64_t nt, const float* sums,
+                             float* out, int64_t n, int64_t row) {
+  for (int64_t j = 0; j < nt; ++j) {
+    const float* xsum = xsums + (t0 + j) * groups;
+    __m512 sub = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+      sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, off + g), _mm512_maskz_loadu_ps(m, xsum + g), sub);
+    }
+    out[(t0 + j) * n + row] = sums[j] - _mm512_reduce_add_ps(sub);
   }
 }
 
@@ -248,15 +290,87 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
         } else {
           tile_dot<View, 1>(v, row_ws, xq, xsv.data() + t0 * steps, k, sums);
         }
-        for (int64_t j = 0; j < nt; ++j) {
-          const float* xsum = xsums + (t0 + j) * groups;
-          __m512 sub = _mm512_setzero_ps();
-          for (int64_t g = 0; g < groups; g += 16) {
-            const __mmask16 m = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-            sub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, &off[r * stride + g]), _mm512_maskz_loadu_ps(m, xsum + g), sub);
-          }
-          out[(t0 + j) * n + row] = sums[j] - _mm512_reduce_add_ps(sub);
+        subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, row);
+      }
+      t0 += nt;
+    }
+  }
+}
+
+// Per 64-value step, the integer sub-block scales spread over VPDPBUSD's 16 lanes, as spread_step.
+template <int G>
+inline __m512i spread_int_step(const int32_t* sc, int64_t c) {
+  if constexpr (G == 32) {
+    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_epi32(lanes, _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + 2 * c))));
+  } else {
+    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_epi32(lanes, _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 4 * c))));
+  }
+}
+
+// NT tokens' dot products with one K-quant row, in integers within each 256-value super-block
+// (the activations have one scale per super-block, the weights an integer scale per 16 or 32
+// values and a float d per 256). A lane of VPDPBUSD sums 4 products of a code (< 64) and an
+// activation (|x| <= 127), so it fits in 16 bits: VPDPWSSD multiplies that low half by the lane's
+// scale (whose high half is zero) and accumulates, in one instruction, with no float work per
+// step. Float work is one convert and one multiply-add per token per 256 values. As in tile_dot,
+// each token's sum is computed exactly as it would be alone.
+template <class View, int NT>
+inline void tile_dot_k(const View& v, const int32_t* sc, const float* d, const int8_t* xq, const float* xs16, int64_t k, float* sums) {
+  constexpr int G = View::GROUP;
+  const int64_t groups16 = k / 16;
+  __m512 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < k / 256; ++s) {
+    __m512i isum[NT];
+    for (int j = 0; j < NT; ++j) isum[j] = _mm512_setzero_si512();
+    for (int64_t c = 4 * s; c < 4 * s + 4; ++c) {
+      const __m512i codes = v.codes64(c);
+      const __m512i scales = spread_int_step<G>(sc, c);
+      for (int j = 0; j < NT; ++j) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq + j * k + 64 * c));
+        isum[j] = _mm512_dpwssd_epi32(isum[j], dot, scales);
+      }
+    }
+    for (int j = 0; j < NT; ++j)
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[j]), _mm512_set1_ps(d[s] * xs16[j * groups16 + 16 * s]), acc[j]);
+  }
+  for (int j = 0; j < NT; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+// rows_dot for the K-quant views with integer scales (Q4_K, Q6_K): rows 8 at a time, tokens 8
+// at a time within them (then 4, 2, 1), each weight step decoded once per tile of tokens.
+template <class View>
+void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
+                int64_t begin, int64_t end, float* out, int64_t n) {
+  constexpr int G = View::GROUP;
+  constexpr int64_t ROWS = 8;
+  const int64_t groups = k / G, stride = groups + 16;
+  const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
+  std::vector<int32_t> sc(ROWS * stride);
+  std::vector<float> d(ROWS * (k / 256)), off(ROWS * stride);
+  float sums[8];
+  for (int64_t first = begin; first < end; first += ROWS) {
+    const int64_t count = std::min(ROWS, end - first);
+    for (int64_t r = 0; r < count; ++r)
+      View(rows + (first + r) * row_bytes, k).int_scales(k, &sc[r * stride], &d[r * (k / 256)], &off[r * stride]);
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t left = tokens - t0;
+      const int64_t nt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const int8_t* xq = a.q.data() + t0 * k;
+      const float* xs16 = a.scale16.data() + t0 * (k / 16);
+      for (int64_t r = 0; r < count; ++r) {
+        const View v(rows + (first + r) * row_bytes, k);
+        const int32_t* row_sc = &sc[r * stride];
+        const float* row_d = &d[r * (k / 256)];
+        switch (nt) {
+          case 8: tile_dot_k<View, 8>(v, row_sc, row_d, xq, xs16, k, sums); break;
+          case 4: tile_dot_k<View, 4>(v, row_sc, row_d, xq, xs16, k, sums); break;
+          case 2: tile_dot_k<View, 2>(v, row_sc, row_d, xq, xs16, k, sums); break;
+          default: tile_dot_k<View, 1>(v, row_sc, row_d, xq, xs16, k, sums);
         }
+        subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, first + r);
       }
       t0 += nt;
     }
@@ -331,86 +445,49 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 
 // y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [out_features, bytes per row]");
+  check_matmul_args(x, w, kind, packed);
   const Format f = format_of(static_cast<int>(kind));
   x = x.contiguous();
   w = w.contiguous();
   const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
-              "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k);
+  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
   auto y = torch::empty({tokens, n}, x.options());
   float* out = y.data_ptr<float>();
   const uint8_t* rows = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
   if (packed) {
-    TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0, "no packed layout for GGUF type ", kind, " with rows of ", k);
     dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
       qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
         rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, n);
       });
     });
-    return y;
+  } else if (kind == Q4_K) {
+    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { rows_dot_k<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, n); });
+  } else if (kind == Q6_K) {
+    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { rows_dot_k<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, n); });
+  } else {
+    unpacked_rows_matmul(rows, row_bytes, n, k, f.zero, a, tokens, out,
+                         [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_row(static_cast<int>(kind), row, k, r); }, row_dot);
   }
-  if (kind == Q4_K || kind == Q6_K) {
-    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      if (kind == Q4_K) {
-        rows_dot<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, n);
-      } else {
-        rows_dot<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, n);
-      }
-    });
-    return y;
-  }
-  qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    RowScratch r(k);
-    for (int64_t row = begin; row < end; ++row) {
-      unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
-      r.compute_offsets(f.zero, k / 16);
-      for (int64_t t = 0; t < tokens; ++t) {
-        out[t * n + row] = row_dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
-      }
-    }
-  });
   return y;
 }
 
 // out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in
 // bfloat16 those values rounded to nearest even.
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
-  const bool bf16 = out.dtype() == torch::kBFloat16;
-  TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
-              "out must be a contiguous float32 or bfloat16 [rows, row length]");
-  const Format f = format_of(static_cast<int>(kind));
-  const int64_t n = w.size(0), k = out.size(1);
-  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
-              "row length ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
-  w = w.contiguous();
-  const int64_t row_bytes = w.size(1);
-  const uint8_t* rows = w.data_ptr<uint8_t>();
-  qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    RowScratch r(k);
-    for (int64_t row = begin; row < end; ++row) {
-      if (packed) {
-        dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
-          unpack_view_row<PackedView<decltype(kind_constant)::value>>(rows + row * row_bytes, k, f.zero, r);
-        });
-      } else if (kind == Q4_K) {
-        unpack_view_row<Q4KView>(rows + row * row_bytes, k, f.zero, r);
-      } else if (kind == Q6_K) {
-        unpack_view_row<Q6KView>(rows + row * row_bytes, k, f.zero, r);
-      } else {
-        unpack_row(static_cast<int>(kind), rows + row * row_bytes, k, r);
-      }
-      if (bf16) {
-        row_values(r, f.zero, k, out.data_ptr<at::BFloat16>() + row * k);
-      } else {
-        row_values(r, f.zero, k, out.data_ptr<float>() + row * k);
-      }
+  const int zero = format_of(static_cast<int>(kind)).zero;
+  auto unpack = [&](const uint8_t* row, int64_t k, RowScratch& r) {
+    if (packed) {
+      dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { unpack_view_row<PackedView<decltype(kind_constant)::value>>(row, k, zero, r); });
+    } else if (kind == Q4_K) {
+      unpack_view_row<Q4KView>(row, k, zero, r);
+    } else if (kind == Q6_K) {
+      unpack_view_row<Q6KView>(row, k, zero, r);
+    } else {
+      unpack_row(static_cast<int>(kind), row, k, r);
     }
-  });
+  };
+  dequantize_rows(w, kind, out, unpack, [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
 }
 
 torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }

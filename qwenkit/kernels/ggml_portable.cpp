@@ -111,57 +111,22 @@ void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 
 // y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [out_features, bytes per row]");
-  const Format f = format_of(static_cast<int>(kind));
+  check_matmul_args(x, w, kind, packed);
   x = x.contiguous();
   w = w.contiguous();
   const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
-              "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
-  TORCH_CHECK(!packed || (packable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k);
+  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
   auto y = torch::empty({tokens, n}, x.options());
-  float* out = y.data_ptr<float>();
-  const uint8_t* rows = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
-  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    RowScratch r(k);
-    for (int64_t row = begin; row < end; ++row) {
-      unpack_row(static_cast<int>(kind), packed, rows + row * row_bytes, k, r);
-      r.compute_offsets(f.zero, k / 16);
-      for (int64_t t = 0; t < tokens; ++t)
-        out[t * n + row] = row_dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
-    }
-  });
+  unpacked_rows_matmul(w.data_ptr<uint8_t>(), w.size(1), n, k, format_of(static_cast<int>(kind)).zero, a, tokens, y.data_ptr<float>(),
+                       [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_row(static_cast<int>(kind), packed, row, k, r); }, row_dot);
   return y;
 }
 
 // out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in
 // bfloat16 those values rounded to nearest even.
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
-  const bool bf16 = out.dtype() == torch::kBFloat16;
-  TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
-              "out must be a contiguous float32 or bfloat16 [rows, row length]");
-  const Format f = format_of(static_cast<int>(kind));
-  const int64_t n = w.size(0), k = out.size(1);
-  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
-              "row length ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
-  w = w.contiguous();
-  const int64_t row_bytes = w.size(1);
-  const uint8_t* rows = w.data_ptr<uint8_t>();
-  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    RowScratch r(k);
-    for (int64_t row = begin; row < end; ++row) {
-      unpack_row(static_cast<int>(kind), packed, rows + row * row_bytes, k, r);
-      if (bf16) {
-        row_values(r, f.zero, k, out.data_ptr<at::BFloat16>() + row * k);
-      } else {
-        row_values(r, f.zero, k, out.data_ptr<float>() + row * k);
-      }
-    }
-  });
+  dequantize_rows(w, kind, out, [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_row(static_cast<int>(kind), packed, row, k, r); },
+                  [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
 }
 
 torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }

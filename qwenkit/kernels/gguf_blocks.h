@@ -51,8 +51,11 @@ inline float f16(const uint8_t* p) {  // exact, as F16C's conversion
   return c10::detail::fp16_ieee_to_fp32_value(h);
 }
 
-// Activations as int8 in blocks of 32 (scale = max|x| / 127, as llama.cpp's Q8_0), with each
-// block's scale and the scaled sum of its codes given per 16 values, the weights' granularity.
+// Activations as int8 in blocks (scale = max|x| / 127), with each block's scale and the scaled
+// sum of its codes given per 16 and per 32 values, the weights' granularities. The block is 32
+// values for the 32-value types (llama.cpp's Q8_0) and 256 for the K-quants (llama.cpp's Q8_K):
+// one activation scale per 256-value super-block lets a K-quant's integer sub-block scales be
+// applied in integer arithmetic (ggml_cpu.cpp), and every build quantizes alike.
 struct QuantizedActivations {
   std::vector<int8_t> q;       // [T, K]
   std::vector<float> scale16;  // [T, K / 16]
@@ -61,27 +64,34 @@ struct QuantizedActivations {
   std::vector<float> sum32;    // [T, K / 32]
 };
 
-inline QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k) {
+inline int64_t activation_block(int kind) { return format_of(kind).block_values == 256 ? 256 : 32; }
+
+inline QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k, int64_t block) {
   QuantizedActivations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * k / 16 + 16), std::vector<float>(tokens * k / 16 + 16),
                          std::vector<float>(tokens * k / 32 + 16), std::vector<float>(tokens * k / 32 + 16)};
-  parallel_for(0, tokens * (k / 32), 64, [&](int64_t begin, int64_t end) {
+  const int64_t per_block16 = block / 16;
+  parallel_for(0, tokens * (k / block), std::max<int64_t>(1, 2048 / block), [&](int64_t begin, int64_t end) {
+    int sums[16];
     for (int64_t b = begin; b < end; ++b) {
-      const float* xb = x + b * 32;
+      const float* xb = x + b * block;
       float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::abs(xb[i]));
       const float d = amax / 127.0f;
       const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      int sums[2] = {0, 0};
-      for (int i = 0; i < 32; ++i) {
+      std::fill(sums, sums + per_block16, 0);
+      for (int64_t i = 0; i < block; ++i) {
         const int v = static_cast<int>(std::nearbyint(xb[i] * id));
-        a.q[b * 32 + i] = static_cast<int8_t>(v);
+        a.q[b * block + i] = static_cast<int8_t>(v);
         sums[i / 16] += v;
       }
-      a.scale16[b * 2] = a.scale16[b * 2 + 1] = d;
-      a.sum16[b * 2] = d * sums[0];
-      a.sum16[b * 2 + 1] = d * sums[1];
-      a.scale32[b] = d;
-      a.sum32[b] = d * (sums[0] + sums[1]);
+      for (int64_t g = 0; g < per_block16; ++g) {
+        a.scale16[b * per_block16 + g] = d;
+        a.sum16[b * per_block16 + g] = d * sums[g];
+      }
+      for (int64_t g = 0; g < per_block16 / 2; ++g) {
+        a.scale32[b * per_block16 / 2 + g] = d;
+        a.sum32[b * per_block16 / 2 + g] = d * (sums[2 * g] + sums[2 * g + 1]);
+      }
     }
   });
   return a;
@@ -334,6 +344,64 @@ inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k) {
     for (int64_t row = begin; row < end; ++row) pack_row(static_cast<int>(kind), src + row * row_bytes, k, dst + row * row_bytes);
   });
   return packed;
+}
+
+// ---- What every build's matmul and dequantize_into share: argument checks and row loops ------
+
+// matmul's arguments: float32 x [T, K] and GGUF rows w [N, bytes per row] whose rows hold K values.
+inline void check_matmul_args(const torch::Tensor& x, const torch::Tensor& w, int64_t kind, bool packed) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [out_features, bytes per row]");
+  const Format f = format_of(static_cast<int>(kind));
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
+  TORCH_CHECK(!packed || (packable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
+}
+
+// y[t, row] for rows unpacked one at a time into RowScratch: unpack(row bytes, k, scratch) fills
+// codes, scales and minimums; dot(scratch, token codes, scales per 16, sums per 16, k) is the
+// build's dot product.
+template <class Unpack, class Dot>
+void unpacked_rows_matmul(const uint8_t* rows, int64_t row_bytes, int64_t n, int64_t k, int zero, const QuantizedActivations& a,
+                          int64_t tokens, float* out, Unpack unpack, Dot dot) {
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    RowScratch r(k);
+    for (int64_t row = begin; row < end; ++row) {
+      unpack(rows + row * row_bytes, k, r);
+      r.compute_offsets(zero, k / 16);
+      for (int64_t t = 0; t < tokens; ++t)
+        out[t * n + row] = dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
+    }
+  });
+}
+
+// out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
+// above; values(scratch, zero, k, out row) writes one row in out's dtype (a generic lambda).
+template <class Unpack, class Values>
+void dequantize_rows(torch::Tensor w, int64_t kind, torch::Tensor out, Unpack unpack, Values values) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
+  const bool bf16 = out.dtype() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || out.dtype() == torch::kFloat32) && out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
+              "out must be a contiguous float32 or bfloat16 [rows, row length]");
+  const Format f = format_of(static_cast<int>(kind));
+  const int64_t n = w.size(0), k = out.size(1);
+  TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
+              "row length ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
+  w = w.contiguous();
+  const int64_t row_bytes = w.size(1);
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    RowScratch r(k);
+    for (int64_t row = begin; row < end; ++row) {
+      unpack(rows + row * row_bytes, k, r);
+      if (bf16) {
+        values(r, f.zero, k, out.data_ptr<at::BFloat16>() + row * k);
+      } else {
+        values(r, f.zero, k, out.data_ptr<float>() + row * k);
+      }
+    }
+  });
 }
 
 }  // namespace qwenkit

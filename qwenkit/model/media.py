@@ -42,10 +42,15 @@ class MediaCausalLM(QwenForCausalLM):
         attention: AttentionBackend,
         lora: LoraRouting | None = None,
         media: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`media_mask` [T] (bool) says which rows take `media`; by default every placeholder token
+        does. The engine passes it: a placeholder token the model generated is text, not media."""
         x = self.model.embed_tokens(input_ids)
         if media is not None:
-            x = place_media(x, torch.isin(input_ids, self.placeholder_ids.to(input_ids.device)), media)
+            if media_mask is None:
+                media_mask = torch.isin(input_ids, self.placeholder_ids.to(input_ids.device))
+            x = place_media(x, media_mask, media)
         return self.forward_embeddings(x, positions, attention, lora)
 
 

@@ -82,10 +82,13 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h_bar, w_bar
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An image from its file bytes (PNG, JPEG, WebP, GIF...); a clear error if it is none."""
+def decode_image(data: bytes, max_source_pixels: int | None = None) -> Image.Image:
+    """An image from its file bytes (PNG, JPEG, WebP, GIF...); a clear error if it is none, or if it
+    has more than `max_source_pixels` (checked from the header, before the pixels are decoded)."""
     try:
         image = Image.open(io.BytesIO(data))
+        if max_source_pixels is not None and image.width * image.height > max_source_pixels:
+            raise QwenkitError(f"the image has too many pixels ({image.width}x{image.height}); at most {max_source_pixels} are accepted")
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise QwenkitError(f"cannot decode the image ({exc})") from exc

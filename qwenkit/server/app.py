@@ -21,6 +21,7 @@ from qwenkit.server.completions import completions
 from qwenkit.server.embeddings import router as embeddings_router
 from qwenkit.server.errors import APIError, documented_errors, install_error_handlers
 from qwenkit.server.infill import add_infill_routes
+from qwenkit.server.media import expand_prompt, load_chat_media
 from qwenkit.server.ollama import router as ollama_router
 from qwenkit.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwenkit.server.state import ServerConfig, ServerState
@@ -75,9 +76,11 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         if body.messages is not None:
             if len(body.messages) > config.max_messages:
                 raise APIError(400, f"too many messages: {len(body.messages)} (limit {config.max_messages})", "invalid_value", "messages")
-            messages = [template_message(m) for m in body.messages]
-            state.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+            # Media are read as chat reads them, and their placeholders expanded: the count is the real one.
+            messages, media = await state.off_loop(load_chat_media, state, [template_message(m) for m in body.messages], None)
+            state.check_prompt_chars(sum(len(m["content"]) if isinstance(m["content"], str) else 0 for m in messages), "messages")
             tokens = await state.off_loop(state.tokenizer.encode_chat, messages, add_generation_prompt=body.add_generation_prompt)
+            tokens = expand_prompt(state, tokens, media)
         else:
             state.check_prompt_chars(len(body.prompt or ""), "prompt")
             tokens = await state.off_loop(state.tokenizer.encode, body.prompt or "")

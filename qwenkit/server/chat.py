@@ -15,6 +15,7 @@ from qwenkit.engine.sampler import TokenLogprobs
 from qwenkit.errors import QwenkitError
 from qwenkit.server.errors import SSE_DONE, APIError, sse_error, sse_event
 from qwenkit.server.guided import declared_tools, with_guidance
+from qwenkit.server.media import expand_prompt, load_chat_media
 from qwenkit.server.protocol import ChatCompletionRequest, ChatMessage
 from qwenkit.server.state import ServerState, final_output, new_id
 from qwenkit.tokenizer.output_parser import TOOL_OPEN, Delta, OutputParser, ToolCall, parse_output
@@ -26,7 +27,10 @@ def template_message(m: ChatMessage) -> dict[str, Any]:
     """An OpenAI message as chat templates expect it (text parts joined, tool arguments as objects)."""
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
     content = m.content
-    out["content"] = "".join(p.text for p in content) if isinstance(content, list) else (content or "")
+    if isinstance(content, list) and any(p.type != "text" for p in content):
+        out["content"] = [p.model_dump(exclude_none=True) for p in content]  # media: see server/media.py
+    else:
+        out["content"] = "".join(p.text for p in content) if isinstance(content, list) else (content or "")
     if m.name:
         out["name"] = m.name
     if m.tool_call_id:
@@ -66,7 +70,15 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[i
     CPU work: the server runs it in a worker thread (ServerState.off_loop). Tokenizer.encode_chat
     keeps every string from the request as text: only the template writes control tokens.
     """
-    messages = [template_message(m) for m in body.messages]
+    if any(isinstance(m.content, list) and any(p.type != "text" for p in m.content) for m in body.messages):
+        raise APIError(400, "images, video and audio are taken by /v1/chat/completions only", "invalid_media", "messages")
+    ids, tools, prefix, _ = chat_prompt_with_media(state, body)
+    return ids, tools, prefix
+
+
+def chat_prompt_with_media(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], bool, str, list]:
+    """chat_prompt plus the request's media (preprocessed; the ids have one placeholder per encoder output)."""
+    messages, media = load_chat_media(state, [template_message(m) for m in body.messages], body.mm_processor_kwargs)
     choice = body.tool_choice
     tools = [t.model_dump() for t in body.tools] if body.tools and choice != "none" else None
     kwargs = body.chat_template_kwargs or {}
@@ -84,7 +96,7 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[i
         ids = state.tokenizer.encode_chat(messages, tools, add_generation_prompt=True, reply_prefix=prefix, template_kwargs=kwargs)
     except QwenkitError as exc:
         raise APIError(400, str(exc), "invalid_value", "chat_template_kwargs" if "template kwargs" in str(exc) else "messages") from exc
-    return ids, tools is not None, prefix
+    return expand_prompt(state, ids, media), tools is not None, prefix, media
 
 
 def logprobs_json(state: ServerState, entries: list[TokenLogprobs]) -> dict:
@@ -123,13 +135,13 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     model = state.check_model(body.model)
     if len(body.messages) > state.config.max_messages:
         raise APIError(400, f"too many messages: {len(body.messages)} (limit {state.config.max_messages})", "invalid_value", "messages")
-    prompt_ids, parse_tools, prefix = await state.off_loop(chat_prompt, state, body)
+    prompt_ids, parse_tools, prefix, media = await state.off_loop(chat_prompt_with_media, state, body)
     max_tokens = state.max_tokens(key, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
     top = body.top_logprobs or 0
     params = state.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None, thinking_budget=body.thinking_budget)
     params = with_guidance(state, body, params, prefix)
     request_id = new_id("chatcmpl")
-    stream = await state.start(key, prompt_ids, params, request_id, model)
+    stream = await state.start(key, prompt_ids, params, request_id, model, media)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = stream_chat(state, stream, request_id, model, parse_tools, prefix, body, include_usage)

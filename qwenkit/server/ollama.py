@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from qwenkit import __version__
 from qwenkit.engine.outputs import RequestOutput
 from qwenkit.errors import QwenkitError
-from qwenkit.server.chat import chat_prompt
+from qwenkit.server.chat import chat_prompt, chat_prompt_with_media
 from qwenkit.server.completions import completion_prompt
 from qwenkit.server.embeddings import authorized_key, embed, token_lists
 from qwenkit.server.errors import APIError
@@ -187,9 +187,11 @@ def sampling_fields(body: GenerationFields) -> dict[str, Any]:
 
 
 def openai_message(m: OllamaMessage) -> dict[str, Any]:
-    if m.images:
-        raise APIError(400, "this model does not support images")
-    out: dict[str, Any] = {"role": m.role, "content": m.content or "", "reasoning_content": m.thinking}
+    content: str | list[dict[str, Any]] = m.content or ""
+    if m.images:  # Ollama sends bare base64: as OpenAI image parts before the text (server/media.py decides)
+        content = [{"type": "image_url", "image_url": {"url": "data:image;base64," + image}} for image in m.images]
+        content.append({"type": "text", "text": m.content or ""})
+    out: dict[str, Any] = {"role": m.role, "content": content, "reasoning_content": m.thinking}
     if m.tool_calls:
         out["tool_calls"] = [{"type": "function", "function": c.function.model_dump()} for c in m.tool_calls]
     if m.tool_name:
@@ -230,11 +232,11 @@ def timings(out: RequestOutput, started: float) -> dict[str, int]:
 
 
 async def start(state: ServerState, key: str, model: str, prompt_ids: list[int], fields: SamplingFields,
-                prefix: str = "") -> AsyncIterator[RequestOutput]:
+                prefix: str = "", media: list | None = None) -> AsyncIterator[RequestOutput]:
     """Submit the request (refusals are 400s before anything streams); `prefix`: a forced tool-call opening."""
     max_tokens = state.max_tokens(key, len(prompt_ids), fields.max_tokens)
     params = with_guidance(state, fields, state.sampling_params(fields, max_tokens), prefix)
-    return await state.start(key, prompt_ids, params, new_id("ollama"), model)
+    return await state.start(key, prompt_ids, params, new_id("ollama"), model, media)
 
 
 def tool_call_json(call: ToolCall) -> dict:
@@ -305,8 +307,8 @@ async def chat(body: OllamaChatRequest, request: Request, key: str = authorized)
     if not body.messages:
         return loaded_reply(model, {"message": {"role": "assistant", "content": ""}})
     oai = chat_request(body, [openai_message(m) for m in body.messages])
-    prompt_ids, parse_tools, prefix = await state.off_loop(chat_prompt, state, oai)
-    stream = await start(state, key, model, prompt_ids, oai, prefix)
+    prompt_ids, parse_tools, prefix, media = await state.off_loop(chat_prompt_with_media, state, oai)
+    stream = await start(state, key, model, prompt_ids, oai, prefix, media)
     tools = {t.function.name: t.function.parameters for t in oai.tools or []}
     if body.stream:
         lines = ndjson(model, stream, lambda thinking_open: OutputParser(thinking_open, parse_tools, prefix, tools),
@@ -330,7 +332,7 @@ async def generate(body: OllamaGenerateRequest, request: Request, key: str = aut
     state = _state(request)
     model = served_model(state, body.model)
     if body.images:
-        raise APIError(400, "this model does not support images")
+        raise APIError(400, "images are taken by /api/chat (and /v1/chat/completions), not /api/generate")
     if body.template:
         raise APIError(400, "template overrides (Go templates) are not supported; send raw=true with a formatted prompt")
     if not body.prompt and not body.suffix:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwenkit.engine.sampling_params import SEED_MAX, SEED_MIN
 
@@ -26,6 +26,48 @@ class TextPart(Model):
     text: str
 
 
+class MediaURL(Model):
+    url: str
+    detail: str | None = None  # OpenAI's image detail level: accepted, the pixel budget decides
+
+
+class ImageURLPart(Model):
+    type: Literal["image_url"]
+    image_url: MediaURL | str
+
+
+class InputAudio(Model):
+    data: str  # base64
+    format: str = "wav"  # the bytes say what they are; wav, mp3, flac... all decode
+
+
+class InputAudioPart(Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(Model):
+    type: Literal["audio_url"]
+    audio_url: MediaURL | str
+
+
+class VideoPart(Model):
+    """vLLM's spelling: the video as a list of frame URLs (or one video file URL)."""
+    type: Literal["video"]
+    video: list[str] | str
+
+
+class VideoURLPart(Model):
+    type: Literal["video_url"]
+    video_url: MediaURL | str
+
+
+CONTENT_PART_TYPES = ("text", "image_url", "input_audio", "audio_url", "video", "video_url")
+ContentPart = Annotated[
+    TextPart | ImageURLPart | InputAudioPart | AudioURLPart | VideoPart | VideoURLPart, Field(discriminator="type")
+]
+
+
 class FunctionCall(Model):
     name: str
     arguments: str | dict[str, Any] = "{}"
@@ -39,11 +81,22 @@ class ToolCallIn(Model):
 
 class ChatMessage(Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_parts(cls, content: Any) -> Any:
+        # Named here: otherwise a union's first error ("should be a valid string") hides the real one.
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in CONTENT_PART_TYPES:
+                    raise ValueError(f"unsupported content part type {kind!r}; this server takes {', '.join(CONTENT_PART_TYPES)}")
+        return content
 
 
 class FunctionDef(Model):
@@ -133,6 +186,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_budget: int | None = Field(default=None, ge=0)
+    # media preprocessing per request (vLLM's name): min_pixels, max_pixels, fps
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -17,6 +17,7 @@ from qwenkit.engine.outputs import RequestOutput
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.server.errors import APIError, generation_failed
+from qwenkit.server.media import MediaServerConfig
 from qwenkit.server.metrics import ServerMetrics
 from qwenkit.server.protocol import SamplingFields
 from qwenkit.server.security import RateLimiter, check_api_key
@@ -40,6 +41,7 @@ class ServerConfig:
     max_tokens_limit: int | None = None  # default: the model's context
     max_prompt_chars: int | None = None  # default: CHARS_PER_CONTEXT_TOKEN x the context
     metrics_require_key: bool = False  # /metrics is open by default (for scrapers on loopback)
+    media: MediaServerConfig = field(default_factory=MediaServerConfig)  # multimodal models: where media may come from
 
 
 class ServerState:
@@ -146,13 +148,13 @@ class ServerState:
             raise APIError(400, "the request nests too deeply to process", "invalid_value") from None
 
     async def start(
-        self, key: str, prompt_ids: list[int], params: SamplingParams, request_id: str, model: str
+        self, key: str, prompt_ids: list[int], params: SamplingParams, request_id: str, model: str, media: list | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and wait for the engine to accept it: a refusal (LLMEngine.validate_request,
         run once, in the engine) is a 400 here, before any response starts. Returns its outputs."""
         lora = model if model in self.engine.lora_adapters else None
         try:
-            stream = await self.llm.add_request(prompt_ids, params, request_id, lora)
+            stream = await self.llm.add_request(prompt_ids, params, request_id, lora, media)
         except PromptTooLong as exc:
             raise APIError(
                 400,

@@ -24,11 +24,15 @@ from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import iter_gguf_tensors
 from qwenkit.formats.safetensors_dir import iter_safetensors, read_json
 from qwenkit.kernels import cpu_kernels
+from qwenkit.model.media import MediaCausalLM
 from qwenkit.model.registry import model_family
+from qwenkit.multimodal.processor import ProcessorConfig, read_processor_config
+from qwenkit.multimodal.templates import default_template, writes_placeholders
 from qwenkit.modules import replace_module
 from qwenkit.quantization.checkpoint import split_quantized
 from qwenkit.quantization.gguf_layers import gguf_block_layers, int4_layers_from_q4_k
 from qwenkit.quantization.quantize import quantize_model
+from qwenkit.tokenizer.chat_template import ChatTemplate
 from qwenkit.tokenizer.tokenizer import Tokenizer
 from qwenkit.weights.context import ContextRequest
 from qwenkit.weights.resolve import ResolvedModel, WeightFormat, resolve_model
@@ -78,6 +82,7 @@ class LoadedModel:
     path: Path
     plan: LoadPlan
     generation_config: dict[str, Any] = field(default_factory=dict)
+    processor: ProcessorConfig | None = None  # multimodal models: how media are preprocessed (None: text only)
 
 
 def load_model(
@@ -173,7 +178,15 @@ def load_resolved(
         stored, tensors = split_quantized(tensors, raw_config["quantization_config"])
         quantization = Quantization.CHECKPOINT
     model = build_model(family.model_class, config, family.tensor_names(tensors), dtype, stored)
-    return LoadedModel(model, tokenizer, config, path, _plan(config, resolved.format, dtype, quantization, context), generation_config)
+    processor = None
+    if issubclass(family.model_class, MediaCausalLM):
+        processor = read_processor_config(path)
+        if not writes_placeholders(tokenizer.chat_template.source if tokenizer.has_chat_template else None, config.model_type):
+            # A tokenizer saved without the processor's template: the released checkpoints' own.
+            tokenizer.chat_template = ChatTemplate(default_template(config.model_type), tokenizer.special_tokens)
+            tokenizer.has_chat_template = True
+    plan = _plan(config, resolved.format, dtype, quantization, context)
+    return LoadedModel(model, tokenizer, config, path, plan, generation_config, processor)
 
 
 def build_model(

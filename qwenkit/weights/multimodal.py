@@ -1,7 +1,8 @@
 """Load Qwen2-VL, Qwen2.5-VL and Qwen2-Audio safetensors checkpoints: the model alone.
 
-`load_model` loads them too (with their tokenizer); this builds just the model from a checkpoint
-directory, for the library-level use the engine does not cover yet (media are not served).
+`load_model` loads them too (with their tokenizer, processor config and chat template, for the
+engine); this builds just the model from a checkpoint directory, for calling the encoders and the
+decoder directly (the model tests do).
 """
 
 from __future__ import annotations
