@@ -185,7 +185,7 @@ def main() -> None:
         for name in names:
             r = rows[(name, workload)]
             cells = [f"{r['rate'] / base['rate']:.2f}x"]
-            for anchor in ("llama.cpp", best if have_llama else None):
+            for anchor in (("llama.cpp", best) if have_llama else (None, None)):
                 cells.append(f"{r['rate'] / rows[(anchor, workload)]['rate']:.2f}x" if anchor else "-")
             note = r.get("note", "")
             if name == "qwenkit ngram":
