@@ -38,6 +38,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float16 for GGUF blocks in place (as llama.cpp), else the model's dtype")
+    parser.add_argument("--speculative", default=None, metavar="ngram|draft:PATH",
+                        help="speculative decoding, exact (greedy output and sampling distribution unchanged): "
+                             "ngram drafts by prompt lookup (copies from the prompt and output), draft:PATH with a "
+                             "smaller model sharing the tokenizer")
+    parser.add_argument("--num-speculative-tokens", type=int, default=8, help="most tokens drafted per sequence and step")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +71,8 @@ def engine_config(args: argparse.Namespace):
         max_num_seqs=getattr(args, "max_num_seqs", 64),
         enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+        speculative=getattr(args, "speculative", None),
+        num_speculative_tokens=getattr(args, "num_speculative_tokens", 8),
     )
 
 

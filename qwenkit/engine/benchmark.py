@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from qwenkit.engine.llm_engine import LLMEngine
 from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.engine.speculative import SpeculationStats
 
 
 @dataclass
@@ -21,6 +22,7 @@ class BenchResult:
     ttft: list[float]
     itl: list[float]
     peak_rss_bytes: int
+    speculation: SpeculationStats | None = None  # this run's, when the engine speculates
 
     @property
     def output_tokens_per_second(self) -> float:
@@ -36,6 +38,7 @@ class BenchResult:
                 f"inter-token p50/p99 {percentile(self.itl, 50) * 1e3:.1f} / {percentile(self.itl, 99) * 1e3:.1f} ms",
                 f"peak memory (RSS)   {self.peak_rss_bytes / 2**30:.2f} GiB",
             ]
+            + ([f"speculation         {self.speculation.report()}"] if self.speculation is not None else [])
         )
 
 
@@ -53,6 +56,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 def run_concurrent(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> BenchResult:
     params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0, ignore_eos=True)
+    speculator = engine.speculator
+    before = replace(speculator.stats) if speculator is not None else None
     start = time.monotonic()
     for p in prompts:
         engine.add_request(p, params)
@@ -68,4 +73,5 @@ def run_concurrent(engine: LLMEngine, prompts: list[list[int]], output_len: int)
         ttft=[o.metrics.time_to_first_token for o in finished],
         itl=[x for o in finished for x in o.inter_token_latencies],
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        speculation=speculator.stats.since(before) if speculator is not None else None,
     )

@@ -115,10 +115,27 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) * self.block_size > len(seq) or self.num_free_blocks > 0
 
-    def ensure_capacity(self, seq: Sequence) -> None:
-        """Room for the sequence's newest token (called before it is computed)."""
-        while len(seq.block_table) * self.block_size < len(seq):
+    def ensure_capacity(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Room for the sequence's newest token (called before it is computed), or for its first
+        `num_tokens` positions (drafted tokens after its own)."""
+        while len(seq.block_table) * self.block_size < (len(seq) if num_tokens is None else num_tokens):
             seq.block_table.append(self._take_free_block())
+
+    def room_after(self, seq: Sequence) -> int:
+        """How many positions past its tokens the sequence could fill from its blocks and the free pool."""
+        return (len(seq.block_table) + self.num_free_blocks) * self.block_size - len(seq)
+
+    def release_unused(self, seq: Sequence) -> None:
+        """Return the blocks past the sequence's tokens (held for drafts that were rejected). They
+        hold nothing worth caching, so they go to the front of the free list, to be reused first."""
+        keep = self.blocks_needed(len(seq))
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                self.free.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Give a hash to every block that is now full and computed, so later requests can share it."""

@@ -8,7 +8,7 @@ import queue
 import threading
 import traceback
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qwenkit.engine.embedding import embed_token_ids, embedding_token_ids, fit_to_context
@@ -19,6 +19,7 @@ from qwenkit.engine.outputs import RequestOutput
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.multimodal.processor import MediaOptions
 from qwenkit.multimodal.sources import LIBRARY_POLICY, MediaPolicy
+from qwenkit.engine.speculative import SpeculationStats
 from qwenkit.weights.loader import LoadedModel, load_model
 
 Prompt = str | list[int]
@@ -133,6 +134,7 @@ class EngineStats:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    speculation: SpeculationStats | None = None  # totals, when the engine speculates
 
 
 class AsyncLLM:
@@ -177,7 +179,9 @@ class AsyncLLM:
 
     def _publish_stats(self) -> None:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting), blocks.usage, blocks.stats.hit_rate)
+        speculator = self.engine.speculator
+        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting), blocks.usage, blocks.stats.hit_rate,
+                                 None if speculator is None else replace(speculator.stats))
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

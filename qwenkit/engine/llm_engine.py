@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenkit.engine.block_manager import BlockManager
+from qwenkit.engine.draft_model import DraftModelDrafter
 from qwenkit.engine.logits_process import ProcessorContext, make_processors
 from qwenkit.engine.media_inputs import EncoderCache, MediaItem, MultimodalInputs, placeholder_ids, prepare_multimodal
 from qwenkit.engine.model_runner import ModelRunner
@@ -18,11 +19,12 @@ from qwenkit.engine.sampler import RowSamplingError, SamplingRow, sample
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.sequence import SamplingState, Sequence
+from qwenkit.engine.speculative import NgramDrafter, Speculator, num_accepted
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 from qwenkit.weights.context import check_kv_pool
-from qwenkit.weights.loader import LoadedModel, LoadPlan
+from qwenkit.weights.loader import LoadedModel, LoadPlan, load_model
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context
     kv_cache_dtype: str = "auto"  # "auto": the loader's choice (LoadPlan.kv_cache_dtype)
     encoder_cache_bytes: int = 256 << 20  # multimodal models: encoder outputs kept by content key
+    # Speculative decoding (engine/speculative.py): None, "ngram" (prompt lookup) or "draft:PATH"
+    # (a smaller model with the same tokenizer, engine/draft_model.py); at most
+    # num_speculative_tokens drafts per sequence and step, looked up by the last n tokens, n from
+    # prompt_lookup_max down to prompt_lookup_min.
+    speculative: str | None = None
+    num_speculative_tokens: int = 8
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
 
 
 @dataclass
@@ -69,6 +79,20 @@ def kv_cache_dtype(name: str, plan: LoadPlan) -> torch.dtype:
     return KV_CACHE_DTYPES[name]
 
 
+def make_speculator(config: EngineConfig, target: LoadedModel, kv_dtype: torch.dtype) -> Speculator | None:
+    """The speculator `config.speculative` asks for (None: none)."""
+    method = config.speculative
+    if method is None:
+        return None
+    if method == "ngram":
+        return Speculator(NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max), config.num_speculative_tokens)
+    if method.startswith("draft:") and len(method) > len("draft:"):
+        draft = load_model(method[len("draft:") :])
+        drafter = DraftModelDrafter(draft, target, config.kv_cache_memory, config.block_size, kv_dtype)
+        return Speculator(drafter, config.num_speculative_tokens)
+    raise QwenkitError(f"speculative must be 'ngram' or 'draft:PATH', not {method!r}")
+
+
 class PromptTooLong(QwenkitError):
     """The prompt leaves no room in the context; says both numbers."""
 
@@ -101,6 +125,7 @@ class LLMEngine:
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
         self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
         self._placeholders = placeholder_ids(model_cfg)
+        self.speculator = make_speculator(config, loaded, kv_dtype)
         self.lora_adapters: dict[str, str] = {}  # name -> directory
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -179,6 +204,8 @@ class LLMEngine:
         context = ProcessorContext(self.tokenizer, params, request.prompt_token_ids, request.thinking_open)
         seq = Sequence(next(self._seq_ids), request.request_id, index, list(ids), len(request.prompt_token_ids), params,
                        now, lora_name, SamplingState(generator, make_processors(context)), media=request.media)
+        if self.speculator is not None:
+            seq.speculation = self.speculator.new_state(seq)
         request.seqs.append(seq)
         request.texts.append(TextOutput(self.tokenizer, params))
         request.new_tokens.append([])
@@ -204,7 +231,7 @@ class LLMEngine:
     def _end_request(self, request: Request, reason: str) -> None:
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
+                self._finish_sequence(seq)
                 seq.finish_reason = reason
         request.ended = True
         request.metrics.finished_time = time.monotonic()
@@ -218,32 +245,68 @@ class LLMEngine:
         """Run one batch. Raises only if the batch's shared forward pass fails (see fail_all); a
         failure that belongs to one request (its sampling, its processors, its text) ends that
         request alone, with `error` set on its final output."""
+        started = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
         logits = self.runner.run(batch)
-        self.num_computed_tokens += sum(item.num_tokens for item in batch)
-        sampling: list[Sequence] = []
+        if self.speculator is not None and all(item.num_tokens == 1 for item in batch):  # what drafts cost (decodes only)
+            self.speculator.costs.observe(sum(1 + len(item.draft_token_ids) for item in batch), time.perf_counter() - started)
+        self.num_computed_tokens += sum(item.num_tokens + len(item.draft_token_ids) for item in batch)
+        sampling: list[tuple[Sequence, int]] = []  # (sequence, its first logits row)
+        drafts: dict[int, list[int]] = {}  # seq_id -> the drafted tokens its next logits rows verify
+        next_row = 0
         for item in batch:
             if item.completes_prompt:  # the same rows the runner returned logits for, in order
-                sampling.append(item.seq)
-            item.seq.num_computed_tokens += item.num_tokens
+                sampling.append((item.seq, next_row))
+                next_row += 1 + len(item.draft_token_ids)
+                if item.draft_token_ids:
+                    drafts[item.seq.seq_id] = item.draft_token_ids
+            item.seq.num_computed_tokens += item.num_tokens  # drafts count once accepted
             self.block_manager.register_computed_blocks(item.seq)
         failed: dict[str, Exception] = {}
         rows = self._fork_samples(sampling, failed)
         rows = [(seq, row) for seq, row in rows if seq.request_id not in failed]
-        tokens = self._sample(rows, logits, failed)
+        # Each drafted token adds a row: the model's choice at that position, sampled as if the
+        # drafts before it were the sequence's tokens (see engine/speculative.py).
+        positions = [
+            (seq, row + i, self._sampling_row(seq, d[:i], bool(d)))
+            for seq, row in rows
+            for d in (drafts.get(seq.seq_id, []),)
+            for i in range(len(d) + 1)
+        ]
+        tokens = self._sample(positions, logits, failed)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for (seq, _), (token, lp) in zip(rows, tokens):
-            if seq.request_id in failed or token is None:
+        start = 0
+        for seq, _ in rows:
+            d = drafts.get(seq.seq_id, [])
+            first, start = start, start + len(d) + 1
+            sampled = tokens[first:start]
+            if seq.request_id in failed or any(token is None for token, _ in sampled):
                 continue
             request = self.requests[seq.request_id]
             touched[request.request_id] = request
+            accepted = num_accepted(d, [token for token, _ in sampled])
+            if accepted < len(d) and positions[first + accepted][2].generator_state is not None:
+                # Undo the draws of the positions after the model's own token: a seed draws as without drafts.
+                seq.sampling.generator.set_state(positions[first + accepted][2].generator_state)
             try:
-                self._append(request, seq, token, lp, now)
+                for i, (token, lp) in enumerate(sampled[: accepted + 1]):  # the kept drafts, then the model's own token
+                    if seq.is_finished:  # a stop inside the accepted run: the rest is discarded
+                        break
+                    if i:
+                        seq.num_computed_tokens += 1  # the kept draft before this token has its K/V
+                    self._append(request, seq, token, lp, now)
             except Exception as exc:
                 failed[request.request_id] = exc
+            if d:
+                self.speculator.record(seq, len(d), accepted)
+                if not seq.is_finished:
+                    self.block_manager.register_computed_blocks(seq)
+                    self.block_manager.release_unused(seq)  # the rejected drafts' slots
         outputs = []
         for request_id, exc in failed.items():
             request = self.requests.pop(request_id)
@@ -258,12 +321,13 @@ class LLMEngine:
                 del self.requests[request.request_id]
         return outputs
 
-    def _sample(self, rows: list[tuple[Sequence, int]], logits: torch.Tensor, failed: dict[str, Exception]) -> list[tuple]:
-        """(token, logprobs) per row, batched; a row whose own sampling fails gets (None, None) and fails its request."""
+    def _sample(self, rows: list[tuple[Sequence, int, SamplingRow]], logits: torch.Tensor, failed: dict[str, Exception]) -> list[tuple]:
+        """(token, logprobs) per (sequence, logits row, sampling row), batched; a row whose own
+        sampling fails gets (None, None) and fails its request."""
         if not rows:
             return []
-        sampling_rows = [self._sampling_row(seq) for seq, _ in rows]
-        row_logits = logits[torch.tensor([r for _, r in rows])]
+        sampling_rows = [sampling_row for _, _, sampling_row in rows]
+        row_logits = logits[torch.tensor([r for _, r, _ in rows])]
         try:
             return list(zip(*sample(row_logits, sampling_rows)))
         except RowSamplingError as exc:
@@ -272,7 +336,7 @@ class LLMEngine:
             culprits = {}
         # Find the rows at fault one by one; the others sample as they would have.
         tokens: list[tuple] = []
-        for i, (seq, _) in enumerate(rows):
+        for i, (seq, _, _) in enumerate(rows):
             if i in culprits:
                 failed.setdefault(seq.request_id, culprits[i])
                 tokens.append((None, None))
@@ -288,7 +352,7 @@ class LLMEngine:
                 tokens.append((None, None))
         return tokens
 
-    def _fork_samples(self, sampling: list[Sequence], failed: dict[str, Exception]) -> list[tuple[Sequence, int]]:
+    def _fork_samples(self, sampling: list[tuple[Sequence, int]], failed: dict[str, Exception]) -> list[tuple[Sequence, int]]:
         """(sequence, logits row) pairs; a request with n > 1 gets its other samples at its first token.
 
         A sample shares the first one's full KV blocks; its partial last block is copied when the
@@ -296,7 +360,7 @@ class LLMEngine:
         block of tokens, found through the prefix cache), so a full pool never fails a fork.
         """
         rows = []
-        for row, seq in enumerate(sampling):
+        for seq, row in sampling:
             rows.append((seq, row))
             request = self.requests[seq.request_id]
             if seq.num_output_tokens or len(request.seqs) >= request.params.n:
@@ -316,13 +380,15 @@ class LLMEngine:
                 failed[seq.request_id] = exc
         return rows
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, drafted: list[int], verifies: bool) -> SamplingRow:
+        """How `seq` samples its next token, or, in verification, the token after `drafted` (the
+        drafts before this position)."""
         p = seq.params
         blocked = set(p.stop_token_ids)
         if not p.ignore_eos:
             blocked |= self.tokenizer.stop_token_ids
-        return SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.sampling.generator, frozenset(blocked),
-                           seq.sampling.processors)
+        return SamplingRow(p, seq.token_ids + drafted if drafted else seq.token_ids, seq.num_prompt_tokens,
+                           seq.sampling.generator, frozenset(blocked), seq.sampling.processors, verifies)
 
     def _append(self, request: Request, seq: Sequence, token: int, lp, now: float) -> None:
         seq.append_token(token, now)
@@ -354,7 +420,13 @@ class LLMEngine:
             if stop is not None:
                 stop_reason = stop
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._finish_sequence(seq)
+
+    def _finish_sequence(self, seq: Sequence) -> None:
+        """Its blocks back to the pool, and the drafter's (a draft model's cache) to the drafter's."""
         self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []

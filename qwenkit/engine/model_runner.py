@@ -21,7 +21,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> torch.Tensor:
-        """fp32 logits [number of entries with completes_prompt, vocab], in batch order."""
+        """fp32 logits, in batch order: a row for each entry with completes_prompt, then one for each
+        of its drafted tokens."""
         input_ids: list[int] = []
         slot_mapping: list[torch.Tensor] = []
         decode_rows, decode_slots, decode_lengths = [], [], []
@@ -34,11 +35,12 @@ class ModelRunner:
         adapter_samples: dict[str, list[int]] = {}  # rows of the sampled tokens (for the output head)
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_tokens
+            tokens = seq.token_ids[start : start + item.num_tokens] + item.draft_token_ids
+            end = start + len(tokens)
             row = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(tokens)
             if seq.lora_name is not None:
-                adapter_rows.setdefault(seq.lora_name, []).extend(range(row, row + item.num_tokens))
+                adapter_rows.setdefault(seq.lora_name, []).extend(range(row, row + len(tokens)))
             pos = torch.arange(start, end)
             if seq.media is not None:
                 rope_positions.append(seq.media.positions(start, end))
@@ -51,15 +53,20 @@ class ModelRunner:
             context = slots_for(seq.block_table, 0, end, self.block_size)
             slot_mapping.append(context[start:end])  # where this step's new K/V go
             if item.num_tokens == 1:
-                decode_rows.append(row)
-                decode_slots.append(context)
-                decode_lengths.append(end)
+                # A decode, and each drafted token after it as a decode row of its own: verification
+                # computes every position exactly as decoding it alone would (same kernel, same sums),
+                # which keeps greedy speculation token-identical to plain decoding.
+                for j in range(len(tokens)):
+                    decode_rows.append(row + j)
+                    decode_slots.append(context[: start + j + 1])
+                    decode_lengths.append(start + j + 1)
             else:
-                prefills.append(PrefillSlice(slice(row, row + item.num_tokens), pos, context))
-            if item.completes_prompt:
+                prefills.append(PrefillSlice(slice(row, row + len(tokens)), pos, context))
+            if item.completes_prompt:  # the last token's logits, and each draft's
+                rows = range(row + item.num_tokens - 1, row + len(tokens))
                 if seq.lora_name is not None:
-                    adapter_samples.setdefault(seq.lora_name, []).append(len(sample_rows))
-                sample_rows.append(row + item.num_tokens - 1)
+                    adapter_samples.setdefault(seq.lora_name, []).extend(range(len(sample_rows), len(sample_rows) + len(rows)))
+                sample_rows.extend(rows)
         padded = torch.zeros(len(decode_slots), max(decode_lengths, default=0), dtype=torch.long)
         for i, slots in enumerate(decode_slots):
             padded[i, : len(slots)] = slots

@@ -24,6 +24,10 @@ class SamplingRow:
     generator: torch.Generator | None
     blocked_token_ids: frozenset[int]  # masked while below min_tokens
     processors: list[LogitsProcessor] = field(default_factory=list)
+    # A row that verifies a drafted token (engine/speculative.py) keeps its generator's state after
+    # its draw, so that the engine can rewind the draws of positions after a rejected draft.
+    verifies: bool = False
+    generator_state: torch.Tensor | None = None
 
 
 @dataclass
@@ -127,6 +131,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
         else:  # shape_distribution makes the row finite itself
             probs = shape_distribution(processed[i], row.params)
             tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+            if row.verifies and row.generator is not None:
+                row.generator_state = row.generator.get_state()
     logprobs: list[TokenLogprobs | None] = []
     for i, row in enumerate(rows):
         k = row.params.logprobs

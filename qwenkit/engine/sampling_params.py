@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
     skip_special_tokens: bool = True
     thinking_budget: int | None = None  # end the <think> section after this many tokens
+    speculative: bool = True  # False: decode this request without speculation even when the engine has it on
     # Factories of the request's own logits processors (see engine/logits_process.py), each called
     # with a ProcessorContext per sample; the built-in ones (thinking budget, ...) come on top.
     logits_processors: tuple[Callable[..., Any], ...] = ()

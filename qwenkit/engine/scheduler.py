@@ -10,7 +10,7 @@ waits to be recomputed (its finished blocks stay in the prefix cache, so that is
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwenkit.engine.block_manager import BlockManager
 from qwenkit.engine.sequence import Sequence, SequenceStatus
@@ -20,6 +20,7 @@ from qwenkit.engine.sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_tokens: int  # how many of its uncomputed tokens run this step
+    draft_token_ids: list[int] = field(default_factory=list)  # drafted tokens verified after them (engine/speculative.py)
 
     @property
     def completes_prompt(self) -> bool:
@@ -58,6 +59,8 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+        for item in scheduled:  # after every running sequence has its own token's slot
+            budget = self._add_drafts(item, budget)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
@@ -70,6 +73,18 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
         return scheduled
+
+    def _add_drafts(self, item: ScheduledSequence, budget: int) -> int:
+        """A decode's drafted tokens ride along within the token budget, in blocks that are free: a
+        guess never preempts or delays a sequence's real tokens."""
+        seq = item.seq
+        if seq.speculation is None or not seq.speculation.draft_token_ids or not item.completes_prompt or item.num_tokens != 1:
+            return budget
+        drafts = seq.speculation.draft_token_ids[: min(budget, self.block_manager.room_after(seq))]
+        if drafts:
+            self.block_manager.ensure_capacity(seq, len(seq) + len(drafts))
+            item.draft_token_ids = drafts
+        return budget - len(drafts)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.register_computed_blocks(seq)

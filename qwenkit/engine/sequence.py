@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from qwenkit.engine.logits_process import LogitsProcessor
     from qwenkit.engine.media_inputs import MultimodalInputs
     from qwenkit.engine.sampler import TokenLogprobs
+    from qwenkit.engine.speculative import SpeculationState
 
 
 class SequenceStatus(Enum):
@@ -43,6 +44,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     lora_name: str | None = None  # the adapter this sequence runs with, None for the base model
     sampling: SamplingState = field(default_factory=SamplingState)
+    speculation: SpeculationState | None = None  # None: decodes one token per step
     media: MultimodalInputs | None = None  # the prompt's images/videos/audio and M-RoPE positions
     # scheduling
     status: SequenceStatus = SequenceStatus.WAITING

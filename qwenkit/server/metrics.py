@@ -29,6 +29,18 @@ class ServerMetrics:
         Gauge("qwenkit_kv_cache_usage_perc", "Fraction of KV blocks in use", registry=r).set_function(lambda: stats().kv_cache_usage)
         Gauge("qwenkit_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache", registry=r).set_function(
             lambda: stats().prefix_cache_hit_rate)
+        # Speculative decoding, as vLLM's spec_decode metrics (all zero when the engine does not speculate).
+        def speculation(attribute: str) -> Callable[[], float]:
+            return lambda: getattr(stats().speculation, attribute, 0.0)
+
+        for name, attribute, what in (
+            ("num_drafts", "num_verifications", "Sequence-steps that verified drafted tokens (total)"),
+            ("num_draft_tokens", "num_draft_tokens", "Drafted tokens verified (total)"),
+            ("num_accepted_tokens", "num_accepted_tokens", "Drafted tokens accepted (total)"),
+            ("draft_acceptance_rate", "acceptance_rate", "Accepted / drafted tokens"),
+            ("mean_accepted_length", "mean_accepted_length", "Tokens emitted per verification (accepted drafts + 1)"),
+        ):
+            Gauge(f"qwenkit_spec_decode_{name}", what, registry=r).set_function(speculation(attribute))
 
     def record(self, out: RequestOutput, end_time: float) -> None:
         for completion in out.outputs:

@@ -166,6 +166,7 @@ class SamplingFields(Model):
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    speculative: bool = True  # qwenkit's: False opts this request out of the server's --speculative
     # grammar-constrained output (vLLM's names; see server/guided.py)
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | bool | None = None

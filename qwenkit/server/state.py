@@ -131,6 +131,7 @@ class ServerState:
                 n=body.n,
                 min_tokens=min(body.min_tokens or 0, max_tokens),
                 ignore_eos=body.ignore_eos,
+                speculative=body.speculative,
                 **extra,
             )
         except (QwenkitError, ValueError) as exc:
