@@ -277,10 +277,18 @@ inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const __m
 // the row's sums for tokens [t0, t0 + nt). T tokens decode each weight step ceil(T / nt) times,
 // not T times, and read each row from memory once.
 template <int MAX_NT, class Prepare, class Tile>
-inline void row_and_token_tiles(int64_t begin, int64_t end, int64_t tokens, Prepare prepare, Tile tile) {
+inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t tokens, Prepare prepare,
+                                Tile tile) {
   constexpr int64_t ROWS = 8;
   for (int64_t first = begin; first < end; first += ROWS) {
     const int64_t count = std::min(ROWS, end - first);
+    // The next tile's bytes are requested into L2 now, while this tile computes: one row is too
+    // short a stream for the hardware prefetcher to run ahead of, and a token's decode waits on
+    // memory otherwise (measured: 8 GB/s through the kernels vs 24 GB/s for plain reads).
+    const int64_t ahead = first + count + ROWS;
+    const uint8_t* next = rows + ahead * row_bytes;
+    const int64_t next_bytes = std::max<int64_t>(0, std::min(ROWS, end - ahead)) * row_bytes;
+    for (int64_t at = 0; at < next_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(next + at), _MM_HINT_T1);
     prepare(first, count);
     for (int64_t t0 = 0; t0 < tokens;) {
       const int64_t left = tokens - t0;
@@ -318,7 +326,7 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
     for (int64_t c = 0; c < steps; ++c) xsv[t * steps + c] = spread_step<G>(xscale + t * groups, c);
   float sums[4];
   row_and_token_tiles<4>(
-      begin, end, tokens,
+      rows, row_bytes, begin, end, tokens,
       [&](int64_t first, int64_t count) {
         for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
       },
@@ -383,7 +391,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
   std::vector<float> d(8 * supers), off(8 * stride);
   float sums[8];
   row_and_token_tiles<8>(
-      begin, end, tokens,
+      rows, row_bytes, begin, end, tokens,
       [&](int64_t first, int64_t count) {
         for (int64_t r = 0; r < count; ++r)
           View(rows + (first + r) * row_bytes, k).int_scales(k, &sc[r * stride], &d[r * supers], &off[r * stride]);
