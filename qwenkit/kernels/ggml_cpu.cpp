@@ -133,20 +133,13 @@ struct Q4KView {
   static constexpr int GROUP = 32;
   const uint8_t* row;
   Q4KView(const uint8_t* r, int64_t) : row(r) {}
+  // Float scales per 32 values for dequantization (unpack_view_row): d * sc, from int_scales.
   void scales(int64_t k, float* ws, float* off) const {
-    for (int64_t b = 0; b < k / 256; ++b) {
-      const uint8_t* p = row + 144 * b;
-      const uint8_t* q = p + 4;
-      const float d = f16(p), dmin = f16(p + 2);
-      for (int j = 0; j < 8; ++j) {  // ggml's get_scale_min_k4
-        const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-        ws[8 * b + j] = d * sc;
-        off[8 * b + j] = dmin * m;  // value = d * sc * q - dmin * m
-      }
-    }
+    std::vector<int32_t> sc(k / 32);
+    std::vector<float> d(k / 256);
+    int_scales(k, sc.data(), d.data(), off);  // off = dmin * m: value = d * sc * q - dmin * m
+    for (int64_t g = 0; g < k / 32; ++g) ws[g] = d[g / 8] * sc[g];
   }
-  // The same scales as integers: sc per 32 values (masked to 16 bits, see tile_dot_k) and d per 256.
   // The scales as integers: sc per 32 values and d per 256. The twelve bytes of 6-bit scales and
   // mins are rearranged with word masks (as ggml's vec_dot_q4_K) into 8 scale bytes then 8 min
   // bytes, widened in one instruction: the scalar unpacking would cost more than a row's products.
@@ -182,17 +175,14 @@ struct Q6KView {
   static constexpr int GROUP = 16;
   const uint8_t* row;
   Q6KView(const uint8_t* r, int64_t) : row(r) {}
+  // Float scales per 16 values for dequantization (unpack_view_row): d * sc, from int_scales.
   void scales(int64_t k, float* ws, float* off) const {
-    for (int64_t b = 0; b < k / 256; ++b) {
-      const uint8_t* p = row + 210 * b;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
-      const float d = f16(p + 208);
-      for (int j = 0; j < 16; ++j) {
-        ws[16 * b + j] = d * sc[j];
-        off[16 * b + j] = ws[16 * b + j] * 32.0f;
-      }
-    }
+    std::vector<int32_t> sc(k / 16);
+    std::vector<float> d(k / 256);
+    int_scales(k, sc.data(), d.data(), off);  // off = d * sc * 32, the zero's share
+    for (int64_t g = 0; g < k / 16; ++g) ws[g] = d[g / 16] * static_cast<int16_t>(sc[g]);
   }
+  // The scales as integers: sc per 16 values (int8, held as an int16) and d per 256.
   void int_scales(int64_t k, int32_t* sc, float* d, float* off) const {
     for (int64_t b = 0; b < k / 256; ++b) {
       const uint8_t* p = row + 210 * b;
