@@ -79,6 +79,22 @@ class BlockManager:
             del self.free[block_id]
         block.ref_count += 1
 
+    def _hash_of_block(self, seq: Sequence, i: int, previous: bytes | None) -> bytes:
+        """The prefix-cache hash of the sequence's block i: its tokens, the media among them, and the
+        hash chain before it."""
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        return block_hash(previous, seq.token_ids[start:end], seq.block_media_keys(start, end))
+
+    def _release(self, block_id: int, reuse_first: bool = False) -> None:
+        """One holder fewer; a block nobody holds goes back to the free list (keeping its hash, so the
+        prefix cache can still find it until it is reused), at the front if it is to be reused first."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            if reuse_first:
+                self.free.move_to_end(block_id, last=False)
+
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks covering a prefix of the sequence, never its last token (its logits are needed)."""
         if not self.enable_prefix_caching:
@@ -87,8 +103,7 @@ class BlockManager:
         previous = seq.cache_salt
         full_blocks = (len(seq) - 1) // self.block_size
         for i in range(full_blocks):
-            start, end = i * self.block_size, (i + 1) * self.block_size
-            h = block_hash(previous, seq.token_ids[start:end], seq.block_media_keys(start, end))
+            h = self._hash_of_block(seq, i, previous)
             block_id = self.cached.get(h)
             if block_id is None:
                 break
@@ -130,11 +145,7 @@ class BlockManager:
         hold nothing worth caching, so they go to the front of the free list, to be reused first."""
         keep = self.blocks_needed(len(seq))
         for block_id in seq.block_table[keep:]:
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                self.free.move_to_end(block_id, last=False)
+            self._release(block_id, reuse_first=True)
         del seq.block_table[keep:]
 
     def register_computed_blocks(self, seq: Sequence) -> None:
@@ -146,8 +157,7 @@ class BlockManager:
         for i in range(full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                start, end = i * self.block_size, (i + 1) * self.block_size
-                block.hash = block_hash(previous, seq.token_ids[start:end], seq.block_media_keys(start, end))
+                block.hash = self._hash_of_block(seq, i, previous)
                 self.cached.setdefault(block.hash, block.block_id)
             previous = block.hash
 
@@ -167,9 +177,6 @@ class BlockManager:
 
     def free_sequence(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # the tail goes back first: it is the least shareable
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
