@@ -41,13 +41,17 @@ inline Codes64 split_nibbles(__m256i v) {
   return {_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m)};
 }
 
-// 0x10 in byte j where bit j of `bits` is set: byte j takes byte j / 8 of the word, then keeps
-// its bit j % 8.
-inline __m256i fifth_bits_32(uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
-                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+// 0x10 in byte j of lo (hi) where bit j (32 + j) of the 64 bits at qh is set: byte j takes byte
+// j / 8 of its half of the word, then keeps its bit j % 8.
+inline void add_fifth_bits(const uint8_t* qh, Codes64& q) {
+  int64_t word;
+  std::memcpy(&word, qh, 8);
+  const __m256i bits = _mm256_set1_epi64x(word);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull)), fifth = _mm256_set1_epi8(0x10);
+  const __m256i lo = _mm256_shuffle_epi8(bits, _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i hi = _mm256_shuffle_epi8(bits, _mm256_set_epi64x(0x0707070707070707, 0x0606060606060606, 0x0505050505050505, 0x0404040404040404));
+  q.lo = _mm256_or_si256(q.lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(lo, bit), bit), fifth));
+  q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), fifth));
 }
 
 inline float hsum(__m256 v) {
@@ -92,12 +96,7 @@ struct PackedView {
       return {_mm256_xor_si256(load32(p.codes + 64 * c), flip), _mm256_xor_si256(load32(p.codes + 64 * c + 32), flip)};
     } else {
       Codes64 q = split_nibbles(load32(p.codes + 32 * c));
-      if constexpr (has_fifth(KIND)) {
-        uint32_t bits[2];
-        std::memcpy(bits, p.fifth + 8 * c, 8);
-        q.lo = _mm256_or_si256(q.lo, fifth_bits_32(bits[0]));
-        q.hi = _mm256_or_si256(q.hi, fifth_bits_32(bits[1]));
-      }
+      if constexpr (has_fifth(KIND)) add_fifth_bits(p.fifth + 8 * c, q);
       return q;
     }
   }
@@ -111,14 +110,24 @@ inline __m256i block_dot(__m256i w_abs, __m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
 }
 
-// NT tokens' dot products with one packed row: each 64-value step of the row is decoded once and
-// multiplied with all NT tokens' int8 codes. Each token's sum is computed exactly as it would be
-// alone (same operations, same order), so a batch gives each token the bits of a batch of one.
-// The two 32-value blocks of a step go to two accumulators: one chain of multiply-adds would
-// wait on its own latency.
+// The first n of 8 float lanes.
+inline __m256i first_lanes(int64_t n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
+// NT tokens' dot products with one packed row, as 8 partial sums each: each 64-value step of the
+// row is decoded once and multiplied with all NT tokens' int8 codes. Each token's sum is computed
+// exactly as it would be alone (same operations, same order), so a batch gives each token the
+// bits of a batch of one. The blocks' scale products (weight scale x activation scale) are
+// multiplied 8 at a time first, so the loop broadcasts them straight from memory. The two 32-value
+// blocks of a step go to two accumulators: one chain of multiply-adds would wait on its latency.
 template <class View, int NT>
-inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const float* xs32, int64_t k, float* sums) {
-  const int64_t blocks = k / 32;
+inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const float* xs32, int64_t k, float* scales, __m256* sums) {
+  const int64_t blocks = k / 32, stride = blocks + 8;
+  for (int j = 0; j < NT; ++j)
+    for (int64_t b = 0; b < blocks; b += 8) {
+      const __m256i lanes = first_lanes(blocks - b);
+      _mm256_storeu_ps(scales + j * stride + b,
+                       _mm256_mul_ps(_mm256_maskload_ps(ws + b, lanes), _mm256_maskload_ps(xs32 + j * blocks + b, lanes)));
+    }
   __m256 acc_lo[NT], acc_hi[NT];
   for (int j = 0; j < NT; ++j) acc_lo[j] = acc_hi[j] = _mm256_setzero_ps();
   for (int64_t c = 0; c < k / 64; ++c) {
@@ -127,28 +136,33 @@ inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const flo
     if constexpr (View::SIGNED) w_abs = {_mm256_sign_epi8(w.lo, w.lo), _mm256_sign_epi8(w.hi, w.hi)};
     for (int j = 0; j < NT; ++j) {
       const int8_t* x = xq + j * k + 64 * c;
-      const float* xs = xs32 + j * blocks + 2 * c;
+      const float* scale = scales + j * stride + 2 * c;
       const __m256i lo = block_dot<View::SIGNED>(w_abs.lo, w.lo, load32(x));
       const __m256i hi = block_dot<View::SIGNED>(w_abs.hi, w.hi, load32(x + 32));
-      acc_lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(ws[2 * c] * xs[0]), acc_lo[j]);
-      acc_hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(ws[2 * c + 1] * xs[1]), acc_hi[j]);
+      acc_lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_broadcast_ss(scale), acc_lo[j]);
+      acc_hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_broadcast_ss(scale + 1), acc_hi[j]);
     }
   }
-  for (int j = 0; j < NT; ++j) sums[j] = hsum(_mm256_add_ps(acc_lo[j], acc_hi[j]));
+  for (int j = 0; j < NT; ++j) sums[j] = _mm256_add_ps(acc_lo[j], acc_hi[j]);
 }
 
-// out[t, row] = sums - the subtracted part of a row's dot products with tokens [t0, t0 + nt): per
-// weight group, the group's offset (scale * zero + min) times the token's scaled sum of codes.
-inline void subtract_offsets(const float* off, const float* xsums, int64_t groups, int64_t t0, int64_t nt, const float* sums,
+// out[t, row] for tokens [t0, t0 + nt): their partial sums less the subtracted part of the row's
+// dot products: per weight group, the group's offset (scale * zero + min) times the token's
+// scaled sum of codes in the group. No offsets (Q8_0): off is null.
+inline void subtract_offsets(const float* off, const float* xsums, int64_t groups, int64_t t0, int64_t nt, const __m256* sums,
                              float* out, int64_t n, int64_t row) {
   for (int64_t j = 0; j < nt; ++j) {
-    const float* xsum = xsums + (t0 + j) * groups;
-    __m256 sub = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) sub = _mm256_fmadd_ps(_mm256_loadu_ps(off + g), _mm256_loadu_ps(xsum + g), sub);
-    float rest = 0.0f;
-    for (; g < groups; ++g) rest += off[g] * xsum[g];
-    out[(t0 + j) * n + row] = sums[j] - (hsum(sub) + rest);
+    __m256 total = sums[j];
+    if (off) {
+      const float* xsum = xsums + (t0 + j) * groups;
+      __m256 sub = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 8) {
+        const __m256i lanes = first_lanes(groups - g);
+        sub = _mm256_fmadd_ps(_mm256_maskload_ps(off + g, lanes), _mm256_maskload_ps(xsum + g, lanes), sub);
+      }
+      total = _mm256_sub_ps(total, sub);
+    }
+    out[(t0 + j) * n + row] = hsum(total);
   }
 }
 
@@ -157,8 +171,8 @@ template <class View>
 void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
               int64_t end, float* out, int64_t n) {
   const int64_t blocks = k / 32, stride = blocks + 8;
-  std::vector<float> ws(8 * stride), off(8 * stride);
-  float sums[4];
+  std::vector<float> ws(8 * stride), off(8 * stride), scales(4 * stride);
+  __m256 sums[4];
   row_and_token_tiles<4>(
       rows, row_bytes, begin, end, tokens,
       [&](int64_t first, int64_t count) {
@@ -166,12 +180,10 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
       },
       [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
         const View v(rows + row * row_bytes, k);
-        with_tile_size(nt, [&](auto NT) { tile_dot<View, NT>(v, &ws[r * stride], a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, k, sums); });
-        if constexpr (View::SIGNED) {
-          for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = sums[j];
-        } else {
-          subtract_offsets(&off[r * stride], a.sum32.data(), blocks, t0, nt, sums, out, n, row);
-        }
+        with_tile_size(nt, [&](auto NT) {
+          tile_dot<View, NT>(v, &ws[r * stride], a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, k, scales.data(), sums);
+        });
+        subtract_offsets(View::SIGNED ? nullptr : &off[r * stride], a.sum32.data(), blocks, t0, nt, sums, out, n, row);
       });
 }
 
@@ -285,7 +297,7 @@ struct Q6KView {
 // multiply-add per token per 256 values. As in tile_dot, each token's sum is computed exactly as
 // it would be alone.
 template <class View, int NT>
-inline void tile_dot_k(const View& v, const int16_t* sc, const float* d, const int8_t* xq, const float* xs16, int64_t k, float* sums) {
+inline void tile_dot_k(const View& v, const int16_t* sc, const float* d, const int8_t* xq, const float* xs16, int64_t k, __m256* sums) {
   const int64_t groups16 = k / 16;
   __m256 acc[NT];
   for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
@@ -306,7 +318,7 @@ inline void tile_dot_k(const View& v, const int16_t* sc, const float* d, const i
     for (int j = 0; j < NT; ++j)
       acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_set1_ps(d[s] * xs16[j * groups16 + 16 * s]), acc[j]);
   }
-  for (int j = 0; j < NT; ++j) sums[j] = hsum(acc[j]);
+  for (int j = 0; j < NT; ++j) sums[j] = acc[j];
 }
 
 // y[t, row] for K-quant rows [begin, end), tokens 4 at a time through tile_dot_k.
@@ -318,7 +330,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
   const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
   std::vector<int16_t> sc(8 * stride);
   std::vector<float> d(8 * supers), off(8 * stride);
-  float sums[4];
+  __m256 sums[4];
   row_and_token_tiles<4>(
       rows, row_bytes, begin, end, tokens,
       [&](int64_t first, int64_t count) {
