@@ -11,12 +11,13 @@
 // which 4-, 5- and 6-bit codes cannot reach (2 * 63 * 127); Q8_0's 8-bit codes could, so they are
 // multiplied as signed values with their signs moved onto the activations (|w| * sign(x, w)).
 //   32-value types (packed layout): one float multiply-add per 32 values and token.
-//   Q4_K, Q5_K, Q6_K (the file's blocks): sub-block scales applied in integers, float work once
-//   per 256 values and token.
+//   the K-quants (the file's blocks): sub-block scales applied in integers, float work once per
+//   256 values and token.
 // The zero's and the minimum's share (offset = scale * zero + min per group, times the token's
 // scaled sum of codes in the group) is one short float dot product per row and token.
-// Q2_K, Q3_K, rows of 32-value types whose length is not a multiple of 64, and dequantize_into
-// (whose values must be ggml's bit for bit) take the generic path of gguf_blocks.h.
+// Rows of 32-value types whose length is not a multiple of 64 (not packed), and dequantize_into
+// (whose values must be ggml's bit for bit; not on the decode path), take the generic path of
+// gguf_blocks.h.
 
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -187,7 +188,7 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
       });
 }
 
-// ---- The K-quants with AVX2 kernels, read in the file's blocks ------------------------------
+// ---- The K-quants, read in the file's blocks -------------------------------------------------
 // Each gives its scales as integers (int16: sc per GROUP values), d per 256 values and a float
 // offset per GROUP, and step_scales(sc, c): the int16 scales of step c's two 32-byte halves as
 // VPMADDWD multiplies them (VPMADDUBSW's int16 lane i sums bytes 2i and 2i + 1).
@@ -248,11 +249,82 @@ struct Q5KView : ScalesK4<176> {
   }
 };
 
+// The K-quants with a scale per 16 values: step c covers the groups 4c .. 4c + 3, its low half
+// groups 4c and 4c + 1 (int16 lanes 0-7 and 8-15), its high half 4c + 2 and 4c + 3.
+struct Scales16 {
+  static constexpr int GROUP = 16;
+  static void step_scales(const int16_t* sc, int64_t c, __m256i& lo, __m256i& hi) {
+    const __m256i pick = _mm256_set_epi64x(0x0302030203020302, 0x0302030203020302, 0x0100010001000100, 0x0100010001000100);
+    int32_t pairs[2];
+    std::memcpy(pairs, sc + 4 * c, 8);
+    lo = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[0]), pick);
+    hi = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[1]), pick);
+  }
+};
+
+// Q2_K's and Q3_K's 2-bit planes: per 128 values, 32 bytes q whose bit pairs 0, 1, 2, 3 are
+// values l, 32 + l, 64 + l, 96 + l; a 64-value step is two planes of one half.
+inline Codes64 two_bit_planes(const uint8_t* qs, int64_t c) {
+  const int i = static_cast<int>(c % 4), plane = 2 * (i % 2);
+  const __m256i q = load32(qs + 32 * (i / 2)), m = _mm256_set1_epi8(3);
+  // 16-bit shifts by at most 6 bring no bit of the other byte into a byte's low 2 bits
+  return {_mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * plane)), m),
+          _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * plane + 2)), m)};
+}
+
+// Q2_K: sixteen bytes of 4-bit scale and 4-bit min per 16 values, qs[64], d, dmin:
+// value = d * (sc & 15) * q - dmin * (sc >> 4).
+struct Q2KView : Scales16 {
+  const uint8_t* row;
+  Q2KView(const uint8_t* r, int64_t) : row(r) {}
+  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 84 * b;
+      d[b] = _cvtsh_ss(load_u16(p + 80));
+      const float dmin = _cvtsh_ss(load_u16(p + 82));
+      for (int j = 0; j < 16; ++j) {
+        sc[16 * b + j] = p[j] & 0xF;
+        off[16 * b + j] = dmin * static_cast<float>(p[j] >> 4);
+      }
+    }
+  }
+  Codes64 codes64(int64_t c) const { return two_bit_planes(row + 84 * (c / 4) + 16, c); }
+};
+
+// Q3_K: hmask[32], qs[64], twelve bytes of sixteen 6-bit scales (stored + 32), d; codes are the
+// 2-bit planes with a third bit from hmask (bit 4 * half + plane of hmask[l]), zero 4.
+struct Q3KView : Scales16 {
+  const uint8_t* row;
+  Q3KView(const uint8_t* r, int64_t) : row(r) {}
+  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 110 * b;
+      const uint8_t* s = p + 96;
+      d[b] = _cvtsh_ss(load_u16(p + 108));
+      for (int j = 0; j < 16; ++j) {  // ggml's kmask unpacking of the 6-bit scales
+        const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+        const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[16 * b + j] = static_cast<int16_t>((low | (high << 4)) - 32);
+        off[16 * b + j] = d[b] * static_cast<float>(sc[16 * b + j]) * 4.0f;  // the zero's share
+      }
+    }
+  }
+  Codes64 codes64(int64_t c) const {
+    const uint8_t* p = row + 110 * (c / 4);
+    Codes64 q = two_bit_planes(p + 32, c);
+    const int i = static_cast<int>(c % 4), bit = 4 * (i / 2) + 2 * (i % 2);
+    // bit s of every byte of hmask to its bit 2, as Q5KView's fifth bits
+    const __m256i hm = load32(p), third = _mm256_set1_epi8(0x04);
+    q.lo = _mm256_or_si256(q.lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(bit)), 2), third));
+    q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(bit + 1)), 2), third));
+    return q;
+  }
+};
+
 // Q6_K: per 256 values ql[128], qh[64], sixteen int8 scales (one per 16 values) and d; codes are
 // 6 bits with zero 32. Each half of 128 values is two 64-value steps: (low nibbles of ql[0:32],
 // ql[32:64]) then (their high nibbles), with qh's bit pairs.
-struct Q6KView {
-  static constexpr int GROUP = 16;
+struct Q6KView : Scales16 {
   const uint8_t* row;
   Q6KView(const uint8_t* r, int64_t) : row(r) {}
   void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
@@ -265,15 +337,6 @@ struct Q6KView {
         off[16 * b + j] = d[b] * static_cast<float>(s[j]) * 32.0f;  // the zero's share
       }
     }
-  }
-  // Step c covers the 16-value groups 4c .. 4c + 3: its low half groups 4c and 4c + 1 (int16
-  // lanes 0-7 and 8-15), its high half 4c + 2 and 4c + 3.
-  static void step_scales(const int16_t* sc, int64_t c, __m256i& lo, __m256i& hi) {
-    const __m256i pick = _mm256_set_epi64x(0x0302030203020302, 0x0302030203020302, 0x0100010001000100, 0x0100010001000100);
-    int32_t pairs[2];
-    std::memcpy(pairs, sc + 4 * c, 8);
-    lo = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[0]), pick);
-    hi = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[1]), pick);
   }
   Codes64 codes64(int64_t c) const {
     const uint8_t* p = row + 210 * (c / 4);
@@ -364,6 +427,10 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed
   };
   if (packed) {
     dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { rows_through(rows_dot<PackedView<decltype(kind_constant)::value>>); });
+  } else if (kind == Q2_K) {
+    rows_through(rows_dot_k<Q2KView>);
+  } else if (kind == Q3_K) {
+    rows_through(rows_dot_k<Q3KView>);
   } else if (kind == Q4_K) {
     rows_through(rows_dot_k<Q4KView>);
   } else if (kind == Q5_K) {

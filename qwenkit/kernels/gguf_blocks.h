@@ -114,9 +114,8 @@ struct RowScratch {
 };
 
 // ---- The K-quants, decoded row by row into RowScratch (plain code) ----------------------------
-// The portable build reads every K-quant this way; the AVX-512 build reads Q4_K and Q6_K, the
-// AVX2 build Q4_K, Q5_K and Q6_K through their own views, and the others this way. Each follows
-// ggml's dequantize_row_q*_K.
+// The portable build reads every K-quant this way, the AVX-512 build all but Q4_K and Q6_K (its
+// own views), the AVX2 build only to dequantize. Each follows ggml's dequantize_row_q*_K.
 
 inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
   r.scale16[first16] = r.scale16[first16 + 1] = scale;
@@ -424,7 +423,8 @@ void dequantize_rows(torch::Tensor w, int64_t kind, torch::Tensor out, Unpack un
 
 // ---- The generic row path: any block type unpacked into RowScratch, in plain C++ ------------
 // The portable build reads every row this way; the SIMD builds read this way the rows they have
-// no kernel for (and dequantize_into of the AVX2 build). Plain code that the compiler vectorizes
+// no kernel for (unpacked 32-value rows, and K-quants without an AVX-512 view) and the AVX2
+// build's dequantize_into. Plain code that the compiler vectorizes
 // for the build's flags; the values follow ggml's dequantize_row_* bit for bit.
 
 // A 32-value block's 16 bytes of nibbles: low nibbles are values 0..15, high nibbles 16..31.
