@@ -248,9 +248,15 @@ def test_forced_instruction_sets_give_the_same_logits(tmp_path, monkeypatch):
         logits[isa] = qwenkit_logits_stepwise(model, PROMPT, 9)
     kernel_builds.kernel_isa.cache_clear()
     kernel_builds.cpu_kernels.cache_clear()
+    # The builds' products differ in float summation order (~1e-7 relative) and every layer
+    # requantizes its input to int8: an activation that sits on a rounding boundary can round the
+    # other way in one build and move later logits by ~1% (measured: the AVX-512 build against
+    # itself with its products perturbed by 2e-7 relative, 1 seed in 4). So the logits agree within
+    # the int8 activations' error, as check_product's bound against the exact product; each
+    # product is compared tightly across builds by test_every_instruction_set_gives_the_same_values.
     best = logits[ISAS[0]]
     for isa, values in logits.items():
-        assert (values - best).abs().max() <= 1e-3 * best.abs().max(), isa
+        assert (values - best).abs().max() <= 2e-2 * best.abs().max(), isa
 
 
 def test_an_unknown_instruction_set_is_refused(monkeypatch):

@@ -3,7 +3,7 @@
 One module, `cpu_kernels()`: GGUF blocks used in place and the small operations of a decode step,
 built for the instruction set this CPU has, each build its own cached module:
   avx512    AVX-512 VNNI (ggml_cpu.cpp: hand-written VPDPBUSD kernels)
-  avx2      AVX2 + FMA + F16C (ggml_portable.cpp, vectorized by the compiler for AVX2)
+  avx2      AVX2 + FMA + F16C (ggml_avx2.cpp: hand-written VPMADDUBSW kernels, as llama.cpp's AVX2 path)
   portable  any other CPU (ggml_portable.cpp, no instruction-set flag)
 QWENKIT_ISA=avx512|avx2|portable forces one (read once; a CPU cannot run a richer set than it
 has). `cpu_kernels()` returns None only when no C++ compiler can build them, or with
@@ -27,7 +27,7 @@ _ISAS = {
     # name: (CPU flags needed, GGUF kernel source, compiler flags)
     "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}, "ggml_cpu.cpp",
                ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]),
-    "avx2": ({"avx2", "fma", "f16c"}, "ggml_portable.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+    "avx2": ({"avx2", "fma", "f16c"}, "ggml_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
     "portable": (set(), "ggml_portable.cpp", []),
 }
 

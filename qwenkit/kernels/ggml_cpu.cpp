@@ -140,20 +140,13 @@ struct Q4KView {
     int_scales(k, sc.data(), d.data(), off);  // off = dmin * m: value = d * sc * q - dmin * m
     for (int64_t g = 0; g < k / 32; ++g) ws[g] = d[g / 8] * sc[g];
   }
-  // The scales as integers: sc per 32 values and d per 256. The twelve bytes of 6-bit scales and
-  // mins are rearranged with word masks (as ggml's vec_dot_q4_K) into 8 scale bytes then 8 min
-  // bytes, widened in one instruction: the scalar unpacking would cost more than a row's products.
+  // The scales as integers: sc per 32 values and d per 256. The 8 scale bytes then 8 min bytes
+  // (scale_min_bytes_k4) are widened in one instruction.
   void int_scales(int64_t k, int32_t* sc, float* d, float* off) const {
-    constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
     for (int64_t b = 0; b < k / 256; ++b) {
       const uint8_t* p = row + 144 * b;
-      uint32_t u[4];
-      std::memcpy(u, p + 4, 12);
-      u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
-      const uint32_t mins_low = u[1] & low6;
-      u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
-      u[2] = mins_low;
-      u[0] &= low6;
+      uint8_t u[16];
+      scale_min_bytes_k4(p + 4, u);
       const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc + 8 * b), _mm512_castsi512_si256(wide));
       const __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(wide, 1));
@@ -260,44 +253,6 @@ inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const __m
     }
   }
   for (int j = 0; j < NT; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
-}
-
-// Rows [begin, end) 8 at a time (prepare(first, count) reads their scales once; their bytes stay
-// in L1/L2) and, for each 8, tokens in tiles of MAX_NT, then 4, 2, 1: tile(r, row, t0, nt) gives
-// the row's sums for tokens [t0, t0 + nt). T tokens decode each weight step ceil(T / nt) times,
-// not T times, and read each row from memory once.
-template <int MAX_NT, class Prepare, class Tile>
-inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t tokens, Prepare prepare,
-                                Tile tile) {
-  constexpr int64_t ROWS = 8;
-  for (int64_t first = begin; first < end; first += ROWS) {
-    const int64_t count = std::min(ROWS, end - first);
-    // The next tile's bytes are requested into L2 now, while this tile computes: one row is too
-    // short a stream for the hardware prefetcher to run ahead of, and a token's decode waits on
-    // memory otherwise (measured: 8 GB/s through the kernels vs 24 GB/s for plain reads).
-    const int64_t ahead = first + count + ROWS;
-    const uint8_t* next = rows + ahead * row_bytes;
-    const int64_t next_bytes = std::max<int64_t>(0, std::min(ROWS, end - ahead)) * row_bytes;
-    for (int64_t at = 0; at < next_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(next + at), _MM_HINT_T1);
-    prepare(first, count);
-    for (int64_t t0 = 0; t0 < tokens;) {
-      const int64_t left = tokens - t0;
-      const int64_t nt = left >= MAX_NT ? MAX_NT : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      for (int64_t r = 0; r < count; ++r) tile(r, first + r, t0, nt);
-      t0 += nt;
-    }
-  }
-}
-
-// f(std::integral_constant<int, nt>) for a tile size nt of row_and_token_tiles.
-template <class F>
-inline void with_tile_size(int64_t nt, F&& f) {
-  switch (nt) {
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    default: return f(std::integral_constant<int, 1>{});
-  }
 }
 
 // y[t, row] for rows [begin, end) (k a multiple of 64), through a View of each row: codes per

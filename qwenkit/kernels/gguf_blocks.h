@@ -1,7 +1,8 @@
 // What every build of the GGUF kernels shares, whatever the instruction set: the block types,
 // the int8 quantization of activations (as llama.cpp's Q8_0), and the packed layout of the
-// 32-value types. ggml_cpu.cpp (AVX-512 VNNI) and ggml_portable.cpp (AVX2 or any CPU) read
-// blocks through these, so both give the same codes, scales and activations.
+// 32-value types, the generic row path, and the row and token tiles of the SIMD builds.
+// ggml_cpu.cpp (AVX-512 VNNI), ggml_avx2.cpp (AVX2) and ggml_portable.cpp (any CPU) read blocks
+// through these, so all give the same codes, scales and activations.
 //
 // Block layouts are ggml's (ggml-common.h).
 
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "thread_pool.h"
@@ -55,7 +57,7 @@ inline float f16(const uint8_t* p) {  // exact, as F16C's conversion
 // sum of its codes given per 16 and per 32 values, the weights' granularities. The block is 32
 // values for the 32-value types (llama.cpp's Q8_0) and 256 for the K-quants (llama.cpp's Q8_K):
 // one activation scale per 256-value super-block lets a K-quant's integer sub-block scales be
-// applied in integer arithmetic (ggml_cpu.cpp), and every build quantizes alike.
+// applied in integer arithmetic (ggml_cpu.cpp, ggml_avx2.cpp), and every build quantizes alike.
 struct QuantizedActivations {
   std::vector<int8_t> q;       // [T, K]
   std::vector<float> scale16;  // [T, K / 16]
@@ -112,8 +114,8 @@ struct RowScratch {
 };
 
 // ---- The K-quants, decoded row by row into RowScratch (plain code) ----------------------------
-// The portable build reads every K-quant this way; the AVX-512 build reads Q4_K and Q6_K through
-// its own views and the others this way. Each follows ggml's dequantize_row_q*_K.
+// The portable build reads every K-quant this way, the AVX-512 build all but Q4_K and Q6_K (its
+// own views), the AVX2 build only to dequantize. Each follows ggml's dequantize_row_q*_K.
 
 inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum) {  // a block of 32
   r.scale16[first16] = r.scale16[first16 + 1] = scale;
@@ -124,6 +126,21 @@ inline void set_scale(RowScratch& r, int64_t first16, float scale, float minimum
 inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
   sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
   m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+}
+
+// Q4_K's and Q5_K's twelve bytes of 6-bit scales and mins as 8 scale bytes then 8 min bytes,
+// rearranged with word masks (as ggml's vec_dot_q4_K): the SIMD builds read them per row this
+// way, where scale_min_k4 per value would cost more than a row's products.
+inline void scale_min_bytes_k4(const uint8_t* q, uint8_t* scales_then_mins) {
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  uint32_t u[4];
+  std::memcpy(u, q, 12);
+  u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
+  const uint32_t mins_low = u[1] & low6;
+  u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
+  u[2] = mins_low;
+  u[0] &= low6;
+  std::memcpy(scales_then_mins, u, 16);
 }
 
 // Q4_K: per 256 values d, dmin, twelve bytes of 6-bit scales and mins (one per 32 values), then
@@ -402,6 +419,142 @@ void dequantize_rows(torch::Tensor w, int64_t kind, torch::Tensor out, Unpack un
       }
     }
   });
+}
+
+// ---- The generic row path: any block type unpacked into RowScratch, in plain C++ ------------
+// The portable build reads every row this way; the SIMD builds read this way the rows they have
+// no kernel for (unpacked 32-value rows, and K-quants without an AVX-512 view) and the AVX2
+// build's dequantize_into. Plain code that the compiler vectorizes
+// for the build's flags; the values follow ggml's dequantize_row_* bit for bit.
+
+// A 32-value block's 16 bytes of nibbles: low nibbles are values 0..15, high nibbles 16..31.
+inline void split_nibbles_32(const uint8_t* qs, uint8_t* codes) {
+  for (int j = 0; j < 16; ++j) {
+    codes[j] = qs[j] & 0x0F;
+    codes[j + 16] = qs[j] >> 4;
+  }
+}
+
+inline void or_fifth_bits_32(const uint8_t* qh, uint8_t* codes) {  // bit j of qh (32 bits) is value j's
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  for (int j = 0; j < 32; ++j) codes[j] |= ((bits >> j) & 1) << 4;
+}
+
+// A row of a 32-value type as stored in the file.
+inline void unpack_file_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
+  const Format f = format_of(kind);
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const uint8_t* p = row + b * f.block_bytes;
+    uint8_t* codes = r.codes.data() + 32 * b;
+    const int at = codes_at(kind);
+    if (kind == Q8_0) {
+      for (int j = 0; j < 32; ++j) codes[j] = p[at + j] ^ 0x80;
+    } else {
+      split_nibbles_32(p + at, codes);
+      if (has_fifth(kind)) or_fifth_bits_32(p + at - 4, codes);
+    }
+    set_scale(r, 2 * b, f16(p), has_min(kind) ? -f16(p + 2) : 0.0f);  // Q4_1, Q5_1: value = d * q + m
+  }
+}
+
+// A row of a 32-value type in the packed layout.
+inline void unpack_packed_row(int kind, const uint8_t* row, int64_t k, RowScratch& r) {
+  const PackedRow p(kind, row, k);
+  const auto* scales = reinterpret_cast<const uint8_t*>(p.scales);
+  const auto* mins = reinterpret_cast<const uint8_t*>(p.mins);
+  for (int64_t b = 0; b < k / 32; ++b) set_scale(r, 2 * b, f16(scales + 2 * b), has_min(kind) ? -f16(mins + 2 * b) : 0.0f);
+  uint8_t* codes = r.codes.data();
+  if (kind == Q8_0) {
+    std::memcpy(codes, p.codes, k);
+    return;
+  }
+  for (int64_t c = 0; c < k / 64; ++c) {
+    const uint8_t* bytes = p.codes + 32 * c;
+    for (int j = 0; j < 32; ++j) {
+      codes[64 * c + j] = bytes[j] & 0x0F;
+      codes[64 * c + 32 + j] = bytes[j] >> 4;
+    }
+    if (has_fifth(kind)) {
+      uint64_t bits;
+      std::memcpy(&bits, p.fifth + 8 * c, 8);
+      for (int j = 0; j < 64; ++j) codes[64 * c + j] |= ((bits >> j) & 1) << 4;
+    }
+  }
+}
+
+inline void unpack_any_row(int kind, bool packed, const uint8_t* row, int64_t k, RowScratch& r) {
+  if (packed) {
+    unpack_packed_row(kind, row, k, r);
+  } else if (format_of(kind).block_values == 256) {
+    unpack_k_quant_row(kind, row, k, r);
+  } else {
+    unpack_file_row(kind, row, k, r);
+  }
+}
+
+// sum_i w_i * x_i for one unpacked row and one quantized token: an integer dot product per 16
+// values, scaled by the weight's and the activation's scales.
+inline float scratch_row_dot(const RowScratch& r, const int8_t* xq, const float* xs16, const float* xsum16, int64_t k) {
+  float acc = 0.0f, off = 0.0f;
+  for (int64_t g = 0; g < k / 16; ++g) {
+    const uint8_t* w = r.codes.data() + 16 * g;
+    const int8_t* x = xq + 16 * g;
+    int32_t dot = 0;
+    for (int i = 0; i < 16; ++i) dot += static_cast<int32_t>(w[i]) * static_cast<int32_t>(x[i]);
+    acc += static_cast<float>(dot) * (r.scale16[g] * xs16[g]);
+    off += r.offset16[g] * xsum16[g];
+  }
+  return acc - off;
+}
+
+// ggml's values of one unpacked row: d * q for the symmetric types, d * q - m for the others.
+template <typename T>
+void scratch_row_values(const RowScratch& r, int zero, int64_t k, T* out) {
+  for (int64_t i = 0; i < k; ++i) {
+    const float v = r.scale16[i / 16] * static_cast<float>(static_cast<int>(r.codes[i]) - zero);
+    out[i] = static_cast<T>(zero ? v : v - r.min16[i / 16]);  // c10::BFloat16 rounds to nearest even
+  }
+}
+
+// ---- Row and token tiles of the SIMD builds' matmul ---------------------------------------------
+
+// Rows [begin, end) 8 at a time (prepare(first, count) reads their scales once; their bytes stay
+// in L1/L2) and, for each 8, tokens in tiles of MAX_NT, then 4, 2, 1: tile(r, row, t0, nt) gives
+// the row's sums for tokens [t0, t0 + nt). T tokens decode each weight step ceil(T / nt) times,
+// not T times, and read each row from memory once.
+template <int MAX_NT, class Prepare, class Tile>
+inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t tokens, Prepare prepare,
+                                Tile tile) {
+  constexpr int64_t ROWS = 8;
+  for (int64_t first = begin; first < end; first += ROWS) {
+    const int64_t count = std::min(ROWS, end - first);
+    // The next tile's bytes are requested into L2 now, while this tile computes: one row is too
+    // short a stream for the hardware prefetcher to run ahead of, and a token's decode waits on
+    // memory otherwise (measured: 8 GB/s through the kernels vs 24 GB/s for plain reads).
+    const int64_t ahead = first + count + ROWS;
+    const uint8_t* next = rows + ahead * row_bytes;
+    const int64_t next_bytes = std::max<int64_t>(0, std::min(ROWS, end - ahead)) * row_bytes;
+    for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);  // 2: into L2 (prefetcht1)
+    prepare(first, count);
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t left = tokens - t0;
+      const int64_t nt = left >= MAX_NT ? MAX_NT : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t r = 0; r < count; ++r) tile(r, first + r, t0, nt);
+      t0 += nt;
+    }
+  }
+}
+
+// f(std::integral_constant<int, nt>) for a tile size nt of row_and_token_tiles.
+template <class F>
+inline void with_tile_size(int64_t nt, F&& f) {
+  switch (nt) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace qwenkit

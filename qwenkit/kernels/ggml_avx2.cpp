@@ -1,0 +1,455 @@
+// GGUF quantized blocks used in place on x86-64 CPUs with AVX2, FMA and F16C but no AVX-512
+// VNNI: the same three functions as ggml_cpu.cpp (matmul, dequantize_into, pack), with the same
+// results up to the order float sums are added.
+//
+// Decoding is bound by the bytes of weights read per token, so rows are read in place through a
+// View per block type that yields 64 values at a time as two 32-byte vectors of unsigned codes,
+//     w = scale * (code - zero) - min        (zero is per type)
+// and multiplied with the int8 activations (gguf_blocks.h) as ggml's AVX2 vec_dot does: VPMADDUBSW
+// (unsigned code x signed activation, adjacent pairs summed into int16), then VPMADDWD with ones,
+// or with the K-quants' integer sub-block scales, into int32 lanes. VPMADDUBSW saturates at 32767,
+// which 4-, 5- and 6-bit codes cannot reach (2 * 63 * 127); Q8_0's 8-bit codes could, so they are
+// multiplied as signed values with their signs moved onto the activations (|w| * sign(x, w)).
+//   32-value types (packed layout): one float multiply-add per 32 values and token.
+//   the K-quants (the file's blocks): sub-block scales applied in integers, float work once per
+//   256 values and token.
+// The zero's and the minimum's share (offset = scale * zero + min per group, times the token's
+// scaled sum of codes in the group) is one short float dot product per row and token.
+// Rows of 32-value types whose length is not a multiple of 64 (not packed), and dequantize_into
+// (whose values must be ggml's bit for bit; not on the decode path), take the generic path of
+// gguf_blocks.h.
+
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "gguf_blocks.h"
+
+using namespace qwenkit;
+
+namespace {
+
+// Values 64c .. 64c + 31 and 64c + 32 .. 64c + 63 of a row, one code per byte.
+struct Codes64 {
+  __m256i lo, hi;
+};
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+inline Codes64 split_nibbles(__m256i v) {
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m)};
+}
+
+// 0x10 in byte j of lo (hi) where bit j (32 + j) of the 64 bits at qh is set: byte j takes byte
+// j / 8 of its half of the word, then keeps its bit j % 8.
+inline void add_fifth_bits(const uint8_t* qh, Codes64& q) {
+  int64_t word;
+  std::memcpy(&word, qh, 8);
+  const __m256i bits = _mm256_set1_epi64x(word);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull)), fifth = _mm256_set1_epi8(0x10);
+  const __m256i lo = _mm256_shuffle_epi8(bits, _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i hi = _mm256_shuffle_epi8(bits, _mm256_set_epi64x(0x0707070707070707, 0x0606060606060606, 0x0505050505050505, 0x0404040404040404));
+  q.lo = _mm256_or_si256(q.lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(lo, bit), bit), fifth));
+  q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), fifth));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---- The 32-value types, packed (gguf_blocks.h's PackedRow) ----------------------------------
+
+// A packed row as the dot product reads it: 64 codes at a time, a float scale and an offset per
+// 32 values. Q8_0's codes come back signed (the packed q + 128 with its top bit flipped), with no
+// offset: SIGNED tells the dot product to use the sign trick.
+template <int KIND>
+struct PackedView {
+  static constexpr bool SIGNED = KIND == Q8_0;
+  PackedRow p;
+  PackedView(const uint8_t* row, int64_t k) : p(KIND, row, k) {}
+
+  // ws[b] = the block's scale; off[b] = ws * zero - min (Q4_1, Q5_1 store value = d * q + m).
+  void scales(int64_t k, float* ws, float* off) const {
+    const int64_t blocks = k / 32;
+    const float zero = static_cast<float>(format_of(KIND).zero);
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {  // F16C: the scalar conversion would cost more than the row's products
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + b)));
+      _mm256_storeu_ps(ws + b, s);
+      __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(zero));
+      if constexpr (has_min(KIND)) o = _mm256_sub_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.mins + b))));
+      _mm256_storeu_ps(off + b, o);
+    }
+    for (; b < blocks; ++b) {
+      ws[b] = _cvtsh_ss(p.scales[b]);
+      off[b] = has_min(KIND) ? ws[b] * zero - _cvtsh_ss(p.mins[b]) : ws[b] * zero;
+    }
+  }
+
+  Codes64 codes64(int64_t c) const {
+    if constexpr (KIND == Q8_0) {
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+      return {_mm256_xor_si256(load32(p.codes + 64 * c), flip), _mm256_xor_si256(load32(p.codes + 64 * c + 32), flip)};
+    } else {
+      Codes64 q = split_nibbles(load32(p.codes + 32 * c));
+      if constexpr (has_fifth(KIND)) add_fifth_bits(p.fifth + 8 * c, q);
+      return q;
+    }
+  }
+};
+
+// The sum of 32 products of codes w and activations x, as 8 int32 lanes.
+template <bool SIGNED>
+inline __m256i block_dot(__m256i w_abs, __m256i w, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (SIGNED) return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w)), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+}
+
+// The first n of 8 float lanes.
+inline __m256i first_lanes(int64_t n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
+// NT tokens' dot products with one packed row, as 8 partial sums each: each 64-value step of the
+// row is decoded once and multiplied with all NT tokens' int8 codes. Each token's sum is computed
+// exactly as it would be alone (same operations, same order), so a batch gives each token the
+// bits of a batch of one. The blocks' scale products (weight scale x activation scale) are
+// multiplied 8 at a time first, so the loop broadcasts them straight from memory. The two 32-value
+// blocks of a step go to two accumulators: one chain of multiply-adds would wait on its latency.
+template <class View, int NT>
+inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const float* xs32, int64_t k, float* scales, __m256* sums) {
+  const int64_t blocks = k / 32, stride = blocks + 8;
+  for (int j = 0; j < NT; ++j)
+    for (int64_t b = 0; b < blocks; b += 8) {
+      const __m256i lanes = first_lanes(blocks - b);
+      _mm256_storeu_ps(scales + j * stride + b,
+                       _mm256_mul_ps(_mm256_maskload_ps(ws + b, lanes), _mm256_maskload_ps(xs32 + j * blocks + b, lanes)));
+    }
+  __m256 acc_lo[NT], acc_hi[NT];
+  for (int j = 0; j < NT; ++j) acc_lo[j] = acc_hi[j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k / 64; ++c) {
+    const Codes64 w = v.codes64(c);
+    Codes64 w_abs = w;
+    if constexpr (View::SIGNED) w_abs = {_mm256_sign_epi8(w.lo, w.lo), _mm256_sign_epi8(w.hi, w.hi)};
+    for (int j = 0; j < NT; ++j) {
+      const int8_t* x = xq + j * k + 64 * c;
+      const float* scale = scales + j * stride + 2 * c;
+      const __m256i lo = block_dot<View::SIGNED>(w_abs.lo, w.lo, load32(x));
+      const __m256i hi = block_dot<View::SIGNED>(w_abs.hi, w.hi, load32(x + 32));
+      acc_lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_broadcast_ss(scale), acc_lo[j]);
+      acc_hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_broadcast_ss(scale + 1), acc_hi[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) sums[j] = _mm256_add_ps(acc_lo[j], acc_hi[j]);
+}
+
+// out[t, row] for tokens [t0, t0 + nt): their partial sums less the subtracted part of the row's
+// dot products: per weight group, the group's offset (scale * zero + min) times the token's
+// scaled sum of codes in the group. No offsets (Q8_0): off is null.
+inline void subtract_offsets(const float* off, const float* xsums, int64_t groups, int64_t t0, int64_t nt, const __m256* sums,
+                             float* out, int64_t n, int64_t row) {
+  for (int64_t j = 0; j < nt; ++j) {
+    __m256 total = sums[j];
+    if (off) {
+      const float* xsum = xsums + (t0 + j) * groups;
+      __m256 sub = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 8) {
+        const __m256i lanes = first_lanes(groups - g);
+        sub = _mm256_fmadd_ps(_mm256_maskload_ps(off + g, lanes), _mm256_maskload_ps(xsum + g, lanes), sub);
+      }
+      total = _mm256_sub_ps(total, sub);
+    }
+    out[(t0 + j) * n + row] = hsum(total);
+  }
+}
+
+// y[t, row] for packed rows [begin, end) (k a multiple of 64), tokens 4 at a time through tile_dot.
+template <class View>
+void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
+              int64_t end, float* out, int64_t n) {
+  const int64_t blocks = k / 32, stride = blocks + 8;
+  std::vector<float> ws(8 * stride), off(8 * stride), scales(4 * stride);
+  __m256 sums[4];
+  row_and_token_tiles<4>(
+      rows, row_bytes, begin, end, tokens,
+      [&](int64_t first, int64_t count) {
+        for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
+      },
+      [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
+        const View v(rows + row * row_bytes, k);
+        with_tile_size(nt, [&](auto NT) {
+          tile_dot<View, NT>(v, &ws[r * stride], a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, k, scales.data(), sums);
+        });
+        subtract_offsets(View::SIGNED ? nullptr : &off[r * stride], a.sum32.data(), blocks, t0, nt, sums, out, n, row);
+      });
+}
+
+// ---- The K-quants, read in the file's blocks -------------------------------------------------
+// Each gives its scales as integers (int16: sc per GROUP values), d per 256 values and a float
+// offset per GROUP, and step_scales(sc, c): the int16 scales of step c's two 32-byte halves as
+// VPMADDWD multiplies them (VPMADDUBSW's int16 lane i sums bytes 2i and 2i + 1).
+
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// Q4_K's and Q5_K's scales: per 256 values (BYTES per block) d, dmin, then twelve bytes of 6-bit
+// scales and mins, one per 32 values: value = d * sc * q - dmin * m.
+template <int BYTES>
+struct ScalesK4 {
+  static constexpr int GROUP = 32;
+  const uint8_t* row;
+  explicit ScalesK4(const uint8_t* r) : row(r) {}
+  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + BYTES * b;
+      uint8_t u[16];
+      scale_min_bytes_k4(p + 4, u);
+      d[b] = _cvtsh_ss(load_u16(p));
+      const float dmin = _cvtsh_ss(load_u16(p + 2));
+      for (int j = 0; j < 8; ++j) {
+        sc[8 * b + j] = u[j];
+        off[8 * b + j] = dmin * static_cast<float>(u[8 + j]);
+      }
+    }
+  }
+  static void step_scales(const int16_t* sc, int64_t c, __m256i& lo, __m256i& hi) {
+    lo = _mm256_set1_epi16(sc[2 * c]);
+    hi = _mm256_set1_epi16(sc[2 * c + 1]);
+  }
+};
+
+// Q4_K: after the scales, 4 x 32 bytes whose low nibbles are values 64i..64i+31 and high nibbles
+// 64i+32..64i+63: 32 bytes are exactly one 64-value step.
+struct Q4KView : ScalesK4<144> {
+  Q4KView(const uint8_t* r, int64_t) : ScalesK4(r) {}
+  Codes64 codes64(int64_t c) const { return split_nibbles(load32(row + 144 * (c / 4) + 16 + 32 * (c % 4))); }
+};
+
+// Q5_K: Q4_K's nibbles (at 48) with 32 bytes of fifth bits (qh, at 16): bit 2i of qh[l] is value
+// 64i + l's, bit 2i + 1 value 64i + 32 + l's.
+struct Q5KView : ScalesK4<176> {
+  Q5KView(const uint8_t* r, int64_t) : ScalesK4(r) {}
+  Codes64 codes64(int64_t c) const {
+    const uint8_t* p = row + 176 * (c / 4);
+    const int i = static_cast<int>(c % 4);
+    Codes64 q = split_nibbles(load32(p + 48 + 32 * i));
+    // bit s of every byte to its bit 4: a 16-bit shift right by s, then left by 4, brings no
+    // other bit of the pair of bytes to a bit 4
+    const __m256i qh = load32(p + 16), bit4 = _mm256_set1_epi8(0x10);
+    q.lo = _mm256_or_si256(q.lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * i)), 4), bit4));
+    q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * i + 1)), 4), bit4));
+    return q;
+  }
+};
+
+// The K-quants with a scale per 16 values: step c covers the groups 4c .. 4c + 3, its low half
+// groups 4c and 4c + 1 (int16 lanes 0-7 and 8-15), its high half 4c + 2 and 4c + 3.
+struct Scales16 {
+  static constexpr int GROUP = 16;
+  static void step_scales(const int16_t* sc, int64_t c, __m256i& lo, __m256i& hi) {
+    const __m256i pick = _mm256_set_epi64x(0x0302030203020302, 0x0302030203020302, 0x0100010001000100, 0x0100010001000100);
+    int32_t pairs[2];
+    std::memcpy(pairs, sc + 4 * c, 8);
+    lo = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[0]), pick);
+    hi = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[1]), pick);
+  }
+};
+
+// Q2_K's and Q3_K's 2-bit planes: per 128 values, 32 bytes q whose bit pairs 0, 1, 2, 3 are
+// values l, 32 + l, 64 + l, 96 + l; a 64-value step is two planes of one half.
+inline Codes64 two_bit_planes(const uint8_t* qs, int64_t c) {
+  const int i = static_cast<int>(c % 4), plane = 2 * (i % 2);
+  const __m256i q = load32(qs + 32 * (i / 2)), m = _mm256_set1_epi8(3);
+  // 16-bit shifts by at most 6 bring no bit of the other byte into a byte's low 2 bits
+  return {_mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * plane)), m),
+          _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * plane + 2)), m)};
+}
+
+// Q2_K: sixteen bytes of 4-bit scale and 4-bit min per 16 values, qs[64], d, dmin:
+// value = d * (sc & 15) * q - dmin * (sc >> 4).
+struct Q2KView : Scales16 {
+  const uint8_t* row;
+  Q2KView(const uint8_t* r, int64_t) : row(r) {}
+  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 84 * b;
+      d[b] = _cvtsh_ss(load_u16(p + 80));
+      const float dmin = _cvtsh_ss(load_u16(p + 82));
+      for (int j = 0; j < 16; ++j) {
+        sc[16 * b + j] = p[j] & 0xF;
+        off[16 * b + j] = dmin * static_cast<float>(p[j] >> 4);
+      }
+    }
+  }
+  Codes64 codes64(int64_t c) const { return two_bit_planes(row + 84 * (c / 4) + 16, c); }
+};
+
+// Q3_K: hmask[32], qs[64], twelve bytes of sixteen 6-bit scales (stored + 32), d; codes are the
+// 2-bit planes with a third bit from hmask (bit 4 * half + plane of hmask[l]), zero 4.
+struct Q3KView : Scales16 {
+  const uint8_t* row;
+  Q3KView(const uint8_t* r, int64_t) : row(r) {}
+  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 110 * b;
+      const uint8_t* s = p + 96;
+      d[b] = _cvtsh_ss(load_u16(p + 108));
+      for (int j = 0; j < 16; ++j) {  // ggml's kmask unpacking of the 6-bit scales
+        const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
+        const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[16 * b + j] = static_cast<int16_t>((low | (high << 4)) - 32);
+        off[16 * b + j] = d[b] * static_cast<float>(sc[16 * b + j]) * 4.0f;  // the zero's share
+      }
+    }
+  }
+  Codes64 codes64(int64_t c) const {
+    const uint8_t* p = row + 110 * (c / 4);
+    Codes64 q = two_bit_planes(p + 32, c);
+    const int i = static_cast<int>(c % 4), bit = 4 * (i / 2) + 2 * (i % 2);
+    // bit s of every byte of hmask to its bit 2, as Q5KView's fifth bits
+    const __m256i hm = load32(p), third = _mm256_set1_epi8(0x04);
+    q.lo = _mm256_or_si256(q.lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(bit)), 2), third));
+    q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(bit + 1)), 2), third));
+    return q;
+  }
+};
+
+// Q6_K: per 256 values ql[128], qh[64], sixteen int8 scales (one per 16 values) and d; codes are
+// 6 bits with zero 32. Each half of 128 values is two 64-value steps: (low nibbles of ql[0:32],
+// ql[32:64]) then (their high nibbles), with qh's bit pairs.
+struct Q6KView : Scales16 {
+  const uint8_t* row;
+  Q6KView(const uint8_t* r, int64_t) : row(r) {}
+  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
+    for (int64_t b = 0; b < k / 256; ++b) {
+      const uint8_t* p = row + 210 * b;
+      const int8_t* s = reinterpret_cast<const int8_t*>(p + 192);
+      d[b] = _cvtsh_ss(load_u16(p + 208));
+      for (int j = 0; j < 16; ++j) {
+        sc[16 * b + j] = s[j];
+        off[16 * b + j] = d[b] * static_cast<float>(s[j]) * 32.0f;  // the zero's share
+      }
+    }
+  }
+  Codes64 codes64(int64_t c) const {
+    const uint8_t* p = row + 210 * (c / 4);
+    const int half = static_cast<int>((c % 4) / 2);
+    const __m256i a = load32(p + 64 * half), b = load32(p + 64 * half + 32), h = load32(p + 128 + 32 * half);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+    if (c % 2) {
+      return {_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_and_si256(h, m2)),
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2))};
+    }
+    return {_mm256_or_si256(_mm256_and_si256(a, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2)),
+            _mm256_or_si256(_mm256_and_si256(b, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2))};
+  }
+};
+
+// NT tokens' dot products with one K-quant row, in integers within each 256-value super-block
+// (the activations have one scale per super-block, the weights an integer scale per 16 or 32
+// values and a float d per 256). A VPMADDUBSW lane sums 2 products of a code (< 64) and an
+// activation (|x| <= 127), |.| <= 16002; VPMADDWD multiplies it by its sub-block scale (|sc| <=
+// 128) and adds pairs; 8 steps of that stay far inside int32. Float work is one convert and one
+// multiply-add per token per 256 values. As in tile_dot, each token's sum is computed exactly as
+// it would be alone.
+template <class View, int NT>
+inline void tile_dot_k(const View& v, const int16_t* sc, const float* d, const int8_t* xq, const float* xs16, int64_t k, __m256* sums) {
+  const int64_t groups16 = k / 16;
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < k / 256; ++s) {
+    __m256i isum[NT];
+    for (int j = 0; j < NT; ++j) isum[j] = _mm256_setzero_si256();
+    for (int64_t c = 4 * s; c < 4 * s + 4; ++c) {
+      const Codes64 w = v.codes64(c);
+      __m256i scale_lo, scale_hi;
+      View::step_scales(sc, c, scale_lo, scale_hi);
+      for (int j = 0; j < NT; ++j) {
+        const int8_t* x = xq + j * k + 64 * c;
+        const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, load32(x)), scale_lo);
+        const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w.hi, load32(x + 32)), scale_hi);
+        isum[j] = _mm256_add_epi32(isum[j], _mm256_add_epi32(lo, hi));
+      }
+    }
+    for (int j = 0; j < NT; ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_set1_ps(d[s] * xs16[j * groups16 + 16 * s]), acc[j]);
+  }
+  for (int j = 0; j < NT; ++j) sums[j] = acc[j];
+}
+
+// y[t, row] for K-quant rows [begin, end), tokens 4 at a time through tile_dot_k.
+template <class View>
+void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
+                int64_t end, float* out, int64_t n) {
+  constexpr int G = View::GROUP;
+  const int64_t groups = k / G, stride = groups + 16, supers = k / 256;
+  const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
+  std::vector<int16_t> sc(8 * stride);
+  std::vector<float> d(8 * supers), off(8 * stride);
+  __m256 sums[4];
+  row_and_token_tiles<4>(
+      rows, row_bytes, begin, end, tokens,
+      [&](int64_t first, int64_t count) {
+        for (int64_t r = 0; r < count; ++r)
+          View(rows + (first + r) * row_bytes, k).int_scales(k, &sc[r * stride], &d[r * supers], &off[r * stride]);
+      },
+      [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
+        const View v(rows + row * row_bytes, k);
+        with_tile_size(nt, [&](auto NT) {
+          tile_dot_k<View, NT>(v, &sc[r * stride], &d[r * supers], a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16), k, sums);
+        });
+        subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, row);
+      });
+}
+
+}  // namespace
+
+// y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
+torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
+  check_matmul_args(x, w, kind, packed);
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
+  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
+  auto y = torch::empty({tokens, n}, x.options());
+  float* out = y.data_ptr<float>();
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  auto rows_through = [&](auto rows_dot_of_view) {
+    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { rows_dot_of_view(rows, row_bytes, k, a, tokens, begin, end, out, n); });
+  };
+  if (packed) {
+    dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { rows_through(rows_dot<PackedView<decltype(kind_constant)::value>>); });
+  } else if (kind == Q2_K) {
+    rows_through(rows_dot_k<Q2KView>);
+  } else if (kind == Q3_K) {
+    rows_through(rows_dot_k<Q3KView>);
+  } else if (kind == Q4_K) {
+    rows_through(rows_dot_k<Q4KView>);
+  } else if (kind == Q5_K) {
+    rows_through(rows_dot_k<Q5KView>);
+  } else if (kind == Q6_K) {
+    rows_through(rows_dot_k<Q6KView>);
+  } else {
+    unpacked_rows_matmul(rows, row_bytes, n, k, format_of(static_cast<int>(kind)).zero, a, tokens, out,
+                         [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(static_cast<int>(kind), false, row, k, r); },
+                         scratch_row_dot);
+  }
+  return y;
+}
+
+// out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in
+// bfloat16 those values rounded to nearest even (the generic path: not on the decode path).
+void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
+  dequantize_rows(w, kind, out, [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(static_cast<int>(kind), packed, row, k, r); },
+                  [](const RowScratch& r, int zero, int64_t k, auto* values) { scratch_row_values(r, zero, k, values); });
+}
+
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }
