@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--file", default="/tmp/qwen3_30b_a3b_shapes.gguf")
     args = ap.parse_args()
     path = Path(args.file)
-    shape = QWEN3_30B_A3B.__class__(**{**QWEN3_30B_A3B.__dict__, "layers": args.layers})
+    shape = replace(QWEN3_30B_A3B, layers=args.layers)
     if not path.exists():
         write_random_moe_gguf(path, shape, expert_types=(Q.Q4_K, Q.Q4_K, Q.Q4_K), other_type=Q.Q8_0)
     print(f"{path}: {path.stat().st_size / 1e9:.2f} GB, {args.layers} layers of Qwen3-30B-A3B's shapes, "
