@@ -32,7 +32,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from qwenkit.quantization.gguf_linear import GGUFLinear, _native
+    from qwenkit.quantization.gguf_linear import GGUFLinear, _native, dense_block_matmul
     from qwenkit.weights.default_model import ensure_assembled
     from qwenkit.formats.gguf_reader import GGUFFile
 
@@ -53,7 +53,7 @@ def main() -> None:
         for t in counts:
             x = torch.randn(t, shape[1])
             kernel = best_of(lambda: native.matmul(x, layer.blocks, layer.kind_id, layer.packed)) / t * 1e6
-            dense = best_of(lambda: layer._dense(x)) / t * 1e6
+            dense = best_of(lambda: dense_block_matmul(x, layer.blocks, layer.kind_id, layer.in_features, layer.packed)) / t * 1e6
             totals[t][0] += kernel
             totals[t][1] += dense
             cells.append(f"{kernel:7.0f}/{dense:<6.0f}")

@@ -36,7 +36,11 @@ LLAMA_CPP_NAMES = {
 Q = gguf.GGMLQuantizationType
 
 
-def choose_type(llama_name: str, shape, embedding_type: Q = Q.F16) -> Q:
+_EXPERT_PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+K_QUANTS = (Q.Q4_K, Q.Q6_K)  # what _k_quantize writes
+
+
+def choose_type(llama_name: str, shape, embedding_type: Q = Q.F16, expert_types: tuple[Q, Q, Q] | None = None) -> Q:
     if len(shape) == 1:
         return Q.F32
     if llama_name == "token_embd.weight":
@@ -44,7 +48,7 @@ def choose_type(llama_name: str, shape, embedding_type: Q = Q.F16) -> Q:
     if llama_name == "output.weight":
         return Q.BF16
     if "exps" in llama_name:
-        return Q.Q4_0
+        return expert_types[_EXPERT_PARTS.index(llama_name.split(".")[2])] if expert_types else Q.Q4_0
     if "attn" in llama_name:
         return Q.Q8_0
     if "ffn_gate_inp" in llama_name:  # routers stay F32, as llama.cpp keeps them
@@ -74,9 +78,18 @@ def llama_cpp_tensors(model: torch.nn.Module, num_layers: int, num_experts: int)
     return out
 
 
-def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embedding_type: Q = Q.F16, split_max_tensors: int = 0) -> None:
+def write_tiny_gguf(
+    model: torch.nn.Module,
+    path: Path,
+    tokenizer=None,
+    embedding_type: Q = Q.F16,
+    split_max_tensors: int = 0,
+    expert_types: tuple[Q, Q, Q] | None = None,
+) -> None:
     """Write `model` to `path` and overwrite its weights with what the file holds after quantization.
 
+    `expert_types`: the (gate, up, down) expert tensors' types (default Q4_0); Q4_K and Q6_K need
+    rows of a multiple of 256 values.
     `split_max_tensors` > 0 writes llama.cpp's split layout (gguf-split: PATH-00001-of-0000N.gguf ...)."""
     cfg = model.config
     arch = GGUF_ARCH[cfg.model_type]
@@ -108,7 +121,7 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embeddin
 
     stored = {}
     for name, value in llama_cpp_tensors(model, cfg.num_hidden_layers, num_experts).items():
-        kind = choose_type(name, value.shape, embedding_type)
+        kind = choose_type(name, value.shape, embedding_type, expert_types)
         if kind == Q.F32:
             w.add_tensor(name, value.astype(np.float32))
             stored[name] = value.astype(np.float32)
@@ -116,7 +129,7 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embeddin
             w.add_tensor(name, value.astype(np.float16))
             stored[name] = value.astype(np.float16).astype(np.float32)
         else:
-            data = quantize(value.astype(np.float32), kind)
+            data = _k_quantize(value, kind) if kind in K_QUANTS else quantize(value.astype(np.float32), kind)
             w.add_tensor(name, data, raw_dtype=kind)
             stored[name] = dequantize(data, kind).reshape(value.shape)
     w.write_header_to_file()
@@ -150,6 +163,49 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path, tokenizer=None, embeddin
                 else:
                     p = params[f"model.layers.{i}.{back[short]}.{kind}"]
                     p.copy_(t.reshape(p.shape))
+
+
+def _k_quantize(values: np.ndarray, kind: Q) -> np.ndarray:
+    """Q4_K / Q6_K blocks of float32 values [..., columns] (the gguf package only decodes K-quants):
+    a plain min/max fit per sub-block, not llama.cpp's search, laid out as ggml-common.h's
+    block_q4_K / block_q6_K so any reader decodes them."""
+    shape = values.shape
+    x = values.astype(np.float32).reshape(-1, 256)
+    if kind == Q.Q4_K:
+        blocks = _q4_k(x.reshape(-1, 8, 32))
+    elif kind == Q.Q6_K:
+        blocks = _q6_k(x.reshape(-1, 16, 16))
+    else:
+        raise ValueError(kind)
+    return blocks.reshape(*shape[:-1], -1)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:  # x [blocks, 8 sub-blocks, 32]: value = d * sc * q - dmin * m
+    low = np.minimum(x.min(-1), 0)
+    scale, minimum = (x.max(-1) - low) / 15, -low
+    d = np.maximum(scale.max(-1, keepdims=True), 1e-12) / 63
+    dmin = np.maximum(minimum.max(-1, keepdims=True), 1e-12) / 63
+    d, dmin = d.astype(np.float16).astype(np.float32), dmin.astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / d), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(minimum / dmin), 0, 63).astype(np.uint8)
+    q = np.clip(np.round((x + (dmin * m)[..., None]) / (d * sc)[..., None]), 0, 15).astype(np.uint8)
+    scales = np.empty((x.shape[0], 12), np.uint8)  # 6-bit sc and m, packed as get_scale_min_k4 reads them
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # 64-value chunk c: sub-block 2c low, 2c+1 high
+    return np.concatenate([d.astype(np.float16).view(np.uint8), dmin.astype(np.float16).view(np.uint8), scales, qs], axis=1)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:  # x [blocks, 16 sub-blocks, 16]: value = d * sc * (q - 32)
+    scale = np.abs(x).max(-1) / 31
+    d = (np.maximum(scale.max(-1, keepdims=True), 1e-12) / 127).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / d), 1, 127).astype(np.int8)
+    q = (np.clip(np.round(x / (d * sc)[..., None]), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
+    # Each 128-value half: ql holds low nibbles of its quarters (0|2 <<4, 1|3 <<4), qh their top 2 bits.
+    ql = np.concatenate([q[:, :, 0] & 0xF | ((q[:, :, 2] & 0xF) << 4), q[:, :, 1] & 0xF | ((q[:, :, 3] & 0xF) << 4)], axis=2)
+    qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.astype(np.float16).view(np.uint8)], axis=1)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, tokenizer) -> None:

@@ -86,7 +86,7 @@ def dequantized(gguf: GGUFFile, tensor: GGUFTensor) -> torch.Tensor:
 def projection_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GGUFTensor, torch.Tensor | None]]:
     """(module name, weight tensor, float32 bias or None) of every 2-D weight of a single module.
 
-    Experts' stacked 3-D tensors are left out: they stay on the float path.
+    Experts' stacked 3-D tensors are left out: `expert_weights` gives them.
     """
     for tensor in gguf.tensors.values():
         names = _hf_names(tensor.name, config.num_experts)
@@ -97,16 +97,34 @@ def projection_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[st
         yield names[0].removesuffix(".weight"), tensor, bias
 
 
+def expert_weights(gguf: GGUFFile) -> Iterator[tuple[str, tuple[GGUFTensor, GGUFTensor, GGUFTensor]]]:
+    """(experts module name, its gate, up and down 3-D weight tensors) of every MoE layer."""
+    for tensor in gguf.tensors.values():
+        m = _BLOCK_RE.match(tensor.name)
+        if m is not None and m.group(2) == "ffn_gate_exps" and m.group(3) == "weight":
+            prefix = tensor.name.removesuffix("ffn_gate_exps.weight")
+            parts = (tensor, gguf.tensors[prefix + "ffn_up_exps.weight"], gguf.tensors[prefix + "ffn_down_exps.weight"])
+            yield f"model.layers.{m.group(1)}.mlp.experts", parts
+
+
 def iter_gguf_tensors(gguf: GGUFFile, config: ModelConfig, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) of every tensor, except the weights of the modules in `skip`."""
+    """(HF name, float32 tensor) of every tensor, except the weights of the modules in `skip`
+    (an experts module, e.g. `model.layers.0.mlp.experts`, skips its layer's stacked experts)."""
     for tensor in gguf.tensors.values():  # refuse unsupported types before spending time on the others
         check_supported(tensor)
     for tensor in gguf.tensors.values():
         names = _hf_names(tensor.name, config.num_experts)
-        if len(names) == 1 and names[0].rpartition(".")[0] in skip:
+        if _module_of(names) in skip:
             continue
         yield from _named(names, dequantized(gguf, tensor))
         gguf.release(tensor)  # the float copy is what the model keeps
+
+
+def _module_of(names: list[str]) -> str:
+    """The module a tensor's weights belong to: the layer's experts for a stacked expert tensor."""
+    if len(names) > 1:  # model.layers.{i}.mlp.experts.{e}.{proj}.weight
+        return names[0].split(".experts.")[0] + ".experts"
+    return names[0].rpartition(".")[0]
 
 
 def _named(names: list[str], values: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

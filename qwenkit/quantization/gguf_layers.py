@@ -9,7 +9,8 @@ from gguf import GGMLQuantizationType
 from qwenkit.config import ModelConfig
 from qwenkit.formats.gguf_blocks import q4_k_codes, uint8_tensor
 from qwenkit.formats.gguf_reader import GGUFFile
-from qwenkit.formats.gguf_tensors import projection_weights
+from qwenkit.formats.gguf_tensors import expert_weights, projection_weights
+from qwenkit.quantization.gguf_experts import GGUFExperts
 from qwenkit.quantization.gguf_linear import KERNEL_TYPES, PACKED_TYPES, GGUFEmbedding, GGUFLinear
 from qwenkit.quantization.linear import Int4Linear
 from qwenkit.quantization.quantize import int4_group_size, keeps_float
@@ -35,8 +36,9 @@ def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torc
 
 
 def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """Every projection and the embedding whose type the native kernels run, as layers over the
-    file's own (memory-mapped) bytes. A tied output projection shares the embedding's bytes."""
+    """Every projection, every MoE layer's experts and the embedding whose types the native kernels
+    run, as layers over the file's own (memory-mapped) bytes. A tied output projection shares the
+    embedding's bytes."""
     layers: dict[str, torch.nn.Module] = {}
     for name, tensor, bias in projection_weights(gguf, config):
         if tensor.kind not in KERNEL_TYPES or keeps_float(name):
@@ -50,4 +52,13 @@ def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -
             layers[name] = GGUFLinear(blocks, tensor.kind, tensor.shape[1], bias)
         if tensor.kind in PACKED_TYPES:
             gguf.release(tensor)  # now a packed copy (or looked up row by row)
+    for name, tensors in expert_weights(gguf):
+        if any(t.kind not in KERNEL_TYPES for t in tensors):
+            continue  # decoded to float with the rest
+        gate, up, down = (uint8_tensor(gguf.raw(t)) for t in tensors)  # [experts, rows, bytes per row]
+        kinds = (tensors[0].kind, tensors[1].kind, tensors[2].kind)
+        layers[name] = GGUFExperts(gate, up, down, kinds, config.hidden_size)
+        for tensor in tensors:
+            if tensor.kind in PACKED_TYPES:
+                gguf.release(tensor)
     return layers

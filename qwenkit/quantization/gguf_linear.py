@@ -62,6 +62,44 @@ def _native():
     return kernels
 
 
+def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind_id: int, in_features: int, packed: bool) -> torch.Tensor:
+    """float32 x [T, in] @ W.T for GGUF block rows W (uint8 [out, bytes per row]): the native
+    kernel for few tokens, a dense matmul on dequantized row chunks for many."""
+    if x.shape[0] <= KERNEL_MAX_TOKENS:
+        return _native().matmul(x, blocks, kind_id, packed)
+    return dense_block_matmul(x, blocks, kind_id, in_features, packed)
+
+
+def dense_block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind_id: int, in_features: int, packed: bool) -> torch.Tensor:
+    """block_matmul's many-token path: dequantized row chunks in a reused buffer, one matmul each."""
+    dtype = dense_dtype()
+    x = x.to(dtype)
+    out_features = blocks.shape[0]
+    rows_per_chunk = max(16, DENSE_CHUNK_VALUES // in_features)
+    if out_features <= rows_per_chunk:
+        return (x @ _dequantized_chunk(blocks, kind_id, in_features, packed, dtype).T).float()
+    y = torch.empty(x.shape[0], out_features)
+    for start in range(0, out_features, rows_per_chunk):
+        end = min(start + rows_per_chunk, out_features)
+        y[:, start:end] = x @ _dequantized_chunk(blocks[start:end], kind_id, in_features, packed, dtype).T
+    return y
+
+
+def _dequantized_chunk(blocks: torch.Tensor, kind_id: int, in_features: int, packed: bool, dtype: torch.dtype) -> torch.Tensor:
+    out = _scratch_buffer(blocks.shape[0] * in_features, dtype).view(blocks.shape[0], in_features)
+    _native().dequantize_into(blocks, kind_id, out, packed)
+    return out
+
+
+def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int) -> tuple[torch.Tensor, bool]:
+    """(blocks in the layout the kernels read, whether that is the packed layout): 32-value types
+    with rows of a multiple of 64 values are repacked (a same-size copy); the rest stay as given.
+    Rows pack independently, so [..., rows, bytes] stacks (experts) pack as one tensor."""
+    if kind not in PACKED_TYPES or in_features % 64:
+        return blocks, False
+    return _native().pack(blocks.reshape(-1, blocks.shape[-1]), int(kind), in_features).view(blocks.shape), True
+
+
 def bytes_per_row(kind: GGMLQuantizationType, row_length: int) -> int:
     block_values, block_bytes = GGML_QUANT_SIZES[kind]
     return row_length // block_values * block_bytes
@@ -77,9 +115,7 @@ class GGUFLinear(nn.Module):
             raise ValueError(f"{kind.name} blocks of shape {tuple(blocks.shape)} do not make rows of {in_features} values")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.kind_id = int(kind)
-        self.packed = kind in PACKED_TYPES and in_features % 64 == 0
-        if self.packed:
-            blocks = _native().pack(blocks, int(kind), in_features)
+        blocks, self.packed = pack_if_packable(blocks, kind, in_features)
         self.register_buffer("blocks", blocks, persistent=False)  # GGUF bytes: not a float state dict entry
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
@@ -88,30 +124,10 @@ class GGUFLinear(nn.Module):
         # no-op calls saves a few us per layer, ~0.4 ms per token over the model's 168 layers.
         flat_float = x.dim() == 2 and x.dtype == torch.float32
         flat = x if flat_float else x.reshape(-1, self.in_features).float()
-        y = self._kernel(flat) if flat.shape[0] <= KERNEL_MAX_TOKENS else self._dense(flat)
+        y = block_matmul(flat, self.blocks, self.kind_id, self.in_features, self.packed)
         if self.bias is not None:
             y += self.bias
         return y if flat_float else y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return _native().matmul(x, self.blocks, self.kind_id, self.packed)
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = dense_dtype()
-        x = x.to(dtype)
-        rows_per_chunk = max(16, DENSE_CHUNK_VALUES // self.in_features)
-        if self.out_features <= rows_per_chunk:
-            return (x @ self._rows(0, self.out_features, dtype).T).float()
-        y = torch.empty(x.shape[0], self.out_features)
-        for start in range(0, self.out_features, rows_per_chunk):
-            end = min(start + rows_per_chunk, self.out_features)
-            y[:, start:end] = x @ self._rows(start, end, dtype).T
-        return y
-
-    def _rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-        out = _scratch_buffer((end - start) * self.in_features, dtype).view(end - start, self.in_features)
-        _native().dequantize_into(self.blocks[start:end], self.kind_id, out, self.packed)
-        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.blocks, self.kind, self.in_features, self.packed)

@@ -6,7 +6,7 @@ needed = weights + KV cache + runtime
            (Q4_K_M: Q4_K, with Q6_K for the output and for attn_v/ffn_down in the layers
            llama.cpp's use_more_bits picks; a K-quant on rows not a multiple of 256 falls back to
            Q5_0/Q8_0, as llama.cpp does), counted the way qwenkit holds them: the native kernels'
-           types stay in their blocks, F16/BF16 weights and MoE experts become float32. The
+           types (MoE experts included) stay in their blocks, F16/BF16 weights become float32. The
            memory-mapped embedding counts whole when it is also the output (read every step), else
            for the share `context` lookups fault in (64 KiB each, the kernel's fault-around).
   KV       layers x kv_heads x head_dim x 2 (K and V) x 2 bytes (float16, the GGUF default) x context
@@ -32,8 +32,6 @@ _K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's type for a K-quant
 TOKENIZER_BYTES = 130 << 20
 PREFILL_CHUNK = 512  # the engine's max_num_batched_tokens
 FAULT_AROUND = 64 << 10  # bytes a page fault on a file mapping maps at once (Linux's fault_around_bytes)
-# MoE expert tensors are expanded to float32 at load today; set True once they run in their blocks.
-EXPERTS_IN_PLACE = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ def weight_bytes(shape: ModelShape, quant: str, context: int | None = None) -> i
     has_output = any(n == "output" for n, *_ in shape.tensors())
     for name, layer, rows, columns in shape.tensors():
         kind = tensor_type(quant, name, layer, shape.layers, columns)
-        in_place = kind in KERNEL_TYPES and (EXPERTS_IN_PLACE or not name.endswith("_exps"))
+        in_place = kind in KERNEL_TYPES
         size = int(rows * columns * BITS[kind] / 8) if in_place else rows * columns * 4
         if name == "token_embd" and in_place and has_output and context is not None:
             size = int(size * _touched_fraction(size, context))

@@ -1,0 +1,65 @@
+"""A MoE block's experts computed straight from the GGUF file's stacked expert tensors.
+
+llama.cpp stores each projection of all experts as one 3-D tensor [experts, rows, columns]; here
+each stays those bytes ([experts, rows, bytes per row], memory-mapped, or a same-size packed copy
+for the 32-value types) and each active expert's rows go through the same kernels as GGUFLinear.
+It replaces the float `ExpertMLPs` by name and answers the same `grouped(x, counts)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from qwenkit.quantization.gguf_linear import KERNEL_TYPES, block_matmul, bytes_per_row, pack_if_packable
+
+
+class GGUFExperts(nn.Module):
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        kinds: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType],
+        hidden_size: int,
+    ):
+        """gate, up: uint8 [experts, intermediate, bytes]; down: uint8 [experts, hidden, bytes];
+        kinds: the three tensors' GGUF types (llama.cpp's mixes often give down its own)."""
+        super().__init__()
+        self.num_experts, self.intermediate_size = gate.shape[0], gate.shape[1]
+        self.hidden_size = hidden_size
+        self.kinds = kinds
+        for name, blocks, kind, in_features in (
+            ("gate", gate, kinds[0], hidden_size),
+            ("up", up, kinds[1], hidden_size),
+            ("down", down, kinds[2], self.intermediate_size),
+        ):
+            if kind not in KERNEL_TYPES or blocks.dim() != 3 or blocks.shape[0] != self.num_experts \
+                    or blocks.shape[2] != bytes_per_row(kind, in_features):
+                raise ValueError(f"{kind.name} expert blocks {name} of shape {tuple(blocks.shape)} do not make rows of {in_features} values")
+            blocks, packed = pack_if_packable(blocks, kind, in_features)
+            self.register_buffer(f"{name}_blocks", blocks, persistent=False)  # GGUF bytes, not float state
+            setattr(self, f"{name}_kind", (int(kind), in_features, packed))
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert's SwiGLU MLP of its rows: x [N, hidden] holds counts[0] rows for expert 0,
+        then counts[1] for expert 1, ... (the order SparseMoeBlock sorts them in)."""
+        dtype = x.dtype
+        x = x.float()
+        out = torch.empty_like(x)
+        start = 0
+        for expert, n in enumerate(counts):
+            if not n:
+                continue
+            rows = x[start : start + n]
+            hidden = F.silu(block_matmul(rows, self.gate_blocks[expert], *self.gate_kind), inplace=True)
+            hidden.mul_(block_matmul(rows, self.up_blocks[expert], *self.up_kind))
+            out[start : start + n] = block_matmul(hidden, self.down_blocks[expert], *self.down_kind)
+            start += n
+        return out.to(dtype)
+
+    def extra_repr(self) -> str:
+        types = "/".join(kind.name for kind in self.kinds)
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, types={types}"
