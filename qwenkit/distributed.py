@@ -1,8 +1,6 @@
-"""Data-parallel processes on torch.distributed, as launched by `torchrun`.
+"""Processes on torch.distributed, as launched by `torchrun`: data parallel training and tensor
+parallel inference share this one view of "which process am I, and how do we talk".
 
-Every process holds the whole model and reads the same packed rows; process r takes rows
-r, r + world, ... of each global batch. Gradients are summed across processes before each
-optimizer step, so N processes take exactly the step one process takes on the same global batch.
 gloo on CPU; NCCL where there are GPUs (that path cannot be tested on this machine).
 """
 
@@ -10,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +42,14 @@ class ProcessGroup:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's `obj` (any picklable value) on every process; the others pass nothing."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world_size > 1:
