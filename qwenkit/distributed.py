@@ -36,6 +36,9 @@ class ProcessGroup:
         """Sum `tensors` in place across processes, as one flat message."""
         if self.world_size == 1 or not tensors:
             return
+        if len(tensors) == 1 and tensors[0].is_contiguous():  # one tensor: in place, no copies
+            dist.all_reduce(tensors[0])
+            return
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
         offset = 0

@@ -1,0 +1,62 @@
+"""Tensor parallel steps across torchrun's processes: rank 0 schedules, every rank runs the forward.
+
+Rank 0 runs the whole engine (scheduler, block manager, sampler, detokenizer). Its runner
+broadcasts each call that touches the model or the KV cache (a step's `StepInputs`, a forked
+sample's block copy) before running it; every other rank loops in `serve`, running the same call
+on its shard of the model (model/tensor_parallel.py) and its own cache of its heads. The block
+tables are rank 0's, so the caches stay slot for slot alike. Logits are complete on every rank;
+rank 0 samples. As nano-vllm's ModelRunner loop, over torch.distributed (gloo on CPU, NCCL on
+GPUs, untested here) instead of shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qwenkit.distributed import ProcessGroup
+from qwenkit.engine.media_inputs import EncoderCache
+from qwenkit.engine.model_runner import ModelRunner, StepInputs
+from qwenkit.engine.paged_attention import PagedKVCache
+
+
+@dataclass(frozen=True)
+class Call:
+    """A ModelRunner method for the other ranks to run; None: leave the loop."""
+
+    method: str | None
+    args: tuple[Any, ...] = ()
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's runner: what it runs, the other ranks run too."""
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, group: ProcessGroup, encoder_cache: EncoderCache | None = None):
+        super().__init__(model, cache, encoder_cache)
+        self.group = group
+        self.closed = False
+
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        self.group.broadcast(Call("execute", (step,)))
+        return super().execute(step)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.group.broadcast(Call("copy_block", (src, dst)))
+        super().copy_block(src, dst)
+
+    def close(self) -> None:
+        """Tell the other ranks to leave their loop (once; later calls do nothing)."""
+        if not self.closed:
+            self.closed = True
+            self.group.broadcast(Call(None))
+
+
+def serve(runner: ModelRunner, group: ProcessGroup) -> None:
+    """Ranks > 0: run rank 0's calls on `runner` until it says to stop."""
+    while True:
+        call: Call = group.broadcast()
+        if call.method is None:
+            return
+        getattr(runner, call.method)(*call.args)

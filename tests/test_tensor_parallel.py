@@ -1,0 +1,78 @@
+"""Tensor parallelism: two torchrun processes give one process's logits and greedy tokens."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenkit.distributed import ProcessGroup
+from qwenkit.errors import QwenkitError
+from qwenkit.model.tensor_parallel import shard_model
+from qwenkit.weights.loader import load_model
+from server_process import free_port
+from tensor_parallel_run import run
+from tiny_gguf import write_tiny_gguf
+from tiny_models import reference_model, save_tiny, tiny_config, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+
+def gguf_model(path: Path) -> Path:
+    """A dense model whose row-parallel inputs (o_proj 128, down_proj 128) halve on the packed
+    layout's 64-value blocks: Q8_0 attention, Q5_0 MLP."""
+    config = tiny_config("qwen2")
+    config.hidden_size, config.intermediate_size = 128, 128
+    write_tiny_gguf(reference_model(config), path, tiny_tokenizer())
+    return path
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-port", str(free_port()), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_two_processes_equal_one(tmp_path):
+    cases = [
+        {"path": str(tmp_path / "dense"), "dtype": "float32"},
+        {"path": str(tmp_path / "moe"), "dtype": "float32"},  # Qwen2-MoE: experts and the gated shared expert
+        {"path": str(gguf_model(tmp_path / "dense.gguf")), "quantize": "gguf"},
+    ]
+    save_tiny("qwen2", tmp_path / "dense")
+    save_tiny("qwen2_moe", tmp_path / "moe")
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    done = torchrun(2, str(HERE / "tensor_parallel_run.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, two in zip(cases, torch.load(tmp_path / "out.pt")):
+        one = run(case, ProcessGroup())
+        assert (one["logits"] - two["logits"]).abs().max().item() < 1e-5, case
+        assert one["tokens"] == two["tokens"], case
+        assert len({tuple(t) for t in one["tokens"][0] + one["tokens"][2]}) > 1  # the prompts do generate differently
+
+
+def test_sharding_changes_the_model(tmp_path):
+    """Guard: a shard alone is not the model (the all-reduce is what makes two processes equal one)."""
+    save_tiny("qwen2", tmp_path)
+    loaded = load_model(str(tmp_path), "float32")
+    attention = loaded.model.model.layers[0].self_attn
+    shard_model(loaded.model, ProcessGroup(rank=1, world_size=2))
+    assert (attention.num_heads, attention.num_kv_heads) == (2, 1)
+    assert attention.q_proj.out_features == 2 * attention.head_dim and attention.o_proj.bias is None
+
+
+def test_size_mismatch_is_a_clear_error(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    done = torchrun(1, "-m", "qwenkit.cli.main", "generate", "--model", str(tmp_path), "--tensor-parallel-size", "2", "hi")
+    assert done.returncode != 0
+    assert "--tensor-parallel-size 2" in done.stderr and "1 process" in done.stderr, done.stderr[-2000:]
+
+
+def test_heads_that_do_not_split_are_a_clear_error(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    loaded = load_model(str(tmp_path), "float32")
+    with pytest.raises(QwenkitError, match="must divide the model's 4 attention heads and 2 key/value heads"):
+        shard_model(loaded.model, ProcessGroup(rank=0, world_size=4))
