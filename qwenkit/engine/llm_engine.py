@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class LLMEngine:
         self.group = group
         if group.world_size > 1:
             self.runner = TensorParallelRunner(loaded.model, self.cache, group, self.encoder_cache)
+            atexit.register(self.close)  # the other ranks wait for rank 0's word to leave their loop
         else:
             self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
         self._placeholders = placeholder_ids(model_cfg)

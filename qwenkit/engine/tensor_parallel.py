@@ -11,6 +11,7 @@ GPUs, untested here) instead of shared memory.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,24 @@ from qwenkit.distributed import ProcessGroup
 from qwenkit.engine.media_inputs import EncoderCache
 from qwenkit.engine.model_runner import ModelRunner, StepInputs
 from qwenkit.engine.paged_attention import PagedKVCache
+from qwenkit.errors import QwenkitError
+
+
+def tensor_parallel_group(size: int) -> ProcessGroup:
+    """The group of `size` processes this one belongs to, one shard each: torchrun's processes,
+    which must be exactly `size` (a size of 1 without torchrun: no group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == world:
+        return ProcessGroup.from_environment()
+    how = f"torchrun started {_processes(world)}" if "WORLD_SIZE" in os.environ else "not launched by torchrun"
+    raise QwenkitError(
+        f"--tensor-parallel-size {size} needs {_processes(size)}, one per shard ({how}): "
+        f"launch with torchrun --nproc-per-node {size} -m qwenkit.cli.main ..."
+    )
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
 
 
 @dataclass(frozen=True)
