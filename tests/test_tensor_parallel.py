@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from qwenkit.distributed import ProcessGroup
+from qwenkit.engine.llm import LLM
+from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.engine.tensor_parallel import tensor_parallel_group
 from qwenkit.errors import QwenkitError
 from qwenkit.model.tensor_parallel import shard_model
 from qwenkit.weights.loader import load_model
@@ -64,11 +67,26 @@ def test_sharding_changes_the_model(tmp_path):
     assert attention.q_proj.out_features == 2 * attention.head_dim and attention.o_proj.bias is None
 
 
-def test_size_mismatch_is_a_clear_error(tmp_path):
+def test_cli_generate_under_torchrun(tmp_path):
+    """`qwenkit generate --tensor-parallel-size 2` under torchrun prints what one process prints, and
+    both processes exit cleanly (rank 0 releases the other at exit)."""
     save_tiny("qwen2", tmp_path)
-    done = torchrun(1, "-m", "qwenkit.cli.main", "generate", "--model", str(tmp_path), "--tensor-parallel-size", "2", "hi")
-    assert done.returncode != 0
-    assert "--tensor-parallel-size 2" in done.stderr and "1 process" in done.stderr, done.stderr[-2000:]
+    args = ["generate", "--model", str(tmp_path), "--dtype", "float32", "--temperature", "0", "--max-tokens", "12", "hello"]
+    two = torchrun(2, "-m", "qwenkit.cli.main", *args, "--tensor-parallel-size", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = LLM(str(tmp_path), "float32").generate("hello", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+    assert two.stdout == one + "\n" and len(one) > 3
+
+
+def test_size_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    save_tiny("qwen2", tmp_path)
+    alone = subprocess.run([sys.executable, "-m", "qwenkit.cli.main", "generate", "--model", str(tmp_path), "--tensor-parallel-size", "2", "hi"],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 1
+    assert alone.stderr.startswith("error: --tensor-parallel-size 2 needs 2 processes") and "not launched by torchrun" in alone.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(QwenkitError, match="--tensor-parallel-size 4 needs 4 processes, one per shard .torchrun started 2 processes"):
+        tensor_parallel_group(4)
 
 
 def test_heads_that_do_not_split_are_a_clear_error(tmp_path):

@@ -70,6 +70,7 @@ class TensorParallelRunner(ModelRunner):
         if not self.closed:
             self.closed = True
             self.group.broadcast(Call(None))
+            self.group.barrier()  # rank 0 outlives them: torchrun ends a group whose first process exits
 
 
 def serve(runner: ModelRunner, group: ProcessGroup) -> None:
@@ -77,5 +78,6 @@ def serve(runner: ModelRunner, group: ProcessGroup) -> None:
     while True:
         call: Call = group.broadcast()
         if call.method is None:
+            group.barrier()
             return
         getattr(runner, call.method)(*call.args)
