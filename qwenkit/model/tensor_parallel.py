@@ -2,8 +2,9 @@
 
 Attention: q/k/v column-sharded by heads (rank r keeps query heads [r H/N, (r+1) H/N) and the
 key/value heads they read, which GQA's grouping makes a contiguous run too), o_proj row-sharded.
-MLP: gate/up column-sharded, down row-sharded; a MoE block shards each expert (and the shared
-expert) the same way, the router stays whole. Each half-layer's output is then a partial sum,
+MLP: gate/up column-sharded, down row-sharded, at the same split of the intermediate features,
+as even as whole blocks of down_proj's GGUF rows allow (uneven when the blocks do not divide);
+a MoE block shards each expert (and the shared expert) the same way, the router stays whole. Each half-layer's output is then a partial sum,
 made whole by one all-reduce (a forward hook on the half-layer), so activations between layers
 are complete and identical on every process. Embeddings, norms, routers and the output head are
 replicated: every process computes the full logits, and only rank 0 samples from them.
@@ -71,7 +72,7 @@ def shard_attention(attention: nn.Module, heads: LocalHeads, group: ProcessGroup
         "q_proj": narrow(attention.q_proj, 0, r * heads.query * d, heads.query * d, f"{name}.q_proj"),
         "k_proj": narrow(attention.k_proj, 0, r * heads.key_value * d, heads.key_value * d, f"{name}.k_proj"),
         "v_proj": narrow(attention.v_proj, 0, r * heads.key_value * d, heads.key_value * d, f"{name}.v_proj"),
-        "o_proj": row_parallel(attention.o_proj, group, f"{name}.o_proj"),
+        "o_proj": row_parallel(attention.o_proj, r * heads.query * d, heads.query * d, group, f"{name}.o_proj"),
     }
     for child, layer in layers.items():  # all cut before any is replaced: a refusal leaves the layer whole
         setattr(attention, child, layer)
@@ -98,22 +99,31 @@ def shard_moe(block: SparseMoeBlock, group: ProcessGroup, name: str) -> None:
 
 
 def mlp_shards(mlp: nn.Module, group: ProcessGroup, name: str) -> dict[str, nn.Module]:
-    size = _divided(mlp.gate_proj.out_features, group.world_size, f"{name}.gate_proj")
-    start = group.rank * size
+    start, length = _share(mlp.down_proj, group, f"{name}.down_proj")
     return {
-        "gate_proj": narrow(mlp.gate_proj, 0, start, size, f"{name}.gate_proj"),
-        "up_proj": narrow(mlp.up_proj, 0, start, size, f"{name}.up_proj"),
-        "down_proj": row_parallel(mlp.down_proj, group, f"{name}.down_proj"),
+        "gate_proj": narrow(mlp.gate_proj, 0, start, length, f"{name}.gate_proj"),
+        "up_proj": narrow(mlp.up_proj, 0, start, length, f"{name}.up_proj"),
+        "down_proj": row_parallel(mlp.down_proj, start, length, group, f"{name}.down_proj"),
     }
 
 
-def row_parallel(layer: nn.Module, group: ProcessGroup, name: str) -> nn.Module:
-    """This process's input columns of `layer`; its bias (added once to the sum) on rank 0 only."""
-    size = _divided(layer.in_features, group.world_size, name)
-    shard = narrow(layer, 1, group.rank * size, size, name)
+def row_parallel(layer: nn.Module, start: int, length: int, group: ProcessGroup, name: str) -> nn.Module:
+    """Input columns [start, start + length) of `layer`; its bias (added once to the sum) on rank 0 only."""
+    shard = narrow(layer, 1, start, length, name)
     if not group.is_main:
         shard.bias = None
     return shard
+
+
+def _share(layer: nn.Module, group: ProcessGroup, name: str) -> tuple[int, int]:
+    """This process's run of `layer`'s input columns: as even a split as whole blocks allow (a GGUF
+    row's blocks keep their scale; a Q6_K down_proj of 4864 = 19 x 256 values splits 9 + 10 blocks)."""
+    unit = getattr(layer, "column_unit", 1)  # float: any column
+    blocks = layer.in_features // unit
+    if blocks < group.world_size:
+        raise QwenkitError(f"{name}: {blocks} blocks of {unit} input values cannot be shared by {group.world_size} processes")
+    first, last = group.rank * blocks // group.world_size, (group.rank + 1) * blocks // group.world_size
+    return first * unit, (last - first) * unit
 
 
 def narrow(layer: nn.Module, dim: int, start: int, length: int, name: str) -> nn.Module:
@@ -144,10 +154,4 @@ def _summed_over(group: ProcessGroup):
         return output
 
     return hook
-
-
-def _divided(size: int, world_size: int, name: str) -> int:
-    if size % world_size:
-        raise QwenkitError(f"{name}: {size} features do not split evenly over {world_size} processes")
-    return size // world_size
 

@@ -123,12 +123,11 @@ class GGUFLinear(nn.Module):
     def narrow(self, dim: int, start: int, length: int) -> "GGUFLinear":
         """The layer of output rows (dim 0) or input columns (dim 1) [start, start + length) of this
         one's weight, as torch.narrow: a tensor-parallel shard. Rows are whole GGUF rows; columns
-        must start and end on block boundaries (the packed layout's: 64 values), since a block's
-        values share one scale. The bias goes with the rows, and stays whole for a column cut."""
+        must start and end on block boundaries (`column_unit`), since a block's values share one scale. The bias goes with the rows, and stays whole for a column cut."""
         if dim == 0:
             bias = None if self.bias is None else self.bias[start : start + length]
             return GGUFLinear(self.blocks[start : start + length], self.kind, self.in_features, bias, prepacked=self.packed)
-        unit = 64 if self.packed else GGML_QUANT_SIZES[self.kind][0]
+        unit = self.column_unit
         if start % unit or length % unit:
             raise ValueError(
                 f"{self.kind.name} rows of {self.in_features} values split into [{start}, {start + length}), "
@@ -137,6 +136,11 @@ class GGUFLinear(nn.Module):
         cut = [self.blocks[:, offset + start // unit * size : offset + (start + length) // unit * size]
                for offset, size in self._planes(unit)]
         return GGUFLinear(torch.cat(cut, dim=1), self.kind, length, self.bias, prepacked=self.packed)
+
+    @property
+    def column_unit(self) -> int:
+        """Input columns come in runs of this many values that `narrow` keeps together (a block)."""
+        return 64 if self.packed else GGML_QUANT_SIZES[self.kind][0]
 
     def _planes(self, unit: int) -> list[tuple[int, int]]:
         """(byte offset in a row, bytes per `unit` values) of each plane of a row: one plane for the
