@@ -50,9 +50,14 @@ def local_heads(config: ModelConfig, world_size: int) -> LocalHeads:
 
 def shard_model(model: nn.Module, group: ProcessGroup) -> None:
     """Keep this process's slice of every decoder layer of `model` (in place) and sum the halves'
-    partial outputs across `group` after each. Nothing changes for a group of one."""
-    if group.world_size == 1:
+    partial outputs across `group` after each. Nothing changes for a group of one, nor for a model
+    already sharded for `group`. A refusal (a layer that cannot split) leaves the model partly
+    sharded: load it again."""
+    if group.world_size == 1 or getattr(model, "tensor_parallel", None) == group:  # once per model
         return
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise QwenkitError(f"the model is already sharded for {model.tensor_parallel}")
+    model.tensor_parallel = group
     heads = local_heads(model.config, group.world_size)
     for name, layer in model.named_modules():
         if not isinstance(layer, DecoderLayer):
@@ -89,6 +94,8 @@ def shard_mlp(mlp: nn.Module, group: ProcessGroup, name: str) -> None:
 def shard_moe(block: SparseMoeBlock, group: ProcessGroup, name: str) -> None:
     """Every expert and the shared expert sharded as an MLP; the router and the shared expert's
     gate stay whole (every process routes identically, from identical activations)."""
+    if not isinstance(block.experts, nn.ModuleList):
+        raise QwenkitError(f"{name}.experts: tensor parallelism shards experts held as MLPs, not a {type(block.experts).__name__}")
     mlps = {f"experts.{i}": expert for i, expert in enumerate(block.experts)}
     if block.shared_expert is not None:
         mlps["shared_expert"] = block.shared_expert
