@@ -84,22 +84,14 @@ def load_llm(args: argparse.Namespace):
 
     if sys.stderr.isatty():
         print("loading model...", file=sys.stderr, flush=True)
-    return LLM(load_model_from_args(args), engine_config=engine_config(args), tensor_parallel_size=tensor_parallel_size(args))
-
-
-def tensor_parallel_size(args: argparse.Namespace) -> int:
-    """--tensor-parallel-size, checked against torchrun's processes (and their group joined)."""
-    from qwenkit.engine.tensor_parallel import tensor_parallel_group
-
-    size = getattr(args, "tensor_parallel_size", 1)
-    tensor_parallel_group(size)
-    return size
+    return LLM(load_model_from_args(args), engine_config=engine_config(args), tensor_parallel_size=args.tensor_parallel_size)
 
 
 def load_model_from_args(args: argparse.Namespace):
+    from qwenkit.engine.tensor_parallel import tensor_parallel_group
     from qwenkit.weights.loader import load_model
 
-    tensor_parallel_size(args)  # a wrong size fails before the model loads
+    tensor_parallel_group(getattr(args, "tensor_parallel_size", 1))  # a wrong size fails before the model loads
     return load_model(
         args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size,
         max_model_len=args.max_model_len, rope_scaling=args.rope_scaling, revision=args.revision, source=args.source,
