@@ -3,13 +3,15 @@
 `run(case, group)` on rank 0 returns a prompt's prefill logits (every position) and greedy
 generations; the other ranks serve rank 0's steps. Under torchrun:
     python -m torch.distributed.run --nproc-per-node 2 tests/tensor_parallel_run.py CASES.json OUT.pt
-runs each case of CASES.json ([{"path": ..., "quantize": ...}]) and rank 0 saves the results.
+runs each case of CASES.json ([{"path": ..., "dtype" or "quantize": ..., "speculative": ...}]) and
+rank 0 saves the results.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -36,10 +38,11 @@ def prefill_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
 
 def run(case: dict, group: ProcessGroup) -> dict | None:
     loaded = load_model(case["path"], case.get("dtype"), quantize=case.get("quantize", "auto"))
+    config = replace(CONFIG, speculative=case.get("speculative"))
     if not group.is_main:
-        tensor_parallel_worker(loaded, CONFIG, group)
+        tensor_parallel_worker(loaded, config, group)
         return None
-    engine = LLMEngine(loaded, CONFIG, group)
+    engine = LLMEngine(loaded, config, group)
     try:
         logits = prefill_logits(engine, PROMPT)
         ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, n=n, ignore_eos=True)) for p, n in PROMPTS]
@@ -47,7 +50,8 @@ def run(case: dict, group: ProcessGroup) -> dict | None:
         while engine.has_unfinished_requests():
             done.update({out.request_id: out for out in engine.step() if out.finished})
         tokens = [[c.token_ids for c in done[i].outputs] for i in ids]
-        return {"logits": logits, "tokens": tokens}
+        drafts = engine.speculator.stats.num_draft_tokens if engine.speculator is not None else 0
+        return {"logits": logits, "tokens": tokens, "drafts": drafts}
     finally:
         engine.close()
 

@@ -44,21 +44,25 @@ def test_two_processes_equal_one(tmp_path):
         {"path": str(tmp_path / "dense"), "dtype": "float32"},
         {"path": str(tmp_path / "moe"), "dtype": "float32"},  # Qwen2-MoE: experts and the gated shared expert
         {"path": str(gguf_model(tmp_path / "dense.gguf")), "quantize": "gguf"},
+        # Drafts verified as extra decode rows: the same tokens as plain decoding.
+        {"path": str(tmp_path / "dense"), "dtype": "float32", "speculative": "ngram"},
     ]
     # The GGUF kernels quantize each layer's input to int8 per 32 values, as llama.cpp does: a split
     # sum's last-bit difference (1e-6) can move an activation across a rounding step, which moves
     # the logits by up to ~1e-2. The float models agree to fp32 rounding.
-    tolerance = [1e-5, 1e-5, 5e-2]
+    tolerance = [1e-5, 1e-5, 5e-2, 1e-5]
     save_tiny("qwen2", tmp_path / "dense")
     save_tiny("qwen2_moe", tmp_path / "moe")
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     done = torchrun(2, str(HERE / "tensor_parallel_run.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"))
     assert done.returncode == 0, done.stderr[-3000:]
-    for case, atol, two in zip(cases, tolerance, torch.load(tmp_path / "out.pt")):
+    results = torch.load(tmp_path / "out.pt")
+    for case, atol, two in zip(cases, tolerance, results):
         one = run(case, ProcessGroup())
         assert (one["logits"] - two["logits"]).abs().max().item() < atol, case
         assert one["tokens"] == two["tokens"], case
         assert len({tuple(t) for t in one["tokens"][0] + one["tokens"][2]}) > 1  # the prompts do generate differently
+    assert results[3]["tokens"] == results[0]["tokens"] and results[3]["drafts"] > 0
 
 
 def test_sharding_changes_the_model(tmp_path):
