@@ -53,3 +53,28 @@ def test_a_forked_child_runs_the_kernels():
 def test_an_error_in_a_worker_reaches_the_caller():
     with pytest.raises(RuntimeError, match="does not match"):
         cpu_kernels().matmul(torch.randn(2, 256), torch.zeros(64, 10, dtype=torch.uint8), 8, False)
+
+
+def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf_model):
+    """Few-token steps: torch's OpenMP workers would spin on the cores the kernels' workers need
+    (engine/step_threads.py), so torch gets the calling thread alone there; a prompt's step (the
+    dense matmul path) and the caller afterwards get torch's threads back."""
+    from qwenkit.engine import LLM, SamplingParams
+    from qwenkit.quantization.gguf_linear import KERNEL_MAX_TOKENS
+
+    seen = []  # (tokens in the step, torch threads, kernel threads) at the output head
+    hook = gguf_model.model.lm_head.register_forward_pre_hook(
+        lambda _, args: seen.append((torch.get_num_threads(), cpu_kernels().kernel_threads()))
+    )
+    tokens_per_step = []
+    embed = gguf_model.model.model.embed_tokens.register_forward_pre_hook(lambda _, args: tokens_per_step.append(args[0].numel()))
+    try:
+        threads = torch.get_num_threads()
+        llm = LLM(gguf_model)
+        llm.generate([list(range(100, 100 + KERNEL_MAX_TOKENS + 20))], SamplingParams(max_tokens=3, temperature=0))
+    finally:
+        hook.remove()
+        embed.remove()
+    assert torch.get_num_threads() == threads == 2
+    assert tokens_per_step == [KERNEL_MAX_TOKENS + 20, 1, 1]
+    assert seen == [(2, 2), (1, 2), (1, 2)]

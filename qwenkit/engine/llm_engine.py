@@ -19,9 +19,10 @@ from qwenkit.engine.outputs import CompletionOutput, RequestMetrics, RequestOutp
 from qwenkit.engine.paged_attention import PagedKVCache
 from qwenkit.engine.sampler import RowSamplingError, SamplingRow, sample
 from qwenkit.engine.sampling_params import SamplingParams
-from qwenkit.engine.scheduler import Scheduler
+from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import SamplingState, Sequence
 from qwenkit.engine.speculative import NgramDrafter, Speculator, num_accepted
+from qwenkit.engine.step_threads import StepThreads
 from qwenkit.engine.tensor_parallel import TensorParallelRunner, serve
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
@@ -151,6 +152,7 @@ class LLMEngine:
             atexit.register(self.close)  # the other ranks wait for rank 0's word to leave their loop
         else:
             self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
+        self.step_threads = StepThreads(loaded.model)
         self._placeholders = placeholder_ids(model_cfg)
         self.speculator = make_speculator(config, loaded, kv_dtype)
         self.lora_adapters: dict[str, str] = {}  # name -> directory
@@ -285,6 +287,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        with self.step_threads.step(sum(item.num_tokens + len(item.draft_token_ids) for item in batch)):
+            return self._run(batch, started)
+
+    def _run(self, batch: list[ScheduledSequence], started: float) -> list[RequestOutput]:
         logits = self.runner.run(batch)
         if self.speculator is not None and all(item.num_tokens == 1 for item in batch):  # what drafts cost (decodes only)
             self.speculator.costs.observe(sum(1 + len(item.draft_token_ids) for item in batch), time.perf_counter() - started)

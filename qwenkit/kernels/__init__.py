@@ -71,6 +71,14 @@ def kernel_isa() -> str:
     return forced
 
 
+def set_kernel_threads(threads: int) -> None:
+    """Run the kernels on `threads` threads whatever torch's own count on the calling thread is
+    (0: follow torch.get_num_threads(), the default). A no-op without the native kernels."""
+    kernels = cpu_kernels()
+    if kernels is not None:
+        kernels.set_kernel_threads(threads)
+
+
 @functools.cache
 def cpu_kernels(isa: str | None = None) -> ModuleType | None:
     """The compiled kernels for `isa` (default: kernel_isa()), or None (with one warning saying

@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include "thread_pool.h"
+
 torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k);
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed);
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed);
@@ -17,5 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension (float32)");
   m.def("rotary", &rotary, "rotary position embedding (rotate_half) of float32 [T, heads, head_dim]");
+  m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
+        "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");
+  m.def("kernel_threads", &qwenkit::kernel_threads, "how many threads the kernels use on this thread");
   m.def("paged_decode_attention", &paged_decode_attention, "one new token per sequence attending over its paged K/V");
 }

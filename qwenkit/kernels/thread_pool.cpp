@@ -178,7 +178,16 @@ void run_serially(int workers, const std::function<void(int, int)>& f) {
 
 }  // namespace
 
-int kernel_threads() { return std::max(1, at::get_num_threads()); }
+namespace {
+std::atomic<int> configured_threads{0};  // 0: follow torch's intra-op count
+}  // namespace
+
+void set_kernel_threads(int threads) { configured_threads.store(std::max(0, threads)); }
+
+int kernel_threads() {
+  const int configured = configured_threads.load(std::memory_order_relaxed);
+  return configured > 0 ? configured : std::max(1, at::get_num_threads());
+}
 
 void run_on_workers(int workers, const std::function<void(int, int)>& f) {
   if (workers <= 1 || inside_worker) return run_serially(workers, f);

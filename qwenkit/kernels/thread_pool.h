@@ -20,8 +20,10 @@ namespace qwenkit {
 // are done; the first exception any of them throws is rethrown here.
 void run_on_workers(int workers, const std::function<void(int, int)>& f);
 
-// How many threads the kernels use: torch's intra-op thread count for the calling thread.
+// How many threads the kernels use: the count set by set_kernel_threads, else (0, the default)
+// torch's intra-op thread count for the calling thread.
 int kernel_threads();
+void set_kernel_threads(int threads);
 
 // f(begin, end) over [begin, end) split into at most kernel_threads() contiguous chunks of at
 // least `grain` items, as at::parallel_for.
