@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -149,7 +148,6 @@ class LLMEngine:
         self.group = group
         if group.world_size > 1:
             self.runner = TensorParallelRunner(loaded.model, self.cache, group, self.encoder_cache)
-            atexit.register(self.close)  # the other ranks wait for rank 0's word to leave their loop
         else:
             self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
         self.step_threads = StepThreads(loaded.model)
@@ -268,7 +266,8 @@ class LLMEngine:
         request.metrics.finished_time = time.monotonic()
 
     def close(self) -> None:
-        """Release the other ranks of a tensor parallel group (nothing to do without one)."""
+        """Release the other ranks of a tensor parallel group, once (nothing to do without one);
+        also done when the engine is collected or the process exits."""
         if isinstance(self.runner, TensorParallelRunner):
             self.runner.close()
 

@@ -12,6 +12,7 @@ GPUs, untested here) instead of shared memory.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,12 +51,13 @@ class Call:
 
 
 class TensorParallelRunner(ModelRunner):
-    """Rank 0's runner: what it runs, the other ranks run too."""
+    """Rank 0's runner: what it runs, the other ranks run too. The other ranks leave their loop
+    when it closes, is collected, or the process exits, whichever comes first."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, group: ProcessGroup, encoder_cache: EncoderCache | None = None):
         super().__init__(model, cache, encoder_cache)
         self.group = group
-        self.closed = False
+        self.close = weakref.finalize(self, _release, group)  # holds the group only, not this runner
 
     def execute(self, step: StepInputs) -> torch.Tensor:
         self.group.broadcast(Call("execute", (step,)))
@@ -65,12 +67,12 @@ class TensorParallelRunner(ModelRunner):
         self.group.broadcast(Call("copy_block", (src, dst)))
         super().copy_block(src, dst)
 
-    def close(self) -> None:
-        """Tell the other ranks to leave their loop (once; later calls do nothing)."""
-        if not self.closed:
-            self.closed = True
-            self.group.broadcast(Call(None))
-            self.group.barrier()  # rank 0 outlives them: torchrun ends a group whose first process exits
+
+def _release(group: ProcessGroup) -> None:
+    """Tell the other ranks to leave their loop, and wait until they have: torchrun ends a group
+    whose first process exits."""
+    group.broadcast(Call(None))
+    group.barrier()
 
 
 def serve(runner: ModelRunner, group: ProcessGroup) -> None:
