@@ -22,7 +22,7 @@ from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import SamplingState, Sequence
 from qwenkit.engine.speculative import NgramDrafter, Speculator, num_accepted
 from qwenkit.engine.step_threads import StepThreads
-from qwenkit.engine.tensor_parallel import TensorParallelRunner, serve
+from qwenkit.engine.tensor_parallel import TensorParallelRunner, WorkerRunner, serve
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.model.tensor_parallel import local_heads, shard_model
@@ -119,7 +119,7 @@ def tensor_parallel_worker(loaded: LoadedModel, config: EngineConfig, group: Pro
     """Ranks > 0 of a tensor parallel group: shard the model as rank 0's engine does, hold a cache
     like its own, and run rank 0's steps until it closes."""
     shard_model(loaded.model, group)
-    serve(ModelRunner(loaded.model, kv_cache(loaded, config, group)), group)
+    serve(WorkerRunner(loaded.model, kv_cache(loaded, config, group)), group)
 
 
 class PromptTooLong(QwenkitError):

@@ -22,6 +22,7 @@ from qwenkit.distributed import ProcessGroup
 from qwenkit.engine.media_inputs import EncoderCache
 from qwenkit.engine.model_runner import ModelRunner, StepInputs
 from qwenkit.engine.paged_attention import PagedKVCache
+from qwenkit.engine.step_threads import StepThreads
 from qwenkit.errors import QwenkitError
 
 
@@ -66,6 +67,19 @@ class TensorParallelRunner(ModelRunner):
     def copy_block(self, src: int, dst: int) -> None:
         self.group.broadcast(Call("copy_block", (src, dst)))
         super().copy_block(src, dst)
+
+
+class WorkerRunner(ModelRunner):
+    """A rank > 0's runner: each forward with the threads rank 0's engine gives the same step
+    (StepThreads: a few-token GGUF step leaves the cores to the kernels)."""
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache):
+        super().__init__(model, cache)
+        self.step_threads = StepThreads(model)
+
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        with self.step_threads.step(len(step.input_ids)):
+            return super().execute(step)
 
 
 def _release(group: ProcessGroup) -> None:
