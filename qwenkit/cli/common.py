@@ -43,6 +43,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "ngram drafts by prompt lookup (copies from the prompt and output), draft:PATH with a "
                              "smaller model sharing the tokenizer")
     parser.add_argument("--num-speculative-tokens", type=int, default=8, help="most tokens drafted per sequence and step")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="shard the model over N processes started by torchrun --nproc-per-node N (rank 0 "
+                             "schedules and samples; the others run their shards)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,12 +84,14 @@ def load_llm(args: argparse.Namespace):
 
     if sys.stderr.isatty():
         print("loading model...", file=sys.stderr, flush=True)
-    return LLM(load_model_from_args(args), engine_config=engine_config(args))
+    return LLM(load_model_from_args(args), engine_config=engine_config(args), tensor_parallel_size=args.tensor_parallel_size)
 
 
 def load_model_from_args(args: argparse.Namespace):
+    from qwenkit.engine.tensor_parallel import tensor_parallel_group
     from qwenkit.weights.loader import load_model
 
+    tensor_parallel_group(getattr(args, "tensor_parallel_size", 1))  # a wrong size fails before the model loads
     return load_model(
         args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size,
         max_model_len=args.max_model_len, rope_scaling=args.rope_scaling, revision=args.revision, source=args.source,

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     keys = args.api_key or [k for k in os.environ.get("QWENKIT_API_KEY", "").split(",") if k]
     loaded = load_model_from_args(args)
     name = args.served_model_name or (loaded.path.stem if loaded.path.is_file() else loaded.path.name)
-    llm = AsyncLLM(loaded, engine_config=engine_config(args))
+    llm = AsyncLLM(loaded, engine_config=engine_config(args), tensor_parallel_size=args.tensor_parallel_size)  # ranks > 0 serve rank 0 here, then exit
     for spec in args.lora:
         adapter_name, sep, directory = spec.partition("=")
         if not sep or not adapter_name or not directory:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from qwenkit.errors import QwenkitError
     from qwenkit.lora.peft_format import LoraConfig
     from qwenkit.training.data import load_dataset
-    from qwenkit.training.distributed import ProcessGroup
+    from qwenkit.distributed import ProcessGroup
     from qwenkit.training.trainer import LoraTrainer, TrainingConfig, latest_checkpoint
     from qwenkit.weights.loader import load_model
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from qwenkit.engine.embedding import embed_token_ids, embedding_token_ids, fit_to_context
-from qwenkit.engine.llm_engine import EngineConfig, LLMEngine
+from qwenkit.engine.llm_engine import EngineConfig, LLMEngine, tensor_parallel_worker
 from qwenkit.engine.media_chat import MediaContext, chat_media
 from qwenkit.engine.media_inputs import MediaItem, accepted_kinds
 from qwenkit.engine.outputs import RequestOutput
@@ -20,6 +20,7 @@ from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.multimodal.processor import MediaOptions
 from qwenkit.multimodal.sources import LIBRARY_POLICY, MediaPolicy
 from qwenkit.engine.speculative import SpeculationStats
+from qwenkit.engine.tensor_parallel import tensor_parallel_group
 from qwenkit.weights.loader import LoadedModel, load_model
 
 Prompt = str | list[int]
@@ -32,17 +33,34 @@ def media_context(engine: LLMEngine, policy: MediaPolicy, options: dict[str, Any
     return MediaContext(loaded.processor, accepted_kinds(loaded.config), policy, MediaOptions.from_dict(options))
 
 
-def _engine(model: str | LoadedModel | None, dtype: str | None, engine_config: EngineConfig | None, **load_options) -> LLMEngine:
+def _engine(
+    model: str | LoadedModel | None, dtype: str | None, engine_config: EngineConfig | None, tensor_parallel_size: int = 1,
+    **load_options,
+) -> LLMEngine:
+    """The engine; with tensor_parallel_size > 1 (under torchrun), rank 0's, while on the other
+    ranks this serves rank 0's steps and then ends the process (it never returns there)."""
     # load_options: load_model's keywords (max_model_len, rope_scaling, revision, source, quantize)
+    group = tensor_parallel_group(tensor_parallel_size)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, **load_options)
-    return LLMEngine(loaded, engine_config or EngineConfig())
+    config = engine_config or EngineConfig()
+    if not group.is_main:
+        tensor_parallel_worker(loaded, config, group)
+        group.close()
+        raise SystemExit(0)
+    return LLMEngine(loaded, config, group)
 
 
 class LLM:
-    """`LLM().generate(prompts)`: every prompt in one continuously batched run; results in order."""
+    """`LLM().generate(prompts)`: every prompt in one continuously batched run; results in order.
 
-    def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None, **load_options):
-        self.engine = _engine(model, dtype, engine_config, **load_options)
+    `LLM(model, tensor_parallel_size=N)` in a script launched by `torchrun --nproc-per-node N`
+    shards the model over the N processes; only rank 0's call returns (see `_engine`)."""
+
+    def __init__(
+        self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None,
+        tensor_parallel_size: int = 1, **load_options,
+    ):
+        self.engine = _engine(model, dtype, engine_config, tensor_parallel_size, **load_options)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
@@ -145,8 +163,11 @@ class AsyncLLM:
     `error` set and finish_reason "error". Nothing is raised mid-stream.
     """
 
-    def __init__(self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None):
-        self.engine = _engine(model, dtype, engine_config)
+    def __init__(
+        self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None,
+        tensor_parallel_size: int = 1,
+    ):
+        self.engine = _engine(model, dtype, engine_config, tensor_parallel_size)
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -302,3 +323,4 @@ class AsyncLLM:
         self._stopped = True
         self._commands.put(None)
         self._thread.join(timeout=10)
+        self.engine.close()  # after the engine thread: the other ranks' collectives come from one thread at a time

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenkit.distributed import ProcessGroup
 from qwenkit.engine.block_manager import BlockManager
 from qwenkit.engine.draft_model import DraftModelDrafter
 from qwenkit.engine.logits_process import ProcessorContext, make_processors
@@ -21,8 +22,10 @@ from qwenkit.engine.scheduler import ScheduledSequence, Scheduler
 from qwenkit.engine.sequence import SamplingState, Sequence
 from qwenkit.engine.speculative import NgramDrafter, Speculator, num_accepted
 from qwenkit.engine.step_threads import StepThreads
+from qwenkit.engine.tensor_parallel import TensorParallelRunner, WorkerRunner, serve
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
+from qwenkit.model.tensor_parallel import local_heads, shard_model
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 from qwenkit.weights.context import check_kv_pool
 from qwenkit.weights.loader import LoadedModel, LoadPlan, load_model
@@ -94,6 +97,31 @@ def make_speculator(config: EngineConfig, target: LoadedModel, kv_dtype: torch.d
     raise QwenkitError(f"speculative must be 'ngram' or 'draft:PATH', not {method!r}")
 
 
+def max_model_len(loaded: LoadedModel, config: EngineConfig) -> int:
+    context = loaded.plan.max_model_len
+    return min(config.max_model_len or context, context)
+
+
+def kv_cache(loaded: LoadedModel, config: EngineConfig, group: ProcessGroup) -> PagedKVCache:
+    """The KV pool `config` asks for, of this process's key/value heads (all of them without tensor
+    parallelism): every rank of a group gets the same number of blocks."""
+    model_cfg = loaded.config
+    kv_heads = local_heads(model_cfg, group.world_size).key_value
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.plan)
+    per_token = PagedKVCache.bytes_per_token(model_cfg.num_hidden_layers, kv_heads, model_cfg.head_dim, kv_dtype)
+    num_blocks = max(2, config.kv_cache_memory // (per_token * config.block_size))
+    if loaded.plan.context_requested or config.max_model_len is not None:  # an asked-for context must fit one sequence
+        check_kv_pool(max_model_len(loaded, config), num_blocks * config.block_size, per_token, kv_dtype)
+    return PagedKVCache(model_cfg.num_hidden_layers, num_blocks, config.block_size, kv_heads, model_cfg.head_dim, kv_dtype)
+
+
+def tensor_parallel_worker(loaded: LoadedModel, config: EngineConfig, group: ProcessGroup) -> None:
+    """Ranks > 0 of a tensor parallel group: shard the model as rank 0's engine does, hold a cache
+    like its own, and run rank 0's steps until it closes."""
+    shard_model(loaded.model, group)
+    serve(WorkerRunner(loaded.model, kv_cache(loaded, config, group)), group)
+
+
 class PromptTooLong(QwenkitError):
     """The prompt leaves no room in the context; says both numbers."""
 
@@ -103,28 +131,25 @@ class PromptTooLong(QwenkitError):
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), group: ProcessGroup = ProcessGroup()):
+        """`group`: tensor parallel over torchrun's processes (engine/tensor_parallel.py); this is
+        rank 0's engine, the other ranks run `tensor_parallel_worker`."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.config = config
         model_cfg = loaded.config
-        context = loaded.plan.max_model_len
-        self.max_model_len = min(config.max_model_len or context, context)
+        self.max_model_len = max_model_len(loaded, config)
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.plan)
-        per_token = PagedKVCache.bytes_per_token(
-            model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype
-        )
-        num_blocks = max(2, config.kv_cache_memory // (per_token * config.block_size))
-        if loaded.plan.context_requested or config.max_model_len is not None:  # an asked-for context must fit one sequence
-            check_kv_pool(self.max_model_len, num_blocks * config.block_size, per_token, kv_dtype)
-        self.cache = PagedKVCache(
-            model_cfg.num_hidden_layers, num_blocks, config.block_size,
-            model_cfg.num_key_value_heads, model_cfg.head_dim, kv_dtype,
-        )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        shard_model(loaded.model, group)
+        self.cache = kv_cache(loaded, config, group)
+        self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
-        self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
+        self.group = group
+        if group.world_size > 1:
+            self.runner = TensorParallelRunner(loaded.model, self.cache, group, self.encoder_cache)
+        else:
+            self.runner = ModelRunner(loaded.model, self.cache, self.encoder_cache)
         self.step_threads = StepThreads(loaded.model)
         self._placeholders = placeholder_ids(model_cfg)
         self.speculator = make_speculator(config, loaded, kv_dtype)
@@ -194,6 +219,8 @@ class LLMEngine:
         """Load a PEFT-format adapter; requests choose it by name, and batch with base-model requests."""
         from qwenkit.lora.attach import load_adapter
 
+        if self.group.world_size > 1:
+            raise QwenkitError("LoRA adapters are not supported with tensor parallelism")
         if name in self.lora_adapters:
             raise QwenkitError(f"a LoRA adapter named {name!r} is already loaded")
         load_adapter(self.loaded.model, name, directory)
@@ -237,6 +264,12 @@ class LLMEngine:
                 seq.finish_reason = reason
         request.ended = True
         request.metrics.finished_time = time.monotonic()
+
+    def close(self) -> None:
+        """Release the other ranks of a tensor parallel group, once (nothing to do without one);
+        also done when the engine is collected or the process exits."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -377,7 +410,7 @@ class LLMEngine:
                     if self.block_manager.num_free_blocks:
                         copy_from = self.block_manager.fork(seq, child)
                         if copy_from is not None:
-                            self.cache.copy_block(copy_from, child.block_table[-1])
+                            self.runner.copy_block(copy_from, child.block_table[-1])
                         self.scheduler.add_running(child)
                     else:
                         self.scheduler.add(child)

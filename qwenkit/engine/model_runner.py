@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from qwenkit.engine.media_inputs import EncoderCache
 from qwenkit.engine.paged_attention import BatchAttention, PagedKVCache, PrefillSlice, slots_for
 from qwenkit.engine.scheduler import ScheduledSequence
 from qwenkit.model.adapters import LoraRouting
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward needs besides the model and its cache: what rank 0 sends the other
+    processes of a tensor-parallel group each step (plain tensors, so it pickles)."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T], or [3, T] with M-RoPE
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_slots: torch.Tensor
+    decode_lengths: torch.Tensor
+    prefills: list[PrefillSlice]
+    sample_rows: list[int]
+    adapter_rows: dict[str, list[int]]  # rows of the forward's tokens, per LoRA adapter
+    adapter_samples: dict[str, list[int]]  # rows of the sampled tokens (for the output head)
+    media: dict[str, torch.Tensor] = field(default_factory=dict)  # forward's media / media_mask, if any
 
 
 class ModelRunner:
@@ -19,10 +39,19 @@ class ModelRunner:
         # M-RoPE models take [3, T] positions for every row, text-only sequences included.
         self.mrope = bool(getattr(model.config, "mrope_section", ()))
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> torch.Tensor:
         """fp32 logits, in batch order: a row for each entry with completes_prompt, then one for each
         of its drafted tokens."""
+        return self.execute(self.prepare(batch))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """A forked sample's copy of its parent's partial last KV block."""
+        self.cache.copy_block(src, dst)
+
+    @torch.inference_mode()
+    def prepare(self, batch: list[ScheduledSequence]) -> StepInputs:
+        """The forward's inputs for `batch`; the encoder outputs its media placeholders need are
+        computed here."""
         input_ids: list[int] = []
         slot_mapping: list[torch.Tensor] = []
         decode_rows, decode_slots, decode_lengths = [], [], []
@@ -70,24 +99,27 @@ class ModelRunner:
         padded = torch.zeros(len(decode_slots), max(decode_lengths, default=0), dtype=torch.long)
         for i, slots in enumerate(decode_slots):
             padded[i, : len(slots)] = slots
-        attention = BatchAttention(
-            self.cache,
-            torch.cat(slot_mapping),
-            torch.tensor(decode_rows, dtype=torch.long),
-            padded,
-            torch.tensor(decode_lengths, dtype=torch.long),
-            prefills,
-        )
-        ids = torch.tensor(input_ids)
         extra = {}
         if media:
             mask = torch.zeros(len(input_ids), dtype=torch.bool)
             mask[torch.tensor(media_rows)] = True
             extra = {"media": torch.cat(media), "media_mask": mask}
-        hidden = self.model(ids, torch.cat(rope_positions, dim=-1), attention, _routing(adapter_rows), **extra)
-        if not sample_rows:
+        return StepInputs(
+            torch.tensor(input_ids), torch.cat(rope_positions, dim=-1), torch.cat(slot_mapping),
+            torch.tensor(decode_rows, dtype=torch.long), padded, torch.tensor(decode_lengths, dtype=torch.long),
+            prefills, sample_rows, adapter_rows, adapter_samples, extra,
+        )
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """The forward over `step`'s tokens, then fp32 logits of its sample rows."""
+        attention = BatchAttention(
+            self.cache, step.slot_mapping, step.decode_rows, step.decode_slots, step.decode_lengths, step.prefills
+        )
+        hidden = self.model(step.input_ids, step.positions, attention, _routing(step.adapter_rows), **step.media)
+        if not step.sample_rows:
             return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(sample_rows)], _routing(adapter_samples))
+        return self.model.compute_logits(hidden[torch.tensor(step.sample_rows)], _routing(step.adapter_samples))
 
 
 def _routing(rows_by_adapter: dict[str, list[int]]) -> LoraRouting | None:

@@ -18,7 +18,7 @@ from qwenkit.model.attention import causal_attention
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
-        self.block_size = block_size
+        self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)

@@ -109,13 +109,20 @@ class GGUFLinear(nn.Module):
     """`blocks` are the file's bytes of the weight; 32-value types are repacked (a copy), the
     others are used as given (a memory map stays a memory map)."""
 
-    def __init__(self, blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None = None):
+    def __init__(
+        self, blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None = None,
+        prepacked: bool = False,
+    ):
+        """`prepacked`: `blocks` are already in the packed layout (a narrowed packed layer's)."""
         super().__init__()
         if kind not in KERNEL_TYPES or blocks.dim() != 2 or blocks.shape[1] != bytes_per_row(kind, in_features):
             raise ValueError(f"{kind.name} blocks of shape {tuple(blocks.shape)} do not make rows of {in_features} values")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.kind_id = int(kind)
-        blocks, self.packed = pack_if_packable(blocks, kind, in_features)
+        if prepacked:
+            self.packed = True
+        else:
+            blocks, self.packed = pack_if_packable(blocks, kind, in_features)
         self.register_buffer("blocks", blocks, persistent=False)  # GGUF bytes: not a float state dict entry
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
@@ -131,6 +138,45 @@ class GGUFLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.blocks, self.kind, self.in_features, self.packed)
+
+    def narrow(self, dim: int, start: int, length: int) -> "GGUFLinear":
+        """The layer of output rows (dim 0) or input columns (dim 1) [start, start + length) of this
+        one's weight, as torch.narrow: a tensor-parallel shard. Rows are whole GGUF rows; columns
+        must start and end on block boundaries (`column_unit`), since a block's values share one scale. The bias goes with the rows, and stays whole for a column cut."""
+        if dim == 0:
+            bias = None if self.bias is None else self.bias[start : start + length]
+            return GGUFLinear(self.blocks[start : start + length], self.kind, self.in_features, bias, prepacked=self.packed)
+        unit = self.column_unit
+        if start % unit or length % unit:
+            raise ValueError(
+                f"{self.kind.name} rows of {self.in_features} values split into [{start}, {start + length}), "
+                f"not on the {unit}-value blocks they are stored in"
+            )
+        cut = [self.blocks[:, offset + start // unit * size : offset + (start + length) // unit * size]
+               for offset, size in self._planes(unit)]
+        return GGUFLinear(torch.cat(cut, dim=1), self.kind, length, self.bias, prepacked=self.packed)
+
+    @property
+    def column_unit(self) -> int:
+        """Input columns come in runs of this many values that `narrow` keeps together (a block)."""
+        return 64 if self.packed else GGML_QUANT_SIZES[self.kind][0]
+
+    def _planes(self, unit: int) -> list[tuple[int, int]]:
+        """(byte offset in a row, bytes per `unit` values) of each plane of a row: one plane for the
+        file's interleaved blocks; scales, minimums, fifth bits and codes in the packed layout
+        (kernels/gguf_blocks.h, PackedRow)."""
+        if not self.packed:
+            return [(0, GGML_QUANT_SIZES[self.kind][1])]
+        name = self.kind.name
+        sizes = [4]  # fp16 scale per 32 values
+        sizes += [4] if name in ("Q4_1", "Q5_1") else []  # fp16 minimum per 32 values
+        sizes += [8] if name in ("Q5_0", "Q5_1") else []  # fifth bits, one per value
+        sizes += [64 if name == "Q8_0" else 32]  # codes: a byte, or a nibble, per value
+        planes, offset = [], 0
+        for size in sizes:
+            planes.append((offset, size))
+            offset += self.in_features // unit * size
+        return planes
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.kind.name}"

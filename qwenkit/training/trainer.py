@@ -24,7 +24,7 @@ from qwenkit.lora.peft_format import LoraConfig, read_adapter, save_adapter
 from qwenkit.model.adapters import LoraRouting
 from qwenkit.model.attention import PackedSequences
 from qwenkit.training.data import IGNORE_INDEX, Example
-from qwenkit.training.distributed import ProcessGroup
+from qwenkit.distributed import ProcessGroup
 from qwenkit.training.packing import Batch, PackedRow, pack
 
 ADAPTER = "default"

@@ -1,8 +1,6 @@
-"""Data-parallel processes on torch.distributed, as launched by `torchrun`.
+"""Processes on torch.distributed, as launched by `torchrun`: data parallel training and tensor
+parallel inference share this one view of "which process am I, and how do we talk".
 
-Every process holds the whole model and reads the same packed rows; process r takes rows
-r, r + world, ... of each global batch. Gradients are summed across processes before each
-optimizer step, so N processes take exactly the step one process takes on the same global batch.
 gloo on CPU; NCCL where there are GPUs (that path cannot be tested on this machine).
 """
 
@@ -10,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,12 +36,23 @@ class ProcessGroup:
         """Sum `tensors` in place across processes, as one flat message."""
         if self.world_size == 1 or not tensors:
             return
+        if len(tensors) == 1 and tensors[0].is_contiguous():  # one tensor: in place, no copies
+            dist.all_reduce(tensors[0])
+            return
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's `obj` (any picklable value) on every process; the others pass nothing."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world_size > 1:

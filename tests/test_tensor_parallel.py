@@ -1,0 +1,115 @@
+"""Tensor parallelism: two torchrun processes give one process's logits and greedy tokens."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenkit.distributed import ProcessGroup
+from qwenkit.engine.llm import LLM
+from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.engine.tensor_parallel import tensor_parallel_group
+from qwenkit.errors import QwenkitError
+from qwenkit.model.tensor_parallel import shard_mlp, shard_model
+from qwenkit.weights.loader import load_model
+from server_process import free_port
+from tensor_parallel_run import run
+from tiny_gguf import write_tiny_gguf
+from tiny_models import reference_model, save_tiny, tiny_config, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+
+def gguf_model(path: Path) -> Path:
+    """A dense model whose row-parallel inputs split on the packed layout's 64-value blocks: Q8_0
+    o_proj 128 = 64 + 64, Q5_0 down_proj 192 = 64 + 128 (an uneven split of whole blocks)."""
+    config = tiny_config("qwen2")
+    config.hidden_size, config.intermediate_size = 128, 192
+    write_tiny_gguf(reference_model(config), path, tiny_tokenizer())
+    return path
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-port", str(free_port()), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_two_processes_equal_one(tmp_path):
+    cases = [
+        {"path": str(tmp_path / "dense"), "dtype": "float32"},
+        {"path": str(tmp_path / "moe"), "dtype": "float32"},  # Qwen2-MoE: experts and the gated shared expert
+        {"path": str(gguf_model(tmp_path / "dense.gguf")), "quantize": "gguf"},
+        # Drafts verified as extra decode rows: the same tokens as plain decoding.
+        {"path": str(tmp_path / "dense"), "dtype": "float32", "speculative": "ngram"},
+    ]
+    # The GGUF kernels quantize each layer's input to int8 per 32 values, as llama.cpp does: a split
+    # sum's last-bit difference (1e-6) can move an activation across a rounding step, which moves
+    # the logits by up to ~1e-2. The float models agree to fp32 rounding.
+    tolerance = [1e-5, 1e-5, 5e-2, 1e-5]
+    save_tiny("qwen2", tmp_path / "dense")
+    save_tiny("qwen2_moe", tmp_path / "moe")
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    done = torchrun(2, str(HERE / "tensor_parallel_run.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "out.pt")
+    for case, atol, two in zip(cases, tolerance, results):
+        one = run(case, ProcessGroup())
+        assert (one["logits"] - two["logits"]).abs().max().item() < atol, case
+        assert one["tokens"] == two["tokens"], case
+        assert len({tuple(t) for t in one["tokens"][0] + one["tokens"][2]}) > 1  # the prompts do generate differently
+    assert results[3]["tokens"] == results[0]["tokens"] and results[3]["drafts"] > 0
+
+
+def test_sharding_changes_the_model(tmp_path):
+    """Guard: a shard alone is not the model (the all-reduce is what makes two processes equal one)."""
+    save_tiny("qwen2", tmp_path)
+    loaded = load_model(str(tmp_path), "float32")
+    attention = loaded.model.model.layers[0].self_attn
+    shard_model(loaded.model, ProcessGroup(rank=1, world_size=2))
+    assert (attention.num_heads, attention.num_kv_heads) == (2, 1)
+    assert attention.q_proj.out_features == 2 * attention.head_dim and attention.o_proj.bias is None
+
+
+def test_cli_generate_under_torchrun(tmp_path):
+    """`qwenkit generate --tensor-parallel-size 2` under torchrun prints what one process prints, and
+    both processes exit cleanly (rank 0 releases the other at exit)."""
+    save_tiny("qwen2", tmp_path)
+    args = ["generate", "--model", str(tmp_path), "--dtype", "float32", "--temperature", "0", "--max-tokens", "12", "hello"]
+    two = torchrun(2, "-m", "qwenkit.cli.main", *args, "--tensor-parallel-size", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = LLM(str(tmp_path), "float32").generate("hello", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+    assert two.stdout == one + "\n" and len(one) > 3
+
+
+def test_size_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    save_tiny("qwen2", tmp_path)
+    alone = subprocess.run([sys.executable, "-m", "qwenkit.cli.main", "generate", "--model", str(tmp_path), "--tensor-parallel-size", "2", "hi"],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 1
+    assert alone.stderr.startswith("error: --tensor-parallel-size 2 needs 2 processes") and "not launched by torchrun" in alone.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(QwenkitError, match="--tensor-parallel-size 4 needs 4 processes, one per shard .torchrun started 2 processes"):
+        tensor_parallel_group(4)
+
+
+def test_gguf_mlp_splits_on_whole_blocks():
+    """The default model's Q6_K down_proj rows (4864 = 19 blocks of 256) split 9 + 10 blocks, and
+    gate/up follow the same split; a rank keeps exactly its columns' bytes."""
+    mlp = load_model(None).model.model.layers[0].mlp
+    down, gate = mlp.down_proj.dequantized_weight(), mlp.gate_proj.dequantized_weight()
+    shard_mlp(mlp, ProcessGroup(rank=1, world_size=2), "mlp")
+    assert torch.equal(mlp.down_proj.dequantized_weight(), down[:, 2304:])
+    assert torch.equal(mlp.gate_proj.dequantized_weight(), gate[2304:])
+    assert mlp.down_proj.bias is None
+
+
+def test_heads_that_do_not_split_are_a_clear_error(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    loaded = load_model(str(tmp_path), "float32")
+    with pytest.raises(QwenkitError, match="must divide the model's 4 attention heads and 2 key/value heads"):
+        shard_model(loaded.model, ProcessGroup(rank=0, world_size=4))
