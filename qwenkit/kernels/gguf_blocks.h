@@ -519,20 +519,20 @@ void scratch_row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 
 // ---- Row and token tiles of the SIMD builds' matmul ---------------------------------------------
 
-// Rows [begin, end) 8 at a time (prepare(first, count) reads their scales once; their bytes stay
-// in L1/L2) and, for each 8, tokens in tiles of MAX_NT, then 4, 2, 1: tile(r, row, t0, nt) gives
-// the row's sums for tokens [t0, t0 + nt). T tokens decode each weight step ceil(T / nt) times,
-// not T times, and read each row from memory once.
-template <int MAX_NT, class Prepare, class Tile>
+// Rows [begin, end) ROWS at a time (prepare(first, count) reads their scales once; their bytes
+// stay in L1/L2) and, for each ROWS, tokens in tiles of MAX_NT, then 4, 2, 1: tile(r, row, t0, nt)
+// gives the row's sums for tokens [t0, t0 + nt). T tokens decode each weight step ceil(T / nt)
+// times, not T times, and read each row from memory once. The rows AHEAD rows on from a group's
+// first are requested into L2 (prefetcht1) while the group computes: a thread's rows are one
+// sequential stream, and a token's decode waits on memory when the hardware prefetcher alone
+// runs ahead of it. Which ROWS and AHEAD stream best depends on the core, so each build picks
+// them by measurement (ggml_cpu.cpp, ggml_avx2.cpp).
+template <int MAX_NT, int64_t ROWS, int64_t AHEAD, class Prepare, class Tile>
 inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t tokens, Prepare prepare,
                                 Tile tile) {
-  constexpr int64_t ROWS = 8;
   for (int64_t first = begin; first < end; first += ROWS) {
     const int64_t count = std::min(ROWS, end - first);
-    // The next tile's bytes are requested into L2 now, while this tile computes: one row is too
-    // short a stream for the hardware prefetcher to run ahead of, and a token's decode waits on
-    // memory otherwise (measured: 8 GB/s through the kernels vs 24 GB/s for plain reads).
-    const int64_t ahead = first + count + ROWS;
+    const int64_t ahead = first + AHEAD;
     const uint8_t* next = rows + ahead * row_bytes;
     const int64_t next_bytes = std::max<int64_t>(0, std::min(ROWS, end - ahead)) * row_bytes;
     for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);  // 2: into L2 (prefetcht1)
