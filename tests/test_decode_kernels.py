@@ -50,6 +50,20 @@ def test_paged_decode_attention_matches_sdpa(dtype, window):
     torch.testing.assert_close(got, reference_decode(q, k_pool, v_pool, slots, lengths, 0.125, window), rtol=1e-4, atol=1e-5)
 
 
+def test_paged_decode_attention_softmax_over_long_and_sharp_scores():
+    """The vectorised exp of the softmax: scores over hundreds of positions, from a flat spread to
+    one so sharp that most weights underflow to 0, with lengths off the 8-lane stride."""
+    torch.manual_seed(1)
+    heads, kv_heads, dim, pool = 4, 1, 64, 700
+    k_pool, v_pool = torch.randn(pool, kv_heads, dim), torch.randn(pool, kv_heads, dim)
+    lengths = torch.tensor([8, 300, 613])
+    slots = torch.stack([torch.randperm(pool)[:613] for _ in range(3)])
+    for sharpness in (0.01, 1.0, 40.0):
+        q = torch.randn(3, heads, dim) * sharpness
+        got = cpu_kernels().paged_decode_attention(q, k_pool, v_pool, slots, lengths, 0.125, 0)
+        torch.testing.assert_close(got, reference_decode(q, k_pool, v_pool, slots, lengths, 0.125, 0), rtol=1e-4, atol=1e-5)
+
+
 def test_paged_decode_attention_refuses_a_bad_length():
     q = torch.randn(1, 2, 16)
     pool = torch.randn(4, 1, 16)
