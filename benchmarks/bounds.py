@@ -2,9 +2,10 @@
 
 - read bandwidth: a 1 GB tensor summed with 2 threads (median of 15). Batch-1 decode reads every
   weight once per token, so bandwidth / bytes per token bounds it.
-- bfloat16 and int8 matrix-multiply rates: large square products through torch (oneDNN, with
-  AVX512-BF16 / VNNI where the CPU has them), 2 threads, best of 5. Batched decode and prefill do
-  about one multiply-add per weight per token, so rate / multiply-adds per token bounds them.
+- float32, bfloat16 and int8 matrix-multiply rates: large square products through torch (oneDNN,
+  with AVX512-BF16 / VNNI where the CPU has them; without them bf16 and int8 are emulated and
+  slower than float32), 2 threads, best of 5. Batched decode and prefill do about one
+  multiply-add per weight per token, so the best rate / multiply-adds per token bounds them.
 - the default model's multiply-adds per token and bytes read per token, from its GGUF.
 
     python benchmarks/bounds.py
@@ -34,8 +35,15 @@ def read_bandwidth() -> float:
 
 
 def matmul_rate(dtype_name: str, size: int = 2048) -> float:
-    """G multiply-adds/s of a [size, size] x [size, size] product in bfloat16 or int8 (best of 5)."""
+    """G multiply-adds/s of a [size, size] x [size, size] product in float32, bfloat16 or int8 (best of
+    5). A type the CPU only emulates (bf16 and int8 without AVX512-BF16 / VNNI run at ~1 G MAC/s,
+    ~10 s per product) is measured on 512 x 512 instead."""
     import torch
+
+    if size > 512:
+        small = matmul_rate(dtype_name, 512)
+        if 512**3 / (small * 1e9) > 0.05:
+            return small
 
     torch.set_num_threads(THREADS)
     if dtype_name == "int8":
@@ -43,8 +51,8 @@ def matmul_rate(dtype_name: str, size: int = 2048) -> float:
         b = torch.randint(-127, 127, (size, size), dtype=torch.int8)
         run = lambda: torch._int_mm(a, b)  # noqa: E731 - int8 x int8 -> int32 (oneDNN, VNNI where present)
     else:
-        a = torch.randn(size, size, dtype=torch.bfloat16)
-        b = torch.randn(size, size, dtype=torch.bfloat16)
+        a = torch.randn(size, size, dtype=getattr(torch, dtype_name))
+        b = torch.randn(size, size, dtype=getattr(torch, dtype_name))
         run = lambda: a @ b  # noqa: E731
     run()
     best = float("inf")
@@ -72,12 +80,14 @@ def model_costs() -> tuple[float, float]:
 
 def describe() -> str:
     bandwidth = read_bandwidth()
-    bf16, int8 = matmul_rate("bfloat16"), matmul_rate("int8")
+    rates = {name: matmul_rate(name) for name in ("float32", "bfloat16", "int8")}
     macs, read = model_costs()
     return (f"bounds here ({THREADS} threads): read {bandwidth:.1f} GB/s -> batch-1 decode <= {bandwidth * 1e9 / read:.0f} tok/s "
-            f"({read / 1e9:.2f} GB read per token); bf16 matmul {bf16:.0f} G MAC/s, int8 matmul {int8:.0f} G MAC/s -> "
-            f"compute-bound decode/prefill <= {bf16 * 1e9 / macs:.0f} tok/s (bf16), {int8 * 1e9 / macs:.0f} tok/s (int8) "
-            f"at {macs / 1e9:.2f} G MAC per token")
+            f"({read / 1e9:.2f} GB read per token); matmul "
+            + ", ".join(f"{name} {rate:.0f} G MAC/s" for name, rate in rates.items())
+            + " -> compute-bound decode/prefill <= "
+            + ", ".join(f"{rate * 1e9 / macs:.0f} tok/s ({name})" for name, rate in rates.items())
+            + f" at {macs / 1e9:.2f} G MAC per token")
 
 
 if __name__ == "__main__":
