@@ -87,6 +87,16 @@ TOOL_CASES = [
     ('```python\nprint(1)\n```', '```python\nprint(1)\n```', []),
     ('```json\n{"name": "launch_rockets", "arguments": {}}\n```', '```json\n{"name": "launch_rockets", "arguments": {}}\n```', []),
     ('``', '``', []),
+    # Parallel calls as a JSON list, or joined by commas; lists and commas around anything else stay text.
+    ('[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]',
+     "", [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("add", '{"a": 1, "b": 2}')]),
+    ('[\n  {"name": "add", "arguments": {"a": 1}}\n]\nBoth done.', "Both done.", [ToolCall("add", '{"a": 1}')]),
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}',
+     "", [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_weather", '{"city": "Rome"}')]),
+    ('{"name": "add", "arguments": {"a": 1}}, then I add more.', ", then I add more.", [ToolCall("add", '{"a": 1}')]),
+    ('[1, 2, 3]', '[1, 2, 3]', []),
+    ('[{"name": "launch_rockets", "arguments": {}}]', '[{"name": "launch_rockets", "arguments": {}}]', []),
+    ('[', '[', []),
     # Qwen3-Coder's XML form, parameters typed by the declared schema.
     ('<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n</parameter>\n'
      '<parameter=note>\n42\n</parameter>\n</function>\n</tool_call>',

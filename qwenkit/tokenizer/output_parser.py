@@ -6,7 +6,8 @@ Qwen3-Coder's template, `<tool_call><function=NAME><parameter=P>value</parameter
 Small Qwen2.5 models often drop the tags and answer a bare `{"name": ..., "arguments": ...}`: when
 the request declared tools, a reply that starts with such an object naming a declared tool is a
 call too, also pretty-printed in a ```json code block as they often write it (and so are further
-objects after it, one per line). The parser takes
+objects after it, one per line or joined by commas, and the objects of a JSON list
+`[{"name": ...}, {"name": ...}]`, their form for parallel calls). The parser takes
 text in arbitrary pieces (token by token while streaming, or all at once) and gives the same
 result either way: text that might be the start of a tag is held back until it is decided. A
 tool call whose JSON does not parse is handed back as ordinary content, never dropped.
@@ -150,6 +151,7 @@ class OutputParser:
         self.tools = dict(tools or {})
         self.bare = parse_tools and bool(self.tools)  # bare calls are still possible here
         self.bare_calls = 0
+        self.in_list = False  # inside a JSON list of bare calls, after its first call
         self.buffer = ""
         self.saw_reasoning = thinking_open
         self.after_think = False  # strip the blank lines that follow </think>
@@ -199,7 +201,17 @@ class OutputParser:
                         return out
                     self.after_call = False
                 if self.bare:
-                    found = _bare_call(self.buffer.lstrip(), self.tools, final)
+                    # A separator or a list's bracket is consumed only with the call that follows
+                    # it: text such as "[1, 2]" or ", then" stays as written.
+                    text, opens_list = self.buffer.lstrip(), False
+                    if self.in_list and text.startswith("]"):  # the list is closed; text may follow
+                        self.buffer, self.in_list, self.bare, self.after_call = text[1:], False, False, True
+                        continue
+                    if not self.bare_calls and text.startswith("["):
+                        text, opens_list = text[1:].lstrip(), True
+                    elif self.bare_calls and text.startswith(","):
+                        text = text[1:].lstrip()
+                    found = _bare_call(text, self.tools, final)
                     if found == "maybe":
                         return out
                     if found == "no":
@@ -208,6 +220,7 @@ class OutputParser:
                             self.buffer = self.buffer.lstrip()
                     else:
                         self.bare_calls += 1
+                        self.in_list = self.in_list or opens_list
                         call, rest = found
                         out.append(Delta(tool_call=call))
                         self.buffer = rest.lstrip()  # further bare calls may follow, one per line
