@@ -15,6 +15,15 @@
 
 namespace {
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The sum of 8 float lanes.
+inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
 inline float load1(const float* p) { return *p; }
 inline float load1(const at::Half* p) { return static_cast<float>(*p); }
 inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
@@ -64,10 +73,7 @@ inline float dot(const float* q, const T* key, int64_t n) {
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(key + d + 8), a1);
   }
   for (; d + 8 <= n; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(key + d), a0);
-  const __m256 a = _mm256_add_ps(a0, a1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  float s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  float s = hsum8(_mm256_add_ps(a0, a1));
   for (; d < n; ++d) s += q[d] * load1(key + d);
   return s;
 }
@@ -127,9 +133,7 @@ inline float exp_shifted_sum(float* s, int64_t n, float top) {
     _mm256_storeu_ps(s + j, e);
     acc = _mm256_add_ps(acc, e);
   }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  float total = hsum8(acc);
   if (j < n) {  // the last n - j values through the same exp8, so every score is computed alike
     float tail[8];
     std::fill(tail, tail + 8, top);
