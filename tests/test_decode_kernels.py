@@ -77,3 +77,18 @@ def test_rotary_matches_rotate_half():
     half = 32
     expected = x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None, :]
     torch.testing.assert_close(cpu_kernels().rotary(x, cos, sin), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_store_kv_writes_the_slots_as_index_put(dtype):
+    """store_kv against torch's own conversion and scatter; other slots stay untouched."""
+    kernels = cpu_kernels()
+    k_pool, v_pool = torch.randn(40, 2, 64).to(dtype), torch.randn(40, 2, 64).to(dtype)
+    k, v = torch.randn(5, 2, 64) * 100, torch.randn(5, 2, 64)
+    slots = torch.tensor([3, 17, 0, 39, 8])
+    expected_k, expected_v = k_pool.clone(), v_pool.clone()
+    expected_k[slots], expected_v[slots] = k.to(dtype), v.to(dtype)
+    kernels.store_kv(k, v, k_pool, v_pool, slots)
+    assert torch.equal(k_pool, expected_k) and torch.equal(v_pool, expected_v)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.store_kv(k, v, k_pool, v_pool, torch.tensor([3, 17, 0, 40, 8]))

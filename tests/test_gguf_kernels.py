@@ -213,6 +213,62 @@ def test_every_instruction_set_gives_the_same_values(kernels, kind, cols):
     check_product(y, x, weight, kind)
 
 
+def test_grouped_product_is_each_weight_alone(kernels):
+    """matmul_group: several weights of different types on one input (a layer's q, k, v: Q5_0,
+    Q5_0, Q8_0; with a K-quant, whose activations are quantized in 256-value blocks) give, bit
+    for bit, each weight's own product plus its bias; with silu_mul, silu(gate) * up of those
+    products within float rounding (the kernels' exp against torch's)."""
+    cols = 512
+    kinds = [Q.Q5_0, Q.Q5_0, Q.Q8_0, Q.Q4_K]
+    weights = [any_blocks(kind, rows, cols, seed=20 + i)[0] for i, (kind, rows) in enumerate(zip(kinds, [70, 33, 33, 40]))]
+    layers = [kernels.pack(w, int(kind), cols) if kind in SMALL_TYPES else w for w, kind in zip(weights, kinds)]
+    packed = [kind in SMALL_TYPES for kind in kinds]
+    biases = [torch.randn(70), torch.empty(0), torch.randn(33), torch.empty(0)]
+    for tokens in (1, 3, 17):
+        x = torch.randn(tokens, cols)
+        outs = kernels.matmul_group(x, layers, [int(k) for k in kinds], packed, biases, False)
+        assert len(outs) == 4
+        for out, w, kind, p, bias in zip(outs, layers, kinds, packed, biases):
+            alone = kernels.matmul(x, w, int(kind), p)
+            assert torch.equal(out, alone + bias if bias.numel() else alone), (kind.name, tokens)
+    up_layer = kernels.pack(any_blocks(Q.Q5_0, 70, cols, seed=40)[0], int(Q.Q5_0), cols)
+    for tokens, scale in ((1, 1.0), (5, 1.0), (3, 300.0)):  # x300: gates far into both tails of silu
+        x = torch.randn(tokens, cols) * scale
+        gate, up = kernels.matmul(x, layers[0], int(Q.Q5_0), True), kernels.matmul(x, up_layer, int(Q.Q5_0), True)
+        fused = kernels.matmul_group(x, [layers[0], up_layer], [int(Q.Q5_0)] * 2, [True, True], [torch.empty(0)] * 2, True)
+        assert len(fused) == 1
+        torch.testing.assert_close(fused[0], torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_grouped_product_refuses_mismatched_weights(kernels):
+    blocks = kernels.pack(gguf_blocks(Q.Q8_0, 8, 256)[0], int(Q.Q8_0), 256)
+    other = kernels.pack(gguf_blocks(Q.Q8_0, 9, 256)[0], int(Q.Q8_0), 256)
+    x = torch.randn(1, 256)
+    with pytest.raises(RuntimeError, match="gate and an up weight"):
+        kernels.matmul_group(x, [blocks, other], [int(Q.Q8_0)] * 2, [True, True], [torch.empty(0)] * 2, True)
+    with pytest.raises(RuntimeError, match="one value per output row"):
+        kernels.matmul_group(x, [blocks], [int(Q.Q8_0)], [True], [torch.randn(3)], False)
+    with pytest.raises(RuntimeError, match="in_features"):
+        kernels.matmul_group(torch.randn(1, 128), [blocks], [int(Q.Q8_0)], [True], [torch.empty(0)], False)
+
+
+def test_gguf_layers_run_grouped_as_one_by_one():
+    """GGUFLinear.forward_group / forward_silu_mul, as the decoder calls them, against the layers
+    called one at a time (and the torch ops after them)."""
+    layers = [GGUFLinear(*gguf_blocks(kind, rows, 256, seed=i)[:1], kind, 256, bias=torch.randn(rows) if i == 0 else None)
+              for i, (kind, rows) in enumerate([(Q.Q5_0, 64), (Q.Q5_0, 16), (Q.Q8_0, 16)])]
+    with torch.inference_mode():
+        x = torch.randn(2, 256)
+        for grouped, alone in zip(GGUFLinear.forward_group(x, layers), [layer(x) for layer in layers]):
+            assert torch.equal(grouped, alone)
+        gate, up = layers[1], GGUFLinear(gguf_blocks(Q.Q5_0, 16, 256, seed=7)[0], Q.Q5_0, 256)
+        torch.testing.assert_close(GGUFLinear.forward_silu_mul(x, gate, up), torch.nn.functional.silu(gate(x)) * up(x),
+                                   rtol=1e-6, atol=1e-6)
+        many = torch.randn(gguf_linear.KERNEL_MAX_TOKENS + 1, 256)  # the dense path: layer by layer
+        for grouped, alone in zip(GGUFLinear.forward_group(many, layers), [layer(many) for layer in layers]):
+            assert torch.equal(grouped, alone)
+
+
 def test_every_instruction_set_gives_the_same_decode_ops(kernels):
     best = cpu_kernels(ISAS[0])
     x, weight = torch.randn(3, 896), torch.randn(896)

@@ -72,8 +72,12 @@ class BatchAttention:
 
     def attend(self, layer, q, k, v, scale, window):
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool[self.slot_mapping] = k.to(k_pool.dtype)
-        v_pool[self.slot_mapping] = v.to(v_pool.dtype)
+        kernels = cpu_kernels()
+        if kernels is not None and k.is_cpu and k.dtype == torch.float32 and v.dtype == torch.float32:
+            kernels.store_kv(k, v, k_pool, v_pool, self.slot_mapping)  # one call for two conversions and two scatters
+        else:
+            k_pool[self.slot_mapping] = k.to(k_pool.dtype)
+            v_pool[self.slot_mapping] = v.to(v_pool.dtype)
         if len(self.decode_rows) == q.shape[0]:  # all decoding (the usual step): no row shuffling
             return self._decode(q, k_pool, v_pool, scale, window)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])

@@ -1,5 +1,5 @@
-// The Python module of qwenkit's CPU kernels: GGUF blocks in place (ggml_cpu.cpp) and the small
-// operations of a decode step (decode_cpu.cpp).
+// The Python module of qwenkit's CPU kernels: GGUF blocks in place (gguf_matmul.cpp over each
+// build's ggml_*.cpp) and the small operations of a decode step (decode_cpu.cpp).
 
 #include <torch/extension.h>
 
@@ -7,17 +7,23 @@
 
 torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k);
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed);
+std::vector<torch::Tensor> matmul_group(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> kinds,
+                                        std::vector<bool> packed, std::vector<torch::Tensor> biases, bool silu_mul);
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                                      torch::Tensor lengths, double scale, int64_t window);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
+  m.def("matmul_group", &matmul_group,
+        "x @ w.T (+ bias) for several GGUF weights in one pass (silu_mul: silu(x @ gate.T) * (x @ up.T))");
   m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension (float32)");
+  m.def("store_kv", &store_kv, "new tokens' float32 keys and values into their slots of one layer's paged cache");
   m.def("rotary", &rotary, "rotary position embedding (rotate_half) of float32 [T, heads, head_dim]");
   m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
         "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");

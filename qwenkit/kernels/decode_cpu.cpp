@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 #include "thread_pool.h"
+#include "vec_math.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -11,18 +12,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-namespace {
+using namespace qwenkit;
 
-#if defined(__AVX2__) && defined(__FMA__)
-// The sum of 8 float lanes.
-inline float hsum8(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-#endif
+namespace {
 
 inline float load1(const float* p) { return *p; }
 inline float load1(const at::Half* p) { return static_cast<float>(*p); }
@@ -105,25 +100,8 @@ inline void add_scaled(float* out, float p, const T* value, int64_t n) {
 // s[j] = exp(s[j] - top) for j < n, returning their sum: a decode step's softmax over every
 // cached position of every head. glibc's scalar exp (~15 ns) made it most of the attention's time
 // (measured on Zen 3: 109 us per layer at 60-190 cached positions); with AVX2 and FMA, eight
-// lanes at a time by Cephes' expf (range reduction by ln 2 in two parts, a degree-5 polynomial,
-// 2^n through the exponent bits; relative error ~1e-7, and 0 below e^-87).
+// lanes at a time through exp8 (vec_math.h).
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
-}
-
 inline float exp_shifted_sum(float* s, int64_t n, float top) {
   const __m256 shift = _mm256_set1_ps(top);
   __m256 acc = _mm256_setzero_ps();
@@ -247,6 +225,40 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     default: TORCH_CHECK(false, "the cache must be float32, float16 or bfloat16");
   }
   return out;
+}
+
+// The new tokens' keys and values into their cache slots: k, v float32 [T, Hkv, D]; k_cache,
+// v_cache [slots, Hkv, D] of one layer (float32, float16 or bfloat16, rounded to nearest even as
+// Tensor.to does); slot_mapping [T] int64. One call instead of two conversions and two scatters.
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 && k.sizes() == v.sizes(), "k and v must be float32 of one shape");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes() && k_cache.dtype() == v_cache.dtype() &&
+              k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] of one dtype");
+  const int64_t tokens = slot_mapping.numel(), row = k_cache.size(1) * k_cache.size(2), slots = k_cache.size(0);
+  TORCH_CHECK(slot_mapping.dtype() == torch::kInt64 && k.numel() == tokens * row, "one slot per token, each with a cache row of values");
+  k = k.contiguous();
+  v = v.contiguous();
+  slot_mapping = slot_mapping.contiguous();
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " out of range");
+  const float* ks = k.data_ptr<float>();
+  const float* vs = v.data_ptr<float>();
+  auto run = [&](auto* kc, auto* vc) {
+    using T = std::remove_pointer_t<decltype(kc)>;
+    qwenkit::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t i = 0; i < row; ++i) {
+          kc[slot[t] * row + i] = static_cast<T>(ks[t * row + i]);
+          vc[slot[t] * row + i] = static_cast<T>(vs[t * row + i]);
+        }
+    });
+  };
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>()); break;
+    case at::kHalf: run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>()); break;
+    case at::kBFloat16: run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>()); break;
+    default: TORCH_CHECK(false, "the cache must be float32, float16 or bfloat16");
+  }
 }
 
 // Rotary position embedding, half-split as Qwen (rotate_half): for x [T, H, D] and cos, sin [T, D],

@@ -1,5 +1,5 @@
 // GGUF quantized blocks used in place on x86-64 CPUs with AVX2, FMA and F16C but no AVX-512
-// VNNI: the same three functions as ggml_cpu.cpp (matmul, dequantize_into, pack), with the same
+// VNNI: the same three functions as ggml_cpu.cpp (rows_matmul, dequantize_into, pack), with the same
 // results up to the order float sums are added.
 //
 // Decoding is bound by the bytes of weights read per token, so rows are read in place through a
@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "gguf_blocks.h"
+#include "vec_math.h"
 
 using namespace qwenkit;
 
@@ -61,12 +62,6 @@ inline void add_fifth_bits(const uint8_t* qh, Codes64& q) {
   q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), fifth));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // ---- The 32-value types, packed (gguf_blocks.h's PackedRow) ----------------------------------
 
@@ -169,7 +164,7 @@ inline void subtract_offsets(const float* off, const float* xsums, int64_t group
       }
       total = _mm256_sub_ps(total, sub);
     }
-    out[(t0 + j) * n + row] = hsum(total);
+    out[(t0 + j) * n + row] = hsum8(total);
   }
 }
 
@@ -419,38 +414,26 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
 
 }  // namespace
 
-// y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
-torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
-  check_matmul_args(x, w, kind, packed);
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
-  auto y = torch::empty({tokens, n}, x.options());
-  float* out = y.data_ptr<float>();
-  const uint8_t* rows = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
-  auto rows_through = [&](auto rows_dot_of_view) {
-    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { rows_dot_of_view(rows, row_bytes, k, a, tokens, begin, end, out, n); });
-  };
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+                          int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   if (packed) {
-    dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { rows_through(rows_dot<PackedView<decltype(kind_constant)::value>>); });
+    dispatch_packed(kind, [&](auto kind_constant) {
+      rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+    });
   } else if (kind == Q2_K) {
-    rows_through(rows_dot_k<Q2KView>);
+    rows_dot_k<Q2KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else if (kind == Q3_K) {
-    rows_through(rows_dot_k<Q3KView>);
+    rows_dot_k<Q3KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else if (kind == Q4_K) {
-    rows_through(rows_dot_k<Q4KView>);
+    rows_dot_k<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else if (kind == Q5_K) {
-    rows_through(rows_dot_k<Q5KView>);
+    rows_dot_k<Q5KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else if (kind == Q6_K) {
-    rows_through(rows_dot_k<Q6KView>);
+    rows_dot_k<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else {
-    unpacked_rows_matmul(rows, row_bytes, n, k, format_of(static_cast<int>(kind)).zero, a, tokens, out,
-                         [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(static_cast<int>(kind), false, row, k, r); },
-                         scratch_row_dot);
+    unpacked_rows_dot(rows, row_bytes, begin, end, k, format_of(kind).zero, a, tokens, out, ldo,
+                      [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(kind, false, row, k, r); }, scratch_row_dot);
   }
-  return y;
 }
 
 // out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in

@@ -419,33 +419,20 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 
 }  // namespace
 
-// y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
-torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
-  check_matmul_args(x, w, kind, packed);
-  const Format f = format_of(static_cast<int>(kind));
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
-  auto y = torch::empty({tokens, n}, x.options());
-  float* out = y.data_ptr<float>();
-  const uint8_t* rows = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1);
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+                          int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   if (packed) {
-    dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) {
-      qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-        rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, n);
-      });
+    dispatch_packed(kind, [&](auto kind_constant) {
+      rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
     });
   } else if (kind == Q4_K) {
-    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { rows_dot_k<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, n); });
+    rows_dot_k<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else if (kind == Q6_K) {
-    qwenkit::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { rows_dot_k<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, n); });
+    rows_dot_k<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
   } else {
-    unpacked_rows_matmul(rows, row_bytes, n, k, f.zero, a, tokens, out,
-                         [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_row(static_cast<int>(kind), row, k, r); }, row_dot);
+    unpacked_rows_dot(rows, row_bytes, begin, end, k, format_of(kind).zero, a, tokens, out, ldo,
+                      [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_row(kind, row, k, r); }, row_dot);
   }
-  return y;
 }
 
 // out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in

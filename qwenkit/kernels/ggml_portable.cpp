@@ -1,5 +1,5 @@
 // GGUF quantized blocks used in place on CPUs with neither AVX-512 VNNI nor AVX2: the same three
-// functions as ggml_cpu.cpp (matmul, dequantize_into, pack), with the same results, in plain C++
+// functions as ggml_cpu.cpp (rows_matmul, dequantize_into, pack), with the same results, in plain C++
 // built with no instruction-set flag.
 //
 // Each row is decoded once per call into codes and a scale and minimum per 16 values
@@ -15,17 +15,10 @@
 
 using namespace qwenkit;
 
-// y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
-torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed) {
-  check_matmul_args(x, w, kind, packed);
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
-  const QuantizedActivations a = quantize_activations(x.data_ptr<float>(), tokens, k, activation_block(static_cast<int>(kind)));
-  auto y = torch::empty({tokens, n}, x.options());
-  unpacked_rows_matmul(w.data_ptr<uint8_t>(), w.size(1), n, k, format_of(static_cast<int>(kind)).zero, a, tokens, y.data_ptr<float>(),
-                       [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(static_cast<int>(kind), packed, row, k, r); }, scratch_row_dot);
-  return y;
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+                          int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
+  unpacked_rows_dot(rows, row_bytes, begin, end, k, format_of(kind).zero, a, tokens, out, ldo,
+                    [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(kind, packed, row, k, r); }, scratch_row_dot);
 }
 
 // out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in

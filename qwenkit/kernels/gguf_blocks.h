@@ -376,22 +376,27 @@ inline void check_matmul_args(const torch::Tensor& x, const torch::Tensor& w, in
   TORCH_CHECK(!packed || (packable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
 }
 
-// y[t, row] for rows unpacked one at a time into RowScratch: unpack(row bytes, k, scratch) fills
-// codes, scales and minimums; dot(scratch, token codes, scales per 16, sums per 16, k) is the
-// build's dot product.
+// y[t, row] for rows [begin, end) unpacked one at a time into RowScratch, written to
+// out[t * ldo + row]: unpack(row bytes, k, scratch) fills codes, scales and minimums;
+// dot(scratch, token codes, scales per 16, sums per 16, k) is the build's dot product.
 template <class Unpack, class Dot>
-void unpacked_rows_matmul(const uint8_t* rows, int64_t row_bytes, int64_t n, int64_t k, int zero, const QuantizedActivations& a,
-                          int64_t tokens, float* out, Unpack unpack, Dot dot) {
-  parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    RowScratch r(k);
-    for (int64_t row = begin; row < end; ++row) {
-      unpack(rows + row * row_bytes, k, r);
-      r.compute_offsets(zero, k / 16);
-      for (int64_t t = 0; t < tokens; ++t)
-        out[t * n + row] = dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
-    }
-  });
+void unpacked_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t k, int zero,
+                       const QuantizedActivations& a, int64_t tokens, float* out, int64_t ldo, Unpack unpack, Dot dot) {
+  RowScratch r(k);
+  for (int64_t row = begin; row < end; ++row) {
+    unpack(rows + row * row_bytes, k, r);
+    r.compute_offsets(zero, k / 16);
+    for (int64_t t = 0; t < tokens; ++t)
+      out[t * ldo + row] = dot(r, a.q.data() + t * k, a.scale16.data() + t * k / 16, a.sum16.data() + t * k / 16, k);
+  }
 }
+
+// y[t, row] = sum_k x[t, k] * w[row, k] for GGUF block rows [begin, end) of w (uint8 rows of
+// row_bytes; packed: in the packed layout), written to out[t * ldo + row], on the calling thread.
+// Each build (ggml_cpu.cpp, ggml_avx2.cpp, ggml_portable.cpp) defines it with its kernels;
+// gguf_matmul.cpp spreads the rows of one or several weights over the threads.
+void rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+                 int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo);
 
 // out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
 // above; values(scratch, zero, k, out row) writes one row in out's dtype (a generic lambda).

@@ -10,7 +10,7 @@ backward with the same arguments, routes its rows the same way again.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -37,8 +37,19 @@ def active_routing() -> LoraRouting | None:
     return _ACTIVE.get()
 
 
+_UNCHANGED = nullcontext()
+
+
+def routing_scope(routing: LoraRouting | None) -> AbstractContextManager[None]:
+    """A scope in which `routing` is the active one. Without adapters (None inside None) nothing
+    changes, and the scope costs nothing: a decode step opens one per layer."""
+    if routing is None and _ACTIVE.get() is None:
+        return _UNCHANGED
+    return _scope(routing)
+
+
 @contextmanager
-def routing_scope(routing: LoraRouting | None) -> Iterator[None]:
+def _scope(routing: LoraRouting | None) -> Iterator[None]:
     token = _ACTIVE.set(routing)
     try:
         yield

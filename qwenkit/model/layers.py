@@ -31,6 +31,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """Each of `linears` applied to x: in one call when they share a class that can run several
+    on one input (`forward_group`, as GGUF block layers: x quantized once, one pass of the
+    threads; a decode step's q, k and v are three small products), else one by one."""
+    kind = type(linears[0])
+    group = getattr(kind, "forward_group", None)
+    if group is not None and not torch.is_grad_enabled() and all(type(linear) is kind for linear in linears):
+        return group(x, list(linears))
+    return [linear(x) for linear in linears]
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward; also each expert of a MoE block, and Qwen2.5-VL's vision MLP (with biases)."""
 
@@ -43,6 +54,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        kind = type(self.gate_proj)
+        fused = getattr(kind, "forward_silu_mul", None)  # GGUF block layers: gate, up and the product in one call
+        if fused is not None and type(self.up_proj) is kind:
+            return self.down_proj(fused(x, self.gate_proj, self.up_proj))
         # Inference: in place, so a long prompt holds two [tokens, intermediate] tensors, not four.
         hidden = F.silu(self.gate_proj(x), inplace=True)
         return self.down_proj(hidden.mul_(self.up_proj(x)))
@@ -72,9 +87,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

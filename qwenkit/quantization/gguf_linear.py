@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
@@ -136,6 +137,28 @@ class GGUFLinear(nn.Module):
             y += self.bias
         return y if flat_float else y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    @staticmethod
+    def forward_group(x: torch.Tensor, layers: "list[GGUFLinear]") -> list[torch.Tensor]:
+        """Each layer's output for the same input x (a decoder layer's q, k, v): for a few tokens
+        one native call, which quantizes x once and runs all the layers' rows in one pass of the
+        threads; else layer by layer."""
+        if not _groupable(x, layers):
+            return [layer(x) for layer in layers]
+        return _native().matmul_group(
+            x, [layer.blocks for layer in layers], [layer.kind_id for layer in layers], [layer.packed for layer in layers],
+            [_NO_BIAS if layer.bias is None else layer.bias for layer in layers], False,
+        )
+
+    @staticmethod
+    def forward_silu_mul(x: torch.Tensor, gate: "GGUFLinear", up: "GGUFLinear") -> torch.Tensor:
+        """silu(gate(x)) * up(x), SwiGLU's product: for a few tokens one native call (the
+        product taken by each thread on the rows it has just computed)."""
+        if not _groupable(x, [gate, up]):
+            return F.silu(gate(x), inplace=True).mul_(up(x))
+        blocks, kinds, packed = [gate.blocks, up.blocks], [gate.kind_id, up.kind_id], [gate.packed, up.packed]
+        biases = [_NO_BIAS if layer.bias is None else layer.bias for layer in (gate, up)]
+        return _native().matmul_group(x, blocks, kinds, packed, biases, True)[0]
+
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.blocks, self.kind, self.in_features, self.packed)
 
@@ -180,6 +203,18 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.kind.name}"
+
+
+_NO_BIAS = torch.empty(0)
+
+
+def _groupable(x: torch.Tensor, layers: "list[GGUFLinear]") -> bool:
+    """Whether the layers can run as one native call on x: plain GGUF layers (no hooks, no
+    subclass) reading a flat float32 input of few enough tokens for the kernel."""
+    return (
+        x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= KERNEL_MAX_TOKENS
+        and all(type(layer) is GGUFLinear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)
+    )
 
 
 class GGUFEmbedding(nn.Module):
