@@ -11,10 +11,11 @@
 // which 4-, 5- and 6-bit codes cannot reach (2 * 63 * 127); Q8_0's 8-bit codes could, so they are
 // multiplied as signed values with their signs moved onto the activations (|w| * sign(x, w)).
 //   32-value types (packed layout): one float multiply-add per 32 values and token.
-//   the K-quants (the file's blocks): sub-block scales applied in integers, float work once per
-//   256 values and token.
-// The zero's and the minimum's share (offset = scale * zero + min per group, times the token's
-// scaled sum of codes in the group) is one short float dot product per row and token.
+//   the K-quants (the file's blocks): sub-block scales, and the zero's share, applied in
+//   integers; float work once per 256 values and token.
+// The 32-value types' zero and minimum (offset = scale * zero + min per block, times the token's
+// scaled sum of codes in the block) are one short float dot product per row and token; the
+// K-quants' go through the activations' integer sums per group (gguf_blocks.h).
 // Rows of 32-value types whose length is not a multiple of 64 (not packed), and dequantize_into
 // (whose values must be ggml's bit for bit; not on the decode path), take the generic path of
 // gguf_blocks.h.
@@ -190,9 +191,21 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
 }
 
 // ---- The K-quants, read in the file's blocks -------------------------------------------------
-// Each gives its scales as integers (int16: sc per GROUP values), d per 256 values and a float
-// offset per GROUP, and step_scales(sc, c): the int16 scales of step c's two 32-byte halves as
-// VPMADDWD multiplies them (VPMADDUBSW's int16 lane i sums bytes 2i and 2i + 1).
+// Each gives, per 256-value super-block, its integer scales (int16, one per GROUP values) and d,
+// and either a stored minimum (HAS_MIN: dmin and an integer min per GROUP, value = d * sc * q -
+// dmin * m) or a code offset (ZERO_SHIFT: zero = 1 << ZERO_SHIFT, value = d * sc * (q - zero));
+// and step_scales(sc, i): the int16 scales of the super-block's step i's two 32-byte halves as
+// VPMADDWD multiplies them (VPMADDUBSW's int16 lane i sums bytes 2i and 2i + 1). SCALES_INLINE:
+// the dot product unpacks each super-block's scales itself (a load and a widening for Q6_K's
+// int8 scales), else they are unpacked once per row into an array (Q4_K's 6-bit packing costs
+// more than its reload). Measured on Zen 3, one 4864-value row at a time: with the old per-row
+// float offsets, Q6_K ran at 0.61x ggml's vec_dot and now at 1.0x; Q4_K at 0.79x, now ~0.9x.
+
+struct BlockScales {
+  alignas(32) int16_t sc[16];
+  alignas(32) int16_t mins[16];  // HAS_MIN only; zero past the super-block's groups
+  float d, dmin;
+};
 
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -201,29 +214,26 @@ inline uint16_t load_u16(const uint8_t* p) {
 }
 
 // Q4_K's and Q5_K's scales: per 256 values (BYTES per block) d, dmin, then twelve bytes of 6-bit
-// scales and mins, one per 32 values: value = d * sc * q - dmin * m.
+// scales and mins, one per 32 values.
 template <int BYTES>
 struct ScalesK4 {
-  static constexpr int GROUP = 32;
+  static constexpr int GROUP = 32, ZERO_SHIFT = 0;
+  static constexpr bool HAS_MIN = true, SCALES_INLINE = false;
   const uint8_t* row;
   explicit ScalesK4(const uint8_t* r) : row(r) {}
-  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
-    for (int64_t b = 0; b < k / 256; ++b) {
-      const uint8_t* p = row + BYTES * b;
-      uint8_t u[16];
-      scale_min_bytes_k4(p + 4, u);
-      d[b] = _cvtsh_ss(load_u16(p));
-      // eight scales to int16 and eight dmin * m, a vector each: per value the scalar loop cost
-      // as much as a 64-value step's products on a 4864-long row
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(sc + 8 * b), _mm_cvtepu8_epi16(bytes));
-      const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
-      _mm256_storeu_ps(off + 8 * b, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(load_u16(p + 2))), mins));
-    }
+  void block_scales(int64_t s, BlockScales& b) const {
+    const uint8_t* p = row + BYTES * s;
+    alignas(16) uint8_t u[16];
+    scale_min_bytes_k4(p + 4, u);
+    const __m256i both = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(u)));  // 8 scales, 8 mins
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b.sc), both);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b.mins), _mm256_permute2x128_si256(both, both, 0x81));  // mins, then zeros
+    b.d = _cvtsh_ss(load_u16(p));
+    b.dmin = _cvtsh_ss(load_u16(p + 2));
   }
-  static void step_scales(const int16_t* sc, int64_t c, __m256i& lo, __m256i& hi) {
-    lo = _mm256_set1_epi16(sc[2 * c]);
-    hi = _mm256_set1_epi16(sc[2 * c + 1]);
+  static void step_scales(const int16_t* sc, int i, __m256i& lo, __m256i& hi) {
+    lo = _mm256_set1_epi16(sc[2 * i]);
+    hi = _mm256_set1_epi16(sc[2 * i + 1]);
   }
 };
 
@@ -251,14 +261,14 @@ struct Q5KView : ScalesK4<176> {
   }
 };
 
-// The K-quants with a scale per 16 values: step c covers the groups 4c .. 4c + 3, its low half
-// groups 4c and 4c + 1 (int16 lanes 0-7 and 8-15), its high half 4c + 2 and 4c + 3.
+// The K-quants with a scale per 16 values: step i covers the groups 4i .. 4i + 3, its low half
+// groups 4i and 4i + 1 (int16 lanes 0-7 and 8-15), its high half 4i + 2 and 4i + 3.
 struct Scales16 {
   static constexpr int GROUP = 16;
-  static void step_scales(const int16_t* sc, int64_t c, __m256i& lo, __m256i& hi) {
+  static void step_scales(const int16_t* sc, int i, __m256i& lo, __m256i& hi) {
     const __m256i pick = _mm256_set_epi64x(0x0302030203020302, 0x0302030203020302, 0x0100010001000100, 0x0100010001000100);
     int32_t pairs[2];
-    std::memcpy(pairs, sc + 4 * c, 8);
+    std::memcpy(pairs, sc + 4 * i, 8);
     lo = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[0]), pick);
     hi = _mm256_shuffle_epi8(_mm256_set1_epi32(pairs[1]), pick);
   }
@@ -277,18 +287,17 @@ inline Codes64 two_bit_planes(const uint8_t* qs, int64_t c) {
 // Q2_K: sixteen bytes of 4-bit scale and 4-bit min per 16 values, qs[64], d, dmin:
 // value = d * (sc & 15) * q - dmin * (sc >> 4).
 struct Q2KView : Scales16 {
+  static constexpr int ZERO_SHIFT = 0;
+  static constexpr bool HAS_MIN = true, SCALES_INLINE = true;
   const uint8_t* row;
   Q2KView(const uint8_t* r, int64_t) : row(r) {}
-  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
-    for (int64_t b = 0; b < k / 256; ++b) {
-      const uint8_t* p = row + 84 * b;
-      d[b] = _cvtsh_ss(load_u16(p + 80));
-      const float dmin = _cvtsh_ss(load_u16(p + 82));
-      for (int j = 0; j < 16; ++j) {
-        sc[16 * b + j] = p[j] & 0xF;
-        off[16 * b + j] = dmin * static_cast<float>(p[j] >> 4);
-      }
-    }
+  void block_scales(int64_t s, BlockScales& b) const {
+    const uint8_t* p = row + 84 * s;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(0x0F);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b.sc), _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b.mins), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)));
+    b.d = _cvtsh_ss(load_u16(p + 80));
+    b.dmin = _cvtsh_ss(load_u16(p + 82));
   }
   Codes64 codes64(int64_t c) const { return two_bit_planes(row + 84 * (c / 4) + 16, c); }
 };
@@ -296,19 +305,18 @@ struct Q2KView : Scales16 {
 // Q3_K: hmask[32], qs[64], twelve bytes of sixteen 6-bit scales (stored + 32), d; codes are the
 // 2-bit planes with a third bit from hmask (bit 4 * half + plane of hmask[l]), zero 4.
 struct Q3KView : Scales16 {
+  static constexpr int ZERO_SHIFT = 2;
+  static constexpr bool HAS_MIN = false, SCALES_INLINE = false;
   const uint8_t* row;
   Q3KView(const uint8_t* r, int64_t) : row(r) {}
-  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
-    for (int64_t b = 0; b < k / 256; ++b) {
-      const uint8_t* p = row + 110 * b;
-      const uint8_t* s = p + 96;
-      d[b] = _cvtsh_ss(load_u16(p + 108));
-      for (int j = 0; j < 16; ++j) {  // ggml's kmask unpacking of the 6-bit scales
-        const int low = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
-        const int high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
-        sc[16 * b + j] = static_cast<int16_t>((low | (high << 4)) - 32);
-        off[16 * b + j] = d[b] * static_cast<float>(sc[16 * b + j]) * 4.0f;  // the zero's share
-      }
+  void block_scales(int64_t s, BlockScales& b) const {
+    const uint8_t* p = row + 110 * s;
+    const uint8_t* sb = p + 96;
+    b.d = _cvtsh_ss(load_u16(p + 108));
+    for (int j = 0; j < 16; ++j) {  // ggml's kmask unpacking of the 6-bit scales
+      const int low = j < 8 ? sb[j] & 0xF : sb[j - 8] >> 4;
+      const int high = (sb[8 + j % 4] >> (2 * (j / 4))) & 3;
+      b.sc[j] = static_cast<int16_t>((low | (high << 4)) - 32);
     }
   }
   Codes64 codes64(int64_t c) const {
@@ -327,19 +335,14 @@ struct Q3KView : Scales16 {
 // 6 bits with zero 32. Each half of 128 values is two 64-value steps: (low nibbles of ql[0:32],
 // ql[32:64]) then (their high nibbles), with qh's bit pairs.
 struct Q6KView : Scales16 {
+  static constexpr int ZERO_SHIFT = 5;
+  static constexpr bool HAS_MIN = false, SCALES_INLINE = true;
   const uint8_t* row;
   Q6KView(const uint8_t* r, int64_t) : row(r) {}
-  void int_scales(int64_t k, int16_t* sc, float* d, float* off) const {
-    for (int64_t b = 0; b < k / 256; ++b) {
-      const uint8_t* p = row + 210 * b;
-      d[b] = _cvtsh_ss(load_u16(p + 208));
-      // sixteen int8 scales to int16, and the zero's share d * sc * 32 (as Q4KView, vectors)
-      const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc + 16 * b), _mm256_cvtepi8_epi16(s));
-      const __m256 db = _mm256_set1_ps(d[b]), zero = _mm256_set1_ps(32.0f);
-      _mm256_storeu_ps(off + 16 * b, _mm256_mul_ps(_mm256_mul_ps(db, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s))), zero));
-      _mm256_storeu_ps(off + 16 * b + 8, _mm256_mul_ps(_mm256_mul_ps(db, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8)))), zero));
-    }
+  void block_scales(int64_t s, BlockScales& b) const {
+    const uint8_t* p = row + 210 * s;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b.sc), _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192))));
+    b.d = _cvtsh_ss(load_u16(p + 208));
   }
   Codes64 codes64(int64_t c) const {
     const uint8_t* p = row + 210 * (c / 4);
@@ -359,21 +362,29 @@ struct Q6KView : Scales16 {
 // (the activations have one scale per super-block, the weights an integer scale per 16 or 32
 // values and a float d per 256). A VPMADDUBSW lane sums 2 products of a code (< 64) and an
 // activation (|x| <= 127), |.| <= 16002; VPMADDWD multiplies it by its sub-block scale (|sc| <=
-// 128) and adds pairs; 8 steps of that stay far inside int32. Float work is one convert and one
-// multiply-add per token per 256 values. As in tile_dot, each token's sum is computed exactly as
-// it would be alone.
-template <class View, int NT>
-inline void tile_dot_k(const View& v, const int16_t* sc, const float* d, const int8_t* xq, const float* xs16, int64_t k, __m256* sums) {
-  const int64_t groups16 = k / 16;
-  __m256 acc[NT];
-  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+// 128) and adds pairs; 8 steps of that stay far inside int32. The zero's share, sum over groups
+// of sc * zero * (the group's sum of activation codes), is taken off in integers too (one
+// VPMADDWD per super-block: |sc| * 2032 * 2 * 32 < 2^24); a stored minimum's share, dmin * sum of
+// m * group sums, goes to a float sum of its own. Float work is two converts and two
+// multiply-adds per token per 256 values. As in tile_dot, each token's sum is computed exactly
+// as it would be alone.
+template <class View, int NT, bool OWN_SCALES>
+inline void tile_dot_k(const View& v, const BlockScales* scales, const int8_t* xq, const float* xs16, const int16_t* xcodes, int64_t k,
+                       __m256* sums) {
+  const int64_t groups16 = k / 16, groups = k / View::GROUP, per_block = 256 / View::GROUP;
+  __m256 acc[NT], acc_min[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = acc_min[j] = _mm256_setzero_ps();
   for (int64_t s = 0; s < k / 256; ++s) {
+    BlockScales own;
+    if constexpr (OWN_SCALES) v.block_scales(s, own);
+    const BlockScales& b = OWN_SCALES ? own : scales[s];
     __m256i isum[NT];
     for (int j = 0; j < NT; ++j) isum[j] = _mm256_setzero_si256();
-    for (int64_t c = 4 * s; c < 4 * s + 4; ++c) {
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = 4 * s + i;
       const Codes64 w = v.codes64(c);
       __m256i scale_lo, scale_hi;
-      View::step_scales(sc, c, scale_lo, scale_hi);
+      View::step_scales(b.sc, i, scale_lo, scale_hi);
       for (int j = 0; j < NT; ++j) {
         const int8_t* x = xq + j * k + 64 * c;
         const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, load32(x)), scale_lo);
@@ -381,34 +392,47 @@ inline void tile_dot_k(const View& v, const int16_t* sc, const float* d, const i
         isum[j] = _mm256_add_epi32(isum[j], _mm256_add_epi32(lo, hi));
       }
     }
-    for (int j = 0; j < NT; ++j)
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_set1_ps(d[s] * xs16[j * groups16 + 16 * s]), acc[j]);
+    for (int j = 0; j < NT; ++j) {
+      const __m256i group_sums = load32(xcodes + j * groups + per_block * s);
+      const float xd = xs16[j * groups16 + 16 * s];
+      if constexpr (View::ZERO_SHIFT > 0)
+        isum[j] = _mm256_sub_epi32(isum[j], _mm256_slli_epi32(_mm256_madd_epi16(load32(b.sc), group_sums), View::ZERO_SHIFT));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_set1_ps(b.d * xd), acc[j]);
+      if constexpr (View::HAS_MIN)
+        acc_min[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(load32(b.mins), group_sums)), _mm256_set1_ps(b.dmin * xd), acc_min[j]);
+    }
   }
-  for (int j = 0; j < NT; ++j) sums[j] = acc[j];
+  for (int j = 0; j < NT; ++j) sums[j] = View::HAS_MIN ? _mm256_sub_ps(acc[j], acc_min[j]) : acc[j];
 }
 
 // y[t, row] for K-quant rows [begin, end), tokens 4 at a time through tile_dot_k.
 template <class View>
 void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
                 int64_t end, float* out, int64_t n) {
-  constexpr int G = View::GROUP;
-  const int64_t groups = k / G, stride = groups + 16, supers = k / 256;
-  const float* xsums = G == 32 ? a.sum32.data() : a.sum16.data();
-  std::vector<int16_t> sc(TILE_ROWS * stride);
-  std::vector<float> d(TILE_ROWS * supers), off(TILE_ROWS * stride);
+  const int16_t* xcodes = View::GROUP == 32 ? a.codes32.data() : a.codes16.data();
+  const int64_t supers = k / 256;
+  std::vector<BlockScales> scales(TILE_ROWS * supers);
   __m256 sums[4];
   row_and_token_tiles<4, TILE_ROWS, PREFETCH_AHEAD>(
       rows, row_bytes, begin, end, tokens,
       [&](int64_t first, int64_t count) {
-        for (int64_t r = 0; r < count; ++r)
-          View(rows + (first + r) * row_bytes, k).int_scales(k, &sc[r * stride], &d[r * supers], &off[r * stride]);
+        if constexpr (View::SCALES_INLINE) return;
+        for (int64_t r = 0; r < count; ++r) {
+          const View v(rows + (first + r) * row_bytes, k);
+          for (int64_t s = 0; s < supers; ++s) v.block_scales(s, scales[r * supers + s]);
+        }
       },
       [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
         const View v(rows + row * row_bytes, k);
         with_tile_size(nt, [&](auto NT) {
-          tile_dot_k<View, NT>(v, &sc[r * stride], &d[r * supers], a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16), k, sums);
+          if constexpr (View::SCALES_INLINE) {
+            tile_dot_k<View, NT, true>(v, nullptr, a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16), xcodes + t0 * (k / View::GROUP), k, sums);
+          } else {
+            tile_dot_k<View, NT, false>(v, &scales[r * supers], a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16),
+                                        xcodes + t0 * (k / View::GROUP), k, sums);
+          }
         });
-        subtract_offsets(&off[r * stride], xsums, groups, t0, nt, sums, out, n, row);
+        for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = hsum8(sums[j]);
       });
 }
 

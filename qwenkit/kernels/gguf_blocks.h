@@ -64,13 +64,16 @@ struct QuantizedActivations {
   std::vector<float> sum16;    // [T, K / 16]
   std::vector<float> scale32;  // [T, K / 32]
   std::vector<float> sum32;    // [T, K / 32]
+  std::vector<int16_t> codes16;  // [T, K / 16] (+16): the sum of the codes per 16 values (|.| <= 2032)
+  std::vector<int16_t> codes32;  // [T, K / 32] (+16): per 32 values (|.| <= 4064)
 };
 
 inline int64_t activation_block(int kind) { return format_of(kind).block_values == 256 ? 256 : 32; }
 
 inline QuantizedActivations quantize_activations(const float* x, int64_t tokens, int64_t k, int64_t block) {
   QuantizedActivations a{std::vector<int8_t>(tokens * k), std::vector<float>(tokens * k / 16 + 16), std::vector<float>(tokens * k / 16 + 16),
-                         std::vector<float>(tokens * k / 32 + 16), std::vector<float>(tokens * k / 32 + 16)};
+                         std::vector<float>(tokens * k / 32 + 16), std::vector<float>(tokens * k / 32 + 16),
+                         std::vector<int16_t>(tokens * k / 16 + 16), std::vector<int16_t>(tokens * k / 32 + 16)};
   const int64_t per_block16 = block / 16;
   parallel_for(0, tokens * (k / block), std::max<int64_t>(1, 2048 / block), [&](int64_t begin, int64_t end) {
     int sums[16];
@@ -89,10 +92,12 @@ inline QuantizedActivations quantize_activations(const float* x, int64_t tokens,
       for (int64_t g = 0; g < per_block16; ++g) {
         a.scale16[b * per_block16 + g] = d;
         a.sum16[b * per_block16 + g] = d * sums[g];
+        a.codes16[b * per_block16 + g] = static_cast<int16_t>(sums[g]);
       }
       for (int64_t g = 0; g < per_block16 / 2; ++g) {
         a.scale32[b * per_block16 / 2 + g] = d;
         a.sum32[b * per_block16 / 2 + g] = d * (sums[2 * g] + sums[2 * g + 1]);
+        a.codes32[b * per_block16 / 2 + g] = static_cast<int16_t>(sums[2 * g] + sums[2 * g + 1]);
       }
     }
   });
