@@ -75,22 +75,14 @@ struct PackedView {
   PackedRow p;
   PackedView(const uint8_t* row, int64_t k) : p(KIND, row, k) {}
 
-  // ws[b] = the block's scale; off[b] = ws * zero - min (Q4_1, Q5_1 store value = d * q + m).
-  void scales(int64_t k, float* ws, float* off) const {
-    const int64_t blocks = k / 32;
-    const float zero = static_cast<float>(format_of(KIND).zero);
-    int64_t b = 0;
-    for (; b + 8 <= blocks; b += 8) {  // F16C: the scalar conversion would cost more than the row's products
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + b)));
-      _mm256_storeu_ps(ws + b, s);
-      __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(zero));
-      if constexpr (has_min(KIND)) o = _mm256_sub_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.mins + b))));
-      _mm256_storeu_ps(off + b, o);
-    }
-    for (; b < blocks; ++b) {
-      ws[b] = _cvtsh_ss(p.scales[b]);
-      off[b] = has_min(KIND) ? ws[b] * zero - _cvtsh_ss(p.mins[b]) : ws[b] * zero;
-    }
+  // The scales of blocks b .. b + 7, and their offsets ws * zero - min (Q4_1, Q5_1 store value
+  // = d * q + m). Past a row's last block the lanes hold the next plane's bytes (every plane but
+  // the codes is followed by another in the row): the caller ignores them.
+  __m256 scales8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + b))); }
+  __m256 offsets8(int64_t b, __m256 ws) const {
+    const __m256 o = _mm256_mul_ps(ws, _mm256_set1_ps(static_cast<float>(format_of(KIND).zero)));
+    if constexpr (has_min(KIND)) return _mm256_sub_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.mins + b))));
+    return o;
   }
 
   Codes64 codes64(int64_t c) const {
@@ -119,18 +111,25 @@ inline __m256i first_lanes(int64_t n) { return _mm256_cmpgt_epi32(_mm256_set1_ep
 // NT tokens' dot products with one packed row, as 8 partial sums each: each 64-value step of the
 // row is decoded once and multiplied with all NT tokens' int8 codes. Each token's sum is computed
 // exactly as it would be alone (same operations, same order), so a batch gives each token the
-// bits of a batch of one. The blocks' scale products (weight scale x activation scale) are
-// multiplied 8 at a time first, so the loop broadcasts them straight from memory. The two 32-value
-// blocks of a step go to two accumulators: one chain of multiply-adds would wait on its latency.
+// bits of a batch of one. First, one pass over the row's block scales, 8 at a time, gives each
+// token's scale products (weight scale x activation scale, which the loop broadcasts from
+// memory) and the subtracted share of the zero and minimum (offset x the token's scaled sum of
+// codes per block). The two 32-value blocks of a step go to two accumulators: one chain of
+// multiply-adds would wait on its latency. xs32 and xsum32 have 8 values of padding.
 template <class View, int NT>
-inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const float* xs32, int64_t k, float* scales, __m256* sums) {
+inline void tile_dot(const View& v, const int8_t* xq, const float* xs32, const float* xsum32, int64_t k, float* scales, __m256* sums) {
   const int64_t blocks = k / 32, stride = blocks + 8;
-  for (int j = 0; j < NT; ++j)
-    for (int64_t b = 0; b < blocks; b += 8) {
-      const __m256i lanes = first_lanes(blocks - b);
-      _mm256_storeu_ps(scales + j * stride + b,
-                       _mm256_mul_ps(_mm256_maskload_ps(ws + b, lanes), _mm256_maskload_ps(xs32 + j * blocks + b, lanes)));
+  __m256 sub[NT];
+  for (int j = 0; j < NT; ++j) sub[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; b += 8) {
+    const __m256 ws = v.scales8(b);
+    __m256 off = _mm256_setzero_ps();
+    if constexpr (!View::SIGNED) off = _mm256_and_ps(v.offsets8(b, ws), _mm256_castsi256_ps(first_lanes(blocks - b)));
+    for (int j = 0; j < NT; ++j) {
+      _mm256_storeu_ps(scales + j * stride + b, _mm256_mul_ps(ws, _mm256_loadu_ps(xs32 + j * blocks + b)));
+      if constexpr (!View::SIGNED) sub[j] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xsum32 + j * blocks + b), sub[j]);
     }
+  }
   __m256 acc_lo[NT], acc_hi[NT];
   for (int j = 0; j < NT; ++j) acc_lo[j] = acc_hi[j] = _mm256_setzero_ps();
   for (int64_t c = 0; c < k / 64; ++c) {
@@ -146,27 +145,7 @@ inline void tile_dot(const View& v, const float* ws, const int8_t* xq, const flo
       acc_hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_broadcast_ss(scale + 1), acc_hi[j]);
     }
   }
-  for (int j = 0; j < NT; ++j) sums[j] = _mm256_add_ps(acc_lo[j], acc_hi[j]);
-}
-
-// out[t, row] for tokens [t0, t0 + nt): their partial sums less the subtracted part of the row's
-// dot products: per weight group, the group's offset (scale * zero + min) times the token's
-// scaled sum of codes in the group. No offsets (Q8_0): off is null.
-inline void subtract_offsets(const float* off, const float* xsums, int64_t groups, int64_t t0, int64_t nt, const __m256* sums,
-                             float* out, int64_t n, int64_t row) {
-  for (int64_t j = 0; j < nt; ++j) {
-    __m256 total = sums[j];
-    if (off) {
-      const float* xsum = xsums + (t0 + j) * groups;
-      __m256 sub = _mm256_setzero_ps();
-      for (int64_t g = 0; g < groups; g += 8) {
-        const __m256i lanes = first_lanes(groups - g);
-        sub = _mm256_fmadd_ps(_mm256_maskload_ps(off + g, lanes), _mm256_maskload_ps(xsum + g, lanes), sub);
-      }
-      total = _mm256_sub_ps(total, sub);
-    }
-    out[(t0 + j) * n + row] = hsum8(total);
-  }
+  for (int j = 0; j < NT; ++j) sums[j] = _mm256_sub_ps(_mm256_add_ps(acc_lo[j], acc_hi[j]), sub[j]);
 }
 
 // y[t, row] for packed rows [begin, end) (k a multiple of 64), tokens 4 at a time through tile_dot.
@@ -174,19 +153,16 @@ template <class View>
 void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
               int64_t end, float* out, int64_t n) {
   const int64_t blocks = k / 32, stride = blocks + 8;
-  std::vector<float> ws(TILE_ROWS * stride), off(TILE_ROWS * stride), scales(4 * stride);
+  std::vector<float> scales(4 * stride);
   __m256 sums[4];
   row_and_token_tiles<4, TILE_ROWS, PREFETCH_AHEAD>(
-      rows, row_bytes, begin, end, tokens,
-      [&](int64_t first, int64_t count) {
-        for (int64_t r = 0; r < count; ++r) View(rows + (first + r) * row_bytes, k).scales(k, &ws[r * stride], &off[r * stride]);
-      },
-      [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
+      rows, row_bytes, begin, end, tokens, [](int64_t, int64_t) {},
+      [&](int64_t, int64_t row, int64_t t0, int64_t nt) {
         const View v(rows + row * row_bytes, k);
         with_tile_size(nt, [&](auto NT) {
-          tile_dot<View, NT>(v, &ws[r * stride], a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, k, scales.data(), sums);
+          tile_dot<View, NT>(v, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, a.sum32.data() + t0 * blocks, k, scales.data(), sums);
         });
-        subtract_offsets(View::SIGNED ? nullptr : &off[r * stride], a.sum32.data(), blocks, t0, nt, sums, out, n, row);
+        for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = hsum8(sums[j]);
       });
 }
 
