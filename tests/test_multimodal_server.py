@@ -10,6 +10,7 @@ from functools import partial
 
 import numpy as np
 import httpx
+import ollama
 import openai
 import pytest
 from PIL import Image
@@ -201,6 +202,25 @@ def test_cli_chat_with_image_and_audio_files(vl_path, media_dir, audio_server, t
     path, _ = audio_server
     expected = LLM(str(path)).chat(user({"type": "audio", "audio": str(clip)}, text("what is it")), params)[0].outputs[0].text
     assert cli(path, "--audio", str(clip)) == expected
+
+
+def test_ollama_generate_images_answer_as_chat(vl_server):
+    """/api/generate with `images`, through the official `ollama` client (it base64-encodes the
+    bytes): the same greedy answer and prompt length as /api/chat with the image on the user turn;
+    images with raw (no chat template to place them) or undecodable bytes are 400s."""
+    img = png_bytes(image(90, 60))
+    client = ollama.Client(host=vl_server.url, headers={"Authorization": f"Bearer {KEY}"})
+    options = {"temperature": 0, "num_predict": 6}
+    chat = client.chat("vl", [{"role": "user", "content": "what is this", "images": [img]}], options=options)
+    generated = client.generate("vl", "what is this", images=[img], options=options)
+    assert generated.response == chat.message.content
+    assert generated.prompt_eval_count == chat.prompt_eval_count
+    text_only = client.generate("vl", "what is this", options=options)
+    assert text_only.prompt_eval_count < generated.prompt_eval_count  # the image's placeholders are in the prompt
+    with pytest.raises(ollama.ResponseError, match="without raw"):
+        client.generate("vl", "<|im_start|>user\nhi", images=[img], raw=True, options=options)
+    with pytest.raises(ollama.ResponseError, match="cannot decode the image"):
+        client.generate("vl", "what is this", images=[b"not an image"], options=options)
 
 
 def test_ollama_chat_images_answer_as_the_openai_route(vl_server, vl_client):

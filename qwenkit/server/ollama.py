@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from qwenkit import __version__
 from qwenkit.engine.outputs import RequestOutput
 from qwenkit.errors import QwenkitError
-from qwenkit.server.chat import chat_prompt, chat_prompt_with_media
+from qwenkit.server.chat import chat_prompt_with_media
 from qwenkit.server.completions import completion_prompt
 from qwenkit.server.embeddings import authorized_key, embed, token_lists
 from qwenkit.server.errors import APIError
@@ -331,27 +331,27 @@ async def generate(body: OllamaGenerateRequest, request: Request, key: str = aut
     started = time.monotonic()
     state = _state(request)
     model = served_model(state, body.model)
-    if body.images:
-        raise APIError(400, "images are taken by /api/chat (and /v1/chat/completions), not /api/generate")
+    if body.images and (body.raw or body.suffix):
+        raise APIError(400, "images go through the chat template: send them without raw or suffix")
     if body.template:
         raise APIError(400, "template overrides (Go templates) are not supported; send raw=true with a formatted prompt")
-    if not body.prompt and not body.suffix:
+    if not body.prompt and not body.suffix and not body.images:
         return loaded_reply(model, {"response": ""})
     fields = SamplingFields.model_validate({**sampling_fields(body), **format_fields(body.format)})
-    prompt = body.prompt or ""
+    prompt, media = body.prompt or "", None
     if body.suffix:  # fill in the middle, with the model's FIM tokens (a 400 for a model without them)
         state.check_prompt_chars(len(prompt) + len(body.suffix), "prompt")
         ids = await state.off_loop(fim_ids, state, prompt, body.suffix)
     elif body.raw:  # the caller wrote the whole prompt, control tokens included
         ids = await state.off_loop(completion_prompt, state, prompt)
-    else:
+    else:  # one user turn (images before its text, as /api/chat), through the chat template
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        messages.append({"role": "user", "content": prompt})
+        messages.append(openai_message(OllamaMessage(role="user", content=prompt, images=body.images)))
         kwargs = {"enable_thinking": bool(body.think)} if body.think is not None else None
         oai = ChatCompletionRequest.model_validate({"messages": messages, "chat_template_kwargs": kwargs})
-        ids = (await state.off_loop(chat_prompt, state, oai))[0]
+        ids, _, _, media = await state.off_loop(chat_prompt_with_media, state, oai)
     prompt_ids = list(body.context or []) + ids
-    stream = await start(state, key, model, prompt_ids, fields)
+    stream = await start(state, key, model, prompt_ids, fields, media=media)
 
     def final(out: RequestOutput) -> dict:  # the conversation so far, for the next request's `context`
         return {} if body.raw else {"context": out.prompt_token_ids + out.outputs[0].token_ids}
