@@ -223,6 +223,37 @@ def test_ollama_generate_images_answer_as_chat(vl_server):
         client.generate("vl", "what is this", images=[b"not an image"], options=options)
 
 
+def test_batch_file_with_images_answers_as_the_library(vl_path, tmp_path):
+    """`qwenkit batch` lines with image parts (data: URLs) answer as LLM.chat does with the same
+    image; a line whose image cannot be decoded gets its 400 and the others run."""
+    import json
+
+    from qwenkit.cli.batch import run_batch
+
+    params = SamplingParams(temperature=0, max_tokens=5)
+    llm = LLM(str(vl_path))
+    images = [image(100, 70), image(60, 90, seed=1)]
+    lines = [{"custom_id": f"img-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "vl", "temperature": 0, "max_tokens": 5,
+                       "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(img)}},
+                                                                 {"type": "text", "text": "what is this"}]}]}}
+             for i, img in enumerate(images)]
+    broken = json.loads(json.dumps(lines[0]))
+    broken["custom_id"] = "broken"
+    broken["body"]["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,bm90IGFuIGltYWdl"
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(json.dumps(line) for line in [*lines, broken]) + "\n")
+    summary = run_batch(llm, inp, out, "vl")
+    assert (summary.done, summary.failed) == (3, 1)
+    results = {r["custom_id"]: r["response"] for r in map(json.loads, out.read_text().splitlines())}
+    for i, img in enumerate(images):
+        alone = llm.chat(user({"type": "image_url", "image_url": {"url": png_url(img)}}, text("what is this")), params)[0]
+        assert results[f"img-{i}"]["status_code"] == 200
+        assert results[f"img-{i}"]["body"]["choices"][0]["message"]["content"] == alone.outputs[0].text
+        assert results[f"img-{i}"]["body"]["usage"]["prompt_tokens"] == len(alone.prompt_token_ids)  # the image's placeholders
+    assert results["broken"]["status_code"] == 400 and "cannot decode the image" in results["broken"]["body"]["error"]["message"]
+
+
 def test_ollama_chat_images_answer_as_the_openai_route(vl_server, vl_client):
     img = image(100, 70)
     openai_answer = greedy(vl_client, "vl", [{"type": "image_url", "image_url": {"url": png_url(img)}}, text("what is this")])

@@ -131,7 +131,7 @@ class BatchRunner:
             self._respond(line.custom_id, 400, error_body(400, str(exc), "invalid_request"))
 
     def _add_chat(self, line: Line) -> None:
-        from qwenkit.server.chat import chat_prompt
+        from qwenkit.server.chat import chat_prompt_with_media
         from qwenkit.server.errors import APIError
         from qwenkit.server.guided import with_guidance
         from qwenkit.server.protocol import ChatCompletionRequest
@@ -139,13 +139,13 @@ class BatchRunner:
         body = ChatCompletionRequest.model_validate(line.body)
         if body.stream:
             raise APIError(400, "stream is not available in a batch", "invalid_value", "stream")
-        prompt_ids, parse_tools, prefix = chat_prompt(self.state, body)
+        prompt_ids, parse_tools, prefix, media = chat_prompt_with_media(self.state, body)  # images as data: URLs
         max_tokens = self.state.max_tokens(BATCH_KEY, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.state.sampling_params(body, max_tokens, logprobs=logprobs, thinking_budget=body.thinking_budget)
         params = with_guidance(self.state, body, params, prefix)
         request_id = f"batch_req_{uuid.uuid4().hex[:24]}"
-        self.engine.add_request(prompt_ids, params, request_id)
+        self.engine.add_request(prompt_ids, params, request_id, media=media)
         self.jobs[request_id] = ChatJob(line.custom_id, body, parse_tools, prefix)
 
     def _embed(self, line: Line) -> None:

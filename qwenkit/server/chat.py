@@ -64,20 +64,13 @@ def _chars(value: Any) -> int:
     return 0
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], bool, str]:
-    """(prompt ids, whether to parse tool calls, text forced at the start of the reply).
+def chat_prompt_with_media(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], bool, str, list]:
+    """(prompt ids, whether to parse tool calls, text forced at the start of the reply, the
+    request's media preprocessed; the ids have one placeholder per encoder output).
 
     CPU work: the server runs it in a worker thread (ServerState.off_loop). Tokenizer.encode_chat
     keeps every string from the request as text: only the template writes control tokens.
     """
-    if any(isinstance(m.content, list) and any(p.type != "text" for p in m.content) for m in body.messages):
-        raise APIError(400, "images, video and audio are taken by /v1/chat/completions only", "invalid_media", "messages")
-    ids, tools, prefix, _ = chat_prompt_with_media(state, body)
-    return ids, tools, prefix
-
-
-def chat_prompt_with_media(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], bool, str, list]:
-    """chat_prompt plus the request's media (preprocessed; the ids have one placeholder per encoder output)."""
     messages, media = load_chat_media(state, [template_message(m) for m in body.messages], body.mm_processor_kwargs)
     choice = body.tool_choice
     tools = [t.model_dump() for t in body.tools] if body.tools and choice != "none" else None
