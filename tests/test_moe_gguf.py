@@ -65,7 +65,7 @@ def test_grouped_experts_equal_each_expert_alone(tmp_path):
     of them (dequantized weights), within int8 activation rounding; empty experts are skipped."""
     from qwenkit.model.layers import MLP
     from qwenkit.quantization.gguf_experts import GGUFExperts
-    from qwenkit.quantization.gguf_linear import dequantize_rows
+    from qwenkit.quantization.gguf_linear import block_matmul, dequantize_rows, native_kernels
     from tiny_gguf import _k_quantize
 
     experts, hidden, inter = 5, 256, 256
@@ -87,7 +87,17 @@ def test_grouped_experts_equal_each_expert_alone(tmp_path):
                 linear.weight.copy_(dequantize_rows(b[e], k, cols))
             want = mlp(x[start : start + n])
         torch.testing.assert_close(y[start : start + n], want, atol=0.03 * want.abs().max().item(), rtol=0)
+        # The one native call against the same kernels called expert by expert: the products are
+        # the same; SwiGLU's exp differs from torch's by ~1e-7, which may move one int8 rounding.
+        kernel = lambda rows, name: block_matmul(rows, getattr(module, f"{name}_blocks")[e], *getattr(module, f"{name}_kind"))  # noqa: E731
+        rows = x[start : start + n]
+        alone = kernel(torch.nn.functional.silu(kernel(rows, "gate")) * kernel(rows, "up"), "down")
+        torch.testing.assert_close(y[start : start + n], alone, atol=2e-3 * alone.abs().max().item(), rtol=0)
         start += n
+    with pytest.raises(RuntimeError, match="counts add up to 13, not the 12 rows"):
+        native_kernels().experts_mlp(x[:12], counts, module.gate_blocks, module.up_blocks, module.down_blocks,
+                                     [k for k, _, _ in (module.gate_kind, module.up_kind, module.down_kind)],
+                                     [p for _, _, p in (module.gate_kind, module.up_kind, module.down_kind)])
 
 
 _PEAK_RSS = """

@@ -9,6 +9,8 @@ torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k);
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed);
 std::vector<torch::Tensor> matmul_group(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> kinds,
                                         std::vector<bool> packed, std::vector<torch::Tensor> biases, bool silu_mul);
+torch::Tensor experts_mlp(torch::Tensor x, std::vector<int64_t> counts, torch::Tensor gate, torch::Tensor up, torch::Tensor down,
+                          std::vector<int64_t> kinds, std::vector<bool> packed);
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
@@ -21,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
   m.def("matmul_group", &matmul_group,
         "x @ w.T (+ bias) for several GGUF weights in one pass (silu_mul: silu(x @ gate.T) * (x @ up.T))");
+  m.def("experts_mlp", &experts_mlp, "a MoE block's experts (stacked GGUF blocks) on their routed rows, in two passes of the threads");
   m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension (float32)");
   m.def("store_kv", &store_kv, "new tokens' float32 keys and values into their slots of one layer's paged cache");

@@ -121,3 +121,84 @@ std::vector<torch::Tensor> matmul_group(torch::Tensor x, std::vector<torch::Tens
   });
   return outs;
 }
+
+// A MoE block's experts on their routed rows: x [N, H] float32 holds counts[0] rows for expert 0,
+// then counts[1] for expert 1, ...; gate, up uint8 [E, I, bytes per row] and down [E, H, bytes
+// per row] are the experts' stacked GGUF blocks (kinds, packed: gate's, up's, down's). Returns
+// [N, H]: each row through its expert's SwiGLU MLP. Two passes of the threads for the whole
+// block (gate and up with SwiGLU's product, then down), each spreading every active expert's
+// rows; a decode step's 8 active experts would otherwise be 24 calls and their elementwise ops.
+torch::Tensor experts_mlp(torch::Tensor x, std::vector<int64_t> counts, torch::Tensor gate, torch::Tensor up, torch::Tensor down,
+                          std::vector<int64_t> kinds, std::vector<bool> packed) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [rows, hidden]");
+  TORCH_CHECK(kinds.size() == 3 && packed.size() == 3, "kinds and packed are gate's, up's and down's");
+  for (const torch::Tensor* w : {&gate, &up, &down})
+    TORCH_CHECK(w->dtype() == torch::kUInt8 && w->dim() == 3 && w->size(0) == static_cast<int64_t>(counts.size()),
+                "expert blocks must be uint8 [experts, rows, bytes per row], one count per expert");
+  TORCH_CHECK(gate.size(1) == up.size(1) && down.size(1) == x.size(1), "gate and up give the intermediate rows, down the hidden ones");
+  x = x.contiguous();
+  gate = gate.contiguous();
+  up = up.contiguous();
+  down = down.contiguous();
+  const int64_t rows = x.size(0), hidden = x.size(1), inter = gate.size(1);
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "counts must not be negative");
+    total += c;
+  }
+  TORCH_CHECK(total == rows, "counts add up to ", total, ", not the ", rows, " rows of x");
+  auto hidden_x = torch::empty({rows, inter}, x.options());
+  check_matmul_args(x, gate.select(0, 0), kinds[0], packed[0]);
+  check_matmul_args(x, up.select(0, 0), kinds[1], packed[1]);
+  check_matmul_args(hidden_x, down.select(0, 0), kinds[2], packed[2]);
+  struct Active {
+    int64_t expert, first, n;
+  };
+  std::vector<Active> active;
+  for (int64_t e = 0, first = 0; e < static_cast<int64_t>(counts.size()); first += counts[e], ++e)
+    if (counts[e]) active.push_back({e, first, counts[e]});
+  const int64_t experts = static_cast<int64_t>(active.size());
+  auto up_x = torch::empty({rows, inter}, x.options());
+  auto out = torch::empty({rows, hidden}, x.options());
+  float* gate_out = hidden_x.data_ptr<float>();
+  float* up_out = up_x.data_ptr<float>();
+  // Each expert's rows of x, quantized for gate's and up's block sizes.
+  std::vector<ActivationsBySize> inputs(experts);
+  std::vector<Part> gates, ups, downs;
+  for (int64_t i = 0; i < experts; ++i) {
+    const Active& a = active[i];
+    const float* xs = x.data_ptr<float>() + a.first * hidden;
+    gates.push_back({static_cast<int>(kinds[0]), packed[0], gate.data_ptr<uint8_t>() + a.expert * inter * gate.size(2), gate.size(2), inter,
+                     nullptr, inputs[i].get(xs, a.n, hidden, static_cast<int>(kinds[0])), gate_out + a.first * inter, inter});
+    ups.push_back({static_cast<int>(kinds[1]), packed[1], up.data_ptr<uint8_t>() + a.expert * inter * up.size(2), up.size(2), inter,
+                   nullptr, inputs[i].get(xs, a.n, hidden, static_cast<int>(kinds[1])), up_out + a.first * inter, inter});
+  }
+  // Expert i's rows [lo, hi) of a projection with `width` rows, for each i overlapping [begin, end).
+  auto each_expert = [&](int64_t width, int64_t begin, int64_t end, auto&& f) {
+    for (int64_t i = begin / width; i < experts && i * width < end; ++i) {
+      const int64_t lo = std::max(begin - i * width, int64_t{0}), hi = std::min(end - i * width, width);
+      if (lo < hi) f(i, lo, hi);
+    }
+  };
+  parallel_for(0, experts * inter, 16, [&](int64_t begin, int64_t end) {
+    each_expert(inter, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
+      gates[i].run(hidden, active[i].n, lo, hi);
+      ups[i].run(hidden, active[i].n, lo, hi);
+      for (int64_t t = 0; t < active[i].n; ++t) {
+        const int64_t at = (active[i].first + t) * inter + lo;
+        qwenkit::silu_mul(gate_out + at, up_out + at, hi - lo);
+      }
+    });
+  });
+  std::vector<ActivationsBySize> hiddens(experts);
+  for (int64_t i = 0; i < experts; ++i) {
+    const Active& a = active[i];
+    downs.push_back({static_cast<int>(kinds[2]), packed[2], down.data_ptr<uint8_t>() + a.expert * hidden * down.size(2), down.size(2),
+                     hidden, nullptr, hiddens[i].get(gate_out + a.first * inter, a.n, inter, static_cast<int>(kinds[2])),
+                     out.data_ptr<float>() + a.first * hidden, hidden});
+  }
+  parallel_for(0, experts * hidden, 16, [&](int64_t begin, int64_t end) {
+    each_expert(hidden, begin, end, [&](int64_t i, int64_t lo, int64_t hi) { downs[i].run(inter, active[i].n, lo, hi); });
+  });
+  return out;
+}

@@ -2,7 +2,9 @@
 
 llama.cpp stores each projection of all experts as one 3-D tensor [experts, rows, columns]; here
 each stays those bytes ([experts, rows, bytes per row], memory-mapped, or a same-size packed copy
-for the 32-value types) and each active expert's rows go through the same kernels as GGUFLinear.
+for the 32-value types) and each active expert's rows go through the same kernels as GGUFLinear:
+all of a step's active experts in one native call when each has few rows (decoding), else expert
+by expert (a long prompt's rows take GGUFLinear's dense path).
 It replaces the float `ExpertMLPs` by name and answers the same `grouped(x, counts)`.
 """
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from qwenkit.quantization.gguf_linear import KERNEL_TYPES, block_matmul, bytes_per_row, pack_if_packable
+from qwenkit.quantization.gguf_linear import KERNEL_TYPES, block_matmul, bytes_per_row, native_kernels, pack_if_packable, takes_kernel
 
 
 class GGUFExperts(nn.Module):
@@ -48,6 +50,11 @@ class GGUFExperts(nn.Module):
         then counts[1] for expert 1, ... (the order SparseMoeBlock sorts them in)."""
         dtype = x.dtype
         x = x.float()
+        if takes_kernel(max(counts, default=0)):  # every expert's rows through the kernels: one native call
+            kinds = [self.gate_kind, self.up_kind, self.down_kind]
+            out = native_kernels().experts_mlp(x, counts, self.gate_blocks, self.up_blocks, self.down_blocks,
+                                                [kind for kind, _, _ in kinds], [packed for _, _, packed in kinds])
+            return out.to(dtype)
         out = torch.empty_like(x)
         start = 0
         for expert, n in enumerate(counts):

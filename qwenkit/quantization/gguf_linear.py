@@ -52,22 +52,28 @@ def _scratch_buffer(values: int, dtype: torch.dtype) -> torch.Tensor:
 def dequantize_rows(blocks: torch.Tensor, kind: GGMLQuantizationType, row_length: int, packed: bool = False) -> torch.Tensor:
     """float32 [rows, row_length] values of GGUF block rows (uint8 [rows, bytes per row])."""
     out = torch.empty(blocks.shape[0], row_length, dtype=torch.float32)
-    _native().dequantize_into(blocks, int(kind), out, packed)
+    native_kernels().dequantize_into(blocks, int(kind), out, packed)
     return out
 
 
-def _native():
+def native_kernels():
+    """The compiled CPU kernels; a clear error where they could not be built."""
     kernels = cpu_kernels()
     if kernels is None:
         raise RuntimeError("GGUF block layers need the native CPU kernels (a C++ compiler)")
     return kernels
 
 
+def takes_kernel(tokens: int) -> bool:
+    """Whether a product of this many tokens goes through the native kernel (else the dense path)."""
+    return tokens <= KERNEL_MAX_TOKENS
+
+
 def block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind_id: int, in_features: int, packed: bool) -> torch.Tensor:
     """float32 x [T, in] @ W.T for GGUF block rows W (uint8 [out, bytes per row]): the native
     kernel for few tokens, a dense matmul on dequantized row chunks for many."""
-    if x.shape[0] <= KERNEL_MAX_TOKENS:
-        return _native().matmul(x, blocks, kind_id, packed)
+    if takes_kernel(x.shape[0]):
+        return native_kernels().matmul(x, blocks, kind_id, packed)
     return dense_block_matmul(x, blocks, kind_id, in_features, packed)
 
 
@@ -88,7 +94,7 @@ def dense_block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind_id: int, in_f
 
 def _dequantized_chunk(blocks: torch.Tensor, kind_id: int, in_features: int, packed: bool, dtype: torch.dtype) -> torch.Tensor:
     out = _scratch_buffer(blocks.shape[0] * in_features, dtype).view(blocks.shape[0], in_features)
-    _native().dequantize_into(blocks, kind_id, out, packed)
+    native_kernels().dequantize_into(blocks, kind_id, out, packed)
     return out
 
 
@@ -98,7 +104,7 @@ def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_featur
     Rows pack independently, so [..., rows, bytes] stacks (experts) pack as one tensor."""
     if kind not in PACKED_TYPES or in_features % 64:
         return blocks, False
-    return _native().pack(blocks.reshape(-1, blocks.shape[-1]), int(kind), in_features).view(blocks.shape), True
+    return native_kernels().pack(blocks.reshape(-1, blocks.shape[-1]), int(kind), in_features).view(blocks.shape), True
 
 
 def bytes_per_row(kind: GGMLQuantizationType, row_length: int) -> int:
@@ -144,7 +150,7 @@ class GGUFLinear(nn.Module):
         threads; else layer by layer."""
         if not _groupable(x, layers):
             return [layer(x) for layer in layers]
-        return _native().matmul_group(
+        return native_kernels().matmul_group(
             x, [layer.blocks for layer in layers], [layer.kind_id for layer in layers], [layer.packed for layer in layers],
             [_NO_BIAS if layer.bias is None else layer.bias for layer in layers], False,
         )
@@ -157,7 +163,7 @@ class GGUFLinear(nn.Module):
             return F.silu(gate(x), inplace=True).mul_(up(x))
         blocks, kinds, packed = [gate.blocks, up.blocks], [gate.kind_id, up.kind_id], [gate.packed, up.packed]
         biases = [_NO_BIAS if layer.bias is None else layer.bias for layer in (gate, up)]
-        return _native().matmul_group(x, blocks, kinds, packed, biases, True)[0]
+        return native_kernels().matmul_group(x, blocks, kinds, packed, biases, True)[0]
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.blocks, self.kind, self.in_features, self.packed)
@@ -212,7 +218,7 @@ def _groupable(x: torch.Tensor, layers: "list[GGUFLinear]") -> bool:
     """Whether the layers can run as one native call on x: plain GGUF layers (no hooks, no
     subclass) reading a flat float32 input of few enough tokens for the kernel."""
     return (
-        x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= KERNEL_MAX_TOKENS
+        x.dim() == 2 and x.dtype == torch.float32 and takes_kernel(x.shape[0])
         and all(type(layer) is GGUFLinear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)
     )
 
