@@ -253,19 +253,22 @@ def test_grouped_product_refuses_mismatched_weights(kernels):
 
 
 def test_gguf_layers_run_grouped_as_one_by_one():
-    """GGUFLinear.forward_group / forward_silu_mul, as the decoder calls them, against the layers
-    called one at a time (and the torch ops after them)."""
+    """GGUFLinear.forward_group / forward_silu_mul, as the decoder calls them (model.layers.project),
+    against the layers called one at a time (and the torch ops after them)."""
+    from qwenkit.model.layers import project
+
     layers = [GGUFLinear(*gguf_blocks(kind, rows, 256, seed=i)[:1], kind, 256, bias=torch.randn(rows) if i == 0 else None)
               for i, (kind, rows) in enumerate([(Q.Q5_0, 64), (Q.Q5_0, 16), (Q.Q8_0, 16)])]
     with torch.inference_mode():
         x = torch.randn(2, 256)
-        for grouped, alone in zip(GGUFLinear.forward_group(x, layers), [layer(x) for layer in layers]):
+        for grouped, alone in zip(project(x, layers), [layer(x) for layer in layers]):
             assert torch.equal(grouped, alone)
         gate, up = layers[1], GGUFLinear(gguf_blocks(Q.Q5_0, 16, 256, seed=7)[0], Q.Q5_0, 256)
         torch.testing.assert_close(GGUFLinear.forward_silu_mul(x, gate, up), torch.nn.functional.silu(gate(x)) * up(x),
                                    rtol=1e-6, atol=1e-6)
-        many = torch.randn(gguf_linear.KERNEL_MAX_TOKENS + 1, 256)  # the dense path: layer by layer
-        for grouped, alone in zip(GGUFLinear.forward_group(many, layers), [layer(many) for layer in layers]):
+        many = torch.randn(gguf_linear.KERNEL_MAX_TOKENS + 1, 256)  # the dense path: the hooks decline, layer by layer
+        assert GGUFLinear.forward_group(many, layers) is None and GGUFLinear.forward_silu_mul(many, gate, up) is None
+        for grouped, alone in zip(project(many, layers), [layer(many) for layer in layers]):
             assert torch.equal(grouped, alone)
 
 

@@ -157,6 +157,17 @@ void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, c
   }
 }
 
+// run(k, v) with the caches' element pointers as float, at::Half or at::BFloat16.
+template <typename Run>
+void with_cache_rows(torch::Tensor& k_cache, torch::Tensor& v_cache, Run&& run) {
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>()); break;
+    case at::kHalf: run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>()); break;
+    case at::kBFloat16: run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>()); break;
+    default: TORCH_CHECK(false, "the cache must be float32, float16 or bfloat16");
+  }
+}
+
 }  // namespace
 
 // y = x / rms(x) * weight over the last dimension, for float32 rows.
@@ -218,12 +229,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
     });
   };
-  switch (k_cache.scalar_type()) {
-    case at::kFloat: run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>()); break;
-    case at::kHalf: run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>()); break;
-    case at::kBFloat16: run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>()); break;
-    default: TORCH_CHECK(false, "the cache must be float32, float16 or bfloat16");
-  }
+  with_cache_rows(k_cache, v_cache, run);
   return out;
 }
 
@@ -253,12 +259,7 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
         }
     });
   };
-  switch (k_cache.scalar_type()) {
-    case at::kFloat: run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>()); break;
-    case at::kHalf: run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>()); break;
-    case at::kBFloat16: run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>()); break;
-    default: TORCH_CHECK(false, "the cache must be float32, float16 or bfloat16");
-  }
+  with_cache_rows(k_cache, v_cache, run);
 }
 
 // Rotary position embedding, half-split as Qwen (rotate_half): for x [T, H, D] and cos, sin [T, D],

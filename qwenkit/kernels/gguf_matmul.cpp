@@ -54,6 +54,12 @@ struct ActivationsBySize {
   }
 };
 
+// gate[t * ldo + r] = silu(gate[...]) * up[...] for tokens [0, tokens) and rows [begin, end):
+// SwiGLU's product on the rows a thread has just written.
+void silu_mul_rows(float* gate, const float* up, int64_t ldo, int64_t tokens, int64_t begin, int64_t end) {
+  for (int64_t t = 0; t < tokens; ++t) silu_mul(gate + t * ldo + begin, up + t * ldo + begin, end - begin);
+}
+
 }  // namespace
 
 // y[t, n] = sum_k x[t, k] * w[n, k] for GGUF block rows w (uint8 [N, bytes per row]).
@@ -104,7 +110,7 @@ std::vector<torch::Tensor> matmul_group(torch::Tensor x, std::vector<torch::Tens
     parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       parts[0].run(k, tokens, begin, end);
       parts[1].run(k, tokens, begin, end);
-      for (int64_t t = 0; t < tokens; ++t) qwenkit::silu_mul(gate + t * n + begin, up + t * n + begin, end - begin);
+      silu_mul_rows(gate, up, n, tokens, begin, end);
     });
     return {outs[0]};
   }
@@ -163,15 +169,19 @@ torch::Tensor experts_mlp(torch::Tensor x, std::vector<int64_t> counts, torch::T
   float* gate_out = hidden_x.data_ptr<float>();
   float* up_out = up_x.data_ptr<float>();
   // Each expert's rows of x, quantized for gate's and up's block sizes.
+  // Expert a's slice of stacked weight w (kinds[which]), reading `input` ([a.n, in]), writing out + a.first * ldo.
+  auto expert_part = [&](const Active& a, const torch::Tensor& w, int which, ActivationsBySize& inputs, const float* input, int64_t in,
+                         float* out, int64_t ldo) {
+    const int kind = static_cast<int>(kinds[which]);
+    return Part{kind, packed[which], w.data_ptr<uint8_t>() + a.expert * w.size(1) * w.size(2), w.size(2), w.size(1), nullptr,
+                inputs.get(input, a.n, in, kind), out + a.first * ldo, ldo};
+  };
   std::vector<ActivationsBySize> inputs(experts);
   std::vector<Part> gates, ups, downs;
   for (int64_t i = 0; i < experts; ++i) {
-    const Active& a = active[i];
-    const float* xs = x.data_ptr<float>() + a.first * hidden;
-    gates.push_back({static_cast<int>(kinds[0]), packed[0], gate.data_ptr<uint8_t>() + a.expert * inter * gate.size(2), gate.size(2), inter,
-                     nullptr, inputs[i].get(xs, a.n, hidden, static_cast<int>(kinds[0])), gate_out + a.first * inter, inter});
-    ups.push_back({static_cast<int>(kinds[1]), packed[1], up.data_ptr<uint8_t>() + a.expert * inter * up.size(2), up.size(2), inter,
-                   nullptr, inputs[i].get(xs, a.n, hidden, static_cast<int>(kinds[1])), up_out + a.first * inter, inter});
+    const float* xs = x.data_ptr<float>() + active[i].first * hidden;
+    gates.push_back(expert_part(active[i], gate, 0, inputs[i], xs, hidden, gate_out, inter));
+    ups.push_back(expert_part(active[i], up, 1, inputs[i], xs, hidden, up_out, inter));
   }
   // Expert i's rows [lo, hi) of a projection with `width` rows, for each i overlapping [begin, end).
   auto each_expert = [&](int64_t width, int64_t begin, int64_t end, auto&& f) {
@@ -184,19 +194,12 @@ torch::Tensor experts_mlp(torch::Tensor x, std::vector<int64_t> counts, torch::T
     each_expert(inter, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       gates[i].run(hidden, active[i].n, lo, hi);
       ups[i].run(hidden, active[i].n, lo, hi);
-      for (int64_t t = 0; t < active[i].n; ++t) {
-        const int64_t at = (active[i].first + t) * inter + lo;
-        qwenkit::silu_mul(gate_out + at, up_out + at, hi - lo);
-      }
+      silu_mul_rows(gate_out + active[i].first * inter, up_out + active[i].first * inter, inter, active[i].n, lo, hi);
     });
   });
   std::vector<ActivationsBySize> hiddens(experts);
-  for (int64_t i = 0; i < experts; ++i) {
-    const Active& a = active[i];
-    downs.push_back({static_cast<int>(kinds[2]), packed[2], down.data_ptr<uint8_t>() + a.expert * hidden * down.size(2), down.size(2),
-                     hidden, nullptr, hiddens[i].get(gate_out + a.first * inter, a.n, inter, static_cast<int>(kinds[2])),
-                     out.data_ptr<float>() + a.first * hidden, hidden});
-  }
+  for (int64_t i = 0; i < experts; ++i)
+    downs.push_back(expert_part(active[i], down, 2, hiddens[i], gate_out + active[i].first * inter, inter, out.data_ptr<float>(), hidden));
   parallel_for(0, experts * hidden, 16, [&](int64_t begin, int64_t end) {
     each_expert(hidden, begin, end, [&](int64_t i, int64_t lo, int64_t hi) { downs[i].run(inter, active[i].n, lo, hi); });
   });

@@ -34,11 +34,14 @@ class RMSNorm(nn.Module):
 def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """Each of `linears` applied to x: in one call when they share a class that can run several
     on one input (`forward_group`, as GGUF block layers: x quantized once, one pass of the
-    threads; a decode step's q, k and v are three small products), else one by one."""
+    threads; a decode step's q, k and v are three small products, and the hook answers None
+    where it does not apply), else one by one."""
     kind = type(linears[0])
     group = getattr(kind, "forward_group", None)
     if group is not None and not torch.is_grad_enabled() and all(type(linear) is kind for linear in linears):
-        return group(x, list(linears))
+        outputs = group(x, list(linears))
+        if outputs is not None:
+            return outputs
     return [linear(x) for linear in linears]
 
 
@@ -56,8 +59,9 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         kind = type(self.gate_proj)
         fused = getattr(kind, "forward_silu_mul", None)  # GGUF block layers: gate, up and the product in one call
-        if fused is not None and type(self.up_proj) is kind:
-            return self.down_proj(fused(x, self.gate_proj, self.up_proj))
+        hidden = fused(x, self.gate_proj, self.up_proj) if fused is not None and type(self.up_proj) is kind else None
+        if hidden is not None:
+            return self.down_proj(hidden)
         # Inference: in place, so a long prompt holds two [tokens, intermediate] tensors, not four.
         hidden = F.silu(self.gate_proj(x), inplace=True)
         return self.down_proj(hidden.mul_(self.up_proj(x)))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
@@ -144,23 +143,23 @@ class GGUFLinear(nn.Module):
         return y if flat_float else y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @staticmethod
-    def forward_group(x: torch.Tensor, layers: "list[GGUFLinear]") -> list[torch.Tensor]:
-        """Each layer's output for the same input x (a decoder layer's q, k, v): for a few tokens
-        one native call, which quantizes x once and runs all the layers' rows in one pass of the
-        threads; else layer by layer."""
+    def forward_group(x: torch.Tensor, layers: "list[GGUFLinear]") -> list[torch.Tensor] | None:
+        """Each layer's output for the same input x (a decoder layer's q, k, v) in one native call,
+        which quantizes x once and runs all the layers' rows in one pass of the threads; None
+        where that does not apply (many tokens, hooks, a subclass): the caller runs them one by one."""
         if not _groupable(x, layers):
-            return [layer(x) for layer in layers]
+            return None
         return native_kernels().matmul_group(
             x, [layer.blocks for layer in layers], [layer.kind_id for layer in layers], [layer.packed for layer in layers],
             [_NO_BIAS if layer.bias is None else layer.bias for layer in layers], False,
         )
 
     @staticmethod
-    def forward_silu_mul(x: torch.Tensor, gate: "GGUFLinear", up: "GGUFLinear") -> torch.Tensor:
-        """silu(gate(x)) * up(x), SwiGLU's product: for a few tokens one native call (the
-        product taken by each thread on the rows it has just computed)."""
+    def forward_silu_mul(x: torch.Tensor, gate: "GGUFLinear", up: "GGUFLinear") -> torch.Tensor | None:
+        """silu(gate(x)) * up(x), SwiGLU's product, in one native call (the product taken by each
+        thread on the rows it has just computed); None where that does not apply, as forward_group."""
         if not _groupable(x, [gate, up]):
-            return F.silu(gate(x), inplace=True).mul_(up(x))
+            return None
         blocks, kinds, packed = [gate.blocks, up.blocks], [gate.kind_id, up.kind_id], [gate.packed, up.packed]
         biases = [_NO_BIAS if layer.bias is None else layer.bias for layer in (gate, up)]
         return native_kernels().matmul_group(x, blocks, kinds, packed, biases, True)[0]
