@@ -16,13 +16,15 @@ import transformers
 from hub_server import FakeRepo, serve
 from qwenkit.errors import QwenkitError
 from qwenkit.model.attention import NoCache
-from qwenkit.weights.hub import HubRef, parse_hub_id, select_gguf
+from qwenkit.weights.hub import HubRef, parse_hub_id, select_gguf, select_mmproj
 from qwenkit.weights.loader import load_model
 from tiny_gguf import write_tiny_gguf
 from tiny_models import randomize, save_tiny, tiny_config, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "Qwen/Tiny-GGUF"
+VL_REPO = "Qwen/Tiny-VL-GGUF"
+VL_FIXTURES = ROOT / "tests" / "fixtures" / "vl_gguf"
 LISTING = [
     "README.md",
     "tiny-q8_0.gguf",
@@ -45,6 +47,13 @@ def test_a_tag_picks_its_file_case_insensitively_and_every_split_part():
         select_gguf(LISTING[:4], "Q4_K_M", REPO)
     with pytest.raises(QwenkitError, match="has no .gguf files"):
         select_gguf(["config.json", "model.safetensors"], "Q4_K_M", REPO)
+
+
+def test_a_gguf_repos_vision_tower_is_chosen_with_its_model():
+    assert select_mmproj(LISTING) == "mmproj-tiny-f16.gguf"
+    assert select_mmproj(["x-Q4_K_M.gguf", "mmproj-x-f32.gguf", "mmproj-x-F16.gguf", "mmproj-x-q8_0.gguf"]) == "mmproj-x-F16.gguf"
+    assert select_mmproj(["x-Q4_K_M.gguf", "mmproj-x-q8_0.gguf", "mmproj-x-bf16.gguf"]) == "mmproj-x-bf16.gguf"
+    assert select_mmproj(LISTING[:5]) is None
 
 
 def test_hub_ids_sources_and_paths(monkeypatch):
@@ -82,6 +91,8 @@ def hub(tmp_path_factory):
     repos = {
         REPO: FakeRepo({"main": gguf_files, "v1": {"tiny-Q8_0.gguf": src / "tiny-Q8_0.gguf"}}),
         "Qwen/Tiny": FakeRepo({"main": {p.name: p for p in checkpoint.iterdir() if p.is_file()}}),
+        VL_REPO: FakeRepo({"main": {"tiny-VL-Q8_0.gguf": VL_FIXTURES / "tiny-qwen2_5_vl-q8_0.gguf",
+                                    "mmproj-tiny-VL-f32.gguf": VL_FIXTURES / "mmproj-tiny-qwen2_5_vl-f32.gguf"}}),
     }
     server, endpoint = serve(repos)
     yield endpoint, tmp_path_factory.mktemp("hf_home"), reference, src
@@ -117,6 +128,26 @@ def test_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub):
     # offline now: the cached parts are found without the hub
     again = _qwenkit(["pull", f"{REPO}:Q4_K_M"], "http://127.0.0.1:9", home, offline=True)
     assert again.returncode == 0 and Path(again.stdout.strip()) == first, again.stderr
+
+
+def test_a_vl_gguf_repo_brings_its_mmproj_as_llama_cpp_hf_does(hub, tmp_path):
+    """`--model owner/repo:TAG` of a VL repo downloads the model and the repo's mmproj, and images work."""
+    from PIL import Image
+
+    from qwenkit.engine import LLM, SamplingParams
+
+    endpoint, home, _, _ = hub
+    cat = tmp_path / "cat.png"
+    Image.effect_noise((100, 70), 60).convert("RGB").save(cat)
+    result = _qwenkit(["chat", "--model", f"{VL_REPO}:Q8_0", "-p", "what is it", "--image", str(cat),
+                       "--max-tokens", "5", "--temperature", "0"], endpoint, home)
+    assert result.returncode == 0, result.stderr
+    pulled = _qwenkit(["pull", f"{VL_REPO}:Q8_0"], endpoint, home, offline=True)  # both files are in the cache now
+    assert sorted(p.name for p in Path(pulled.stdout.strip()).parent.iterdir()) == ["mmproj-tiny-VL-f32.gguf", "tiny-VL-Q8_0.gguf"]
+    llm = LLM(str(VL_FIXTURES / "tiny-qwen2_5_vl-q8_0.gguf"), mmproj=str(VL_FIXTURES / "mmproj-tiny-qwen2_5_vl-f32.gguf"))
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(cat)}, {"type": "text", "text": "what is it"}]}]
+    expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5))[0].outputs[0].text
+    assert result.stdout.rstrip("\n") == expected
 
 
 def test_revision_pins_what_is_downloaded_and_listed(hub):

@@ -26,15 +26,18 @@ TEXT = dict(
 MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
 
 
-def vl_config(arch: str) -> transformers.PretrainedConfig:
+def vl_config(arch: str, depth: int = 2, window_size: int = 56) -> transformers.PretrainedConfig:
+    """`depth` vision blocks (llama.cpp's converter maps the merger's `mlp.2` only when depth > 2);
+    Qwen2.5-VL's full-attention blocks are every second one (released: every fourth), its windows
+    `window_size` pixels (released: 112, which llama.cpp's mmproj files assume)."""
     ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     text = dict(TEXT, rope_parameters=dict(MROPE))
     if arch == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
+        vision = dict(depth=depth, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2)
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     # window_size 56 px = 2x2 merged tokens per window; block 1 attends over the whole image.
-    vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4,
-                  window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+    vision = dict(depth=depth, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4,
+                  window_size=window_size, fullatt_block_indexes=list(range(1, depth, 2)), tokens_per_second=2)
     return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
@@ -69,9 +72,11 @@ MODEL_CLASSES = {
 }
 
 
-def save_tiny_multimodal(arch: str, directory: Path) -> torch.nn.Module:
-    """Save a tiny random model; return the transformers reference (fp32, eager attention)."""
-    config = audio_config() if arch == "qwen2_audio" else vl_config(arch)
+def save_tiny_multimodal(arch: str, directory: Path, config: transformers.PretrainedConfig | None = None) -> torch.nn.Module:
+    """Save a tiny random model (of `config`, default the arch's tiny one); return the transformers
+    reference (fp32, eager attention)."""
+    if config is None:
+        config = audio_config() if arch == "qwen2_audio" else vl_config(arch)
     model = MODEL_CLASSES[arch]._from_config(config, attn_implementation="eager").eval()
     randomize(model)
     model.save_pretrained(directory)
@@ -103,15 +108,16 @@ def tiny_multimodal_tokenizer():
     return tok
 
 
-def save_tiny_multimodal_checkpoint(arch: str, directory: Path) -> torch.nn.Module:
+def save_tiny_multimodal_checkpoint(arch: str, directory: Path, config: transformers.PretrainedConfig | None = None) -> torch.nn.Module:
     """A loadable checkpoint (model, tokenizer, a small-budget preprocessor config); returns the reference."""
     import json
 
-    ref = save_tiny_multimodal(arch, directory)
+    ref = save_tiny_multimodal(arch, directory, config)
     tiny_multimodal_tokenizer().save_pretrained(directory)
     if arch == "qwen2_audio":
         processor = {"feature_size": 128, "sampling_rate": 16000, "feature_extractor_type": "WhisperFeatureExtractor"}
     else:  # a small budget keeps the tiny tests' images at tens of tokens
-        processor = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64, "image_processor_type": "Qwen2VLImageProcessor"}
+        processor = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64, "image_processor_type": "Qwen2VLImageProcessor",
+                     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
     (directory / "preprocessor_config.json").write_text(json.dumps(processor))
     return ref

@@ -19,6 +19,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "int8/int4: weight-only quantization of the linear layers at load time; none: float")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128, 256)")
     add_hub_flags(parser)
+    parser.add_argument("--mmproj", default=None, metavar="FILE",
+                        help="a GGUF model's vision tower (llama.cpp's mmproj file, Qwen2-VL / Qwen2.5-VL); "
+                             "default: the one beside the GGUF in its directory or hub repo")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="tokens of context (prompt + output); default: the model's, scaled by --rope-scaling")
     parser.add_argument("--rope-scaling", default=None, metavar="JSON",
@@ -95,4 +98,5 @@ def load_model_from_args(args: argparse.Namespace):
     return load_model(
         args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size,
         max_model_len=args.max_model_len, rope_scaling=args.rope_scaling, revision=args.revision, source=args.source,
+        mmproj=args.mmproj,
     )

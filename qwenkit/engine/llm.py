@@ -165,9 +165,9 @@ class AsyncLLM:
 
     def __init__(
         self, model: str | LoadedModel | None = None, dtype: str | None = None, engine_config: EngineConfig | None = None,
-        tensor_parallel_size: int = 1,
+        tensor_parallel_size: int = 1, **load_options,
     ):
-        self.engine = _engine(model, dtype, engine_config, tensor_parallel_size)
+        self.engine = _engine(model, dtype, engine_config, tensor_parallel_size, **load_options)
         self.tokenizer = self.engine.tokenizer
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

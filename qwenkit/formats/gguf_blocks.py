@@ -87,14 +87,22 @@ CHUNK_BLOCKS = 1 << 14
 FAST_TYPES = frozenset([*_DECODERS, T.F32, T.F16, T.BF16])
 
 
+def _file_view(raw: np.ndarray, dtype: type) -> torch.Tensor:
+    """The file's read-only bytes as a tensor of `dtype`, to be widened (copied) at once, never written:
+    torch's warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(raw).view(dtype))
+
+
 def decode(raw: np.ndarray, kind: T, shape: tuple[int, ...]) -> torch.Tensor:
     """float32 values of a tensor of one of FAST_TYPES, shaped `shape`."""
     if kind == T.F32:
         return torch.from_numpy(np.array(raw).view(np.float32)).reshape(shape)
     if kind == T.F16:
-        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)).float().reshape(shape)
+        return _file_view(raw, np.float16).float().reshape(shape)
     if kind == T.BF16:
-        return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16).float().reshape(shape)
+        return _file_view(raw, np.int16).view(torch.bfloat16).float().reshape(shape)
     values_per_block, block_bytes = GGML_QUANT_SIZES[kind]
     blocks = _blocks(raw, block_bytes)
     out = torch.empty(blocks.shape[0], values_per_block)

@@ -7,11 +7,16 @@ from qwenkit.errors import QwenkitError
 from qwenkit.formats.gguf_reader import GGUFFile
 
 # GGUF architecture name -> HF model_type
-GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# `qwen2vl` is the language model of Qwen2-VL / Qwen2.5-VL: a Qwen2 whose M-RoPE reduces to 1-D
+# rotary positions on text; with its mmproj file it becomes the VL model (formats/gguf_mmproj.py).
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "qwen2vl": "qwen2"}
 
 
 def gguf_architecture(gguf: GGUFFile) -> str:
     arch = gguf.metadata.get("general.architecture")
+    if arch == "clip":
+        raise QwenkitError(f"{gguf.path} is a multimodal projector (mmproj), not a language model: load the model's "
+                           "GGUF and pass this file as --mmproj (Python: mmproj=)")
     if arch not in GGUF_ARCHITECTURES:
         raise QwenkitError(
             f"unsupported architecture {arch!r} in GGUF metadata; qwenkit supports {', '.join(GGUF_ARCHITECTURES)}"

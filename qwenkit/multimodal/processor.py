@@ -118,3 +118,16 @@ def read_processor_config(directory: Path) -> ProcessorConfig:
             video = replace(video, **{key: type(getattr(video, key))(video_cfg[key])})
     mel_bins = int(image_cfg.get("feature_size", config.num_mel_bins))
     return replace(config, video=video, num_mel_bins=mel_bins)
+
+
+# llama.cpp's image budget for Qwen-VL mmproj files that state none (clip.cpp: 8 to 4096 tokens of
+# 28x28 pixels), so an image becomes as many tokens as it does in llama-server.
+MMPROJ_IMAGE_LIMITS = ImageLimits(8 * 28 * 28, 4096 * 28 * 28)
+
+
+def processor_config_from_mmproj(metadata: dict[str, Any]) -> ProcessorConfig:
+    """The preprocessing a llama.cpp mmproj file asks for: its image pixel budget
+    (clip.vision.image_min_pixels / image_max_pixels) where it states one, else llama.cpp's."""
+    low = metadata.get("clip.vision.image_min_pixels") or MMPROJ_IMAGE_LIMITS.min_pixels
+    high = metadata.get("clip.vision.image_max_pixels") or MMPROJ_IMAGE_LIMITS.max_pixels
+    return replace(ProcessorConfig(), image=ImageLimits(int(low), int(high)))

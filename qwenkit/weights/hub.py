@@ -59,13 +59,18 @@ def parse_hub_id(spec: str, revision: str | None = None, source: str | None = No
 # ---- choosing files ---------------------------------------------------------------------------
 
 
+def is_mmproj_name(file: str) -> bool:
+    """A multimodal projector (llama.cpp's mmproj GGUF), by the name every converter and repo gives it."""
+    name = file.rsplit("/", 1)[-1].lower()
+    return name.endswith(".gguf") and "mmproj" in name
+
+
 def gguf_models(files: list[str]) -> dict[str, list[str]]:
     """The repo's GGUF models by name (split suffix and .gguf dropped) -> their files, parts in order.
     Multimodal projector files (mmproj) are no language model and are left out."""
     models: dict[str, list[str]] = {}
     for f in sorted(files):
-        name = f.rsplit("/", 1)[-1]
-        if not name.lower().endswith(".gguf") or "mmproj" in name.lower():
+        if not f.lower().endswith(".gguf") or is_mmproj_name(f):
             continue
         m = SPLIT_NAME.match(f)
         key = m["prefix"] if m else f[: -len(".gguf")]
@@ -105,6 +110,14 @@ def select_gguf(files: list[str], tag: str | None, repo: str) -> list[str]:
     if m is not None and len(parts) != int(m["count"]):
         raise QwenkitError(f"{repo} lists {len(parts)} of the {int(m['count'])} parts of split GGUF {chosen}")
     return parts
+
+
+def select_mmproj(files: list[str]) -> str | None:
+    """A GGUF repo's vision tower, fetched with its model as llama.cpp's -hf does: the F16 one where
+    a repo offers several types; None if the repo has none."""
+    projectors = sorted(f for f in files if is_mmproj_name(f))
+    f16 = [f for f in projectors if _has_tag(f.rsplit("/", 1)[-1].removesuffix(".gguf"), "F16")]
+    return (f16 or projectors or [None])[0]
 
 
 def _is_checkpoint(files: list[str]) -> bool:
@@ -203,6 +216,7 @@ def _hub(source: str):
 class HubModel:
     path: Path  # the checkpoint directory, or the (first) GGUF file
     is_gguf: bool
+    mmproj: Path | None = None  # a GGUF repo's vision tower, if it has one
 
 
 def fetch(ref: HubRef) -> HubModel:
@@ -214,7 +228,8 @@ def fetch(ref: HubRef) -> HubModel:
     try:
         files = hub.list_files(ref)
         patterns, is_gguf = wanted_files(files, ref)
-        directory = hub.download(ref, patterns, local_only=False)
+        mmproj = select_mmproj(files) if is_gguf else None
+        directory = hub.download(ref, patterns + ([mmproj] if mmproj else []), local_only=False)
     except QwenkitError:
         raise
     except Exception as exc:  # the hub clients raise many kinds (HTTP, connection, offline mode): one line each
@@ -227,7 +242,9 @@ def fetch(ref: HubRef) -> HubModel:
             f"cannot download {ref} from the {hub.name} and it is not in the local cache (offline? "
             f"{type(exc).__name__}); connect, or pass a local checkpoint directory or .gguf file with --model PATH"
         ) from exc
-    return HubModel(directory / patterns[0], True) if is_gguf else HubModel(directory, False)
+    if is_gguf:
+        return HubModel(directory / patterns[0], True, directory / mmproj if mmproj else None)
+    return HubModel(directory, False)
 
 
 def _from_cache(hub, ref: HubRef) -> tuple[HubModel | None, QwenkitError | None]:
@@ -241,7 +258,8 @@ def _from_cache(hub, ref: HubRef) -> tuple[HubModel | None, QwenkitError | None]
     except QwenkitError as exc:
         return None, exc  # the cached files do not hold what is asked for: ask the hub
     if is_gguf:
-        return HubModel(directory / patterns[0], True), None
+        mmproj = select_mmproj(files)
+        return HubModel(directory / patterns[0], True, directory / mmproj if mmproj else None), None
     return (HubModel(directory, False) if _checkpoint_complete(directory) else None), None
 
 

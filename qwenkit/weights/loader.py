@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from itertools import chain
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,13 +21,14 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.formats.gguf_config import config_from_gguf
+from qwenkit.formats.gguf_mmproj import iter_mmproj_tensors, vision_model_config
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import iter_gguf_tensors
 from qwenkit.formats.safetensors_dir import iter_safetensors, read_json
 from qwenkit.kernels import cpu_kernels
 from qwenkit.model.media import MediaCausalLM
 from qwenkit.model.registry import model_family
-from qwenkit.multimodal.processor import ProcessorConfig, read_processor_config
+from qwenkit.multimodal.processor import ProcessorConfig, processor_config_from_mmproj, read_processor_config
 from qwenkit.multimodal.templates import default_template, writes_placeholders
 from qwenkit.modules import replace_module
 from qwenkit.quantization.checkpoint import split_quantized
@@ -95,6 +97,7 @@ def load_model(
     rope_scaling: dict[str, Any] | str | None = None,
     revision: str | None = None,
     source: str | None = None,
+    mmproj: str | None = None,
 ) -> LoadedModel:
     """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default).
 
@@ -102,6 +105,8 @@ def load_model(
     32768}) replaces the checkpoint's; the context then reaches factor x original. `max_model_len` caps
     the context (it may not exceed the model's). `revision` pins a hub id to a branch, tag or commit;
     `source` is "huggingface" or "modelscope" (default: $QWENKIT_USE_MODELSCOPE, else huggingface).
+    `mmproj` is a GGUF model's vision tower (llama.cpp's mmproj file: Qwen2-VL / Qwen2.5-VL); a
+    directory holding one GGUF model and one mmproj file takes it without being told.
 
     `quantize`:
       "auto"  a GGUF keeps its quantized blocks and runs them in place ("gguf") unless a `dtype` is
@@ -115,7 +120,7 @@ def load_model(
         raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise QwenkitError(f"unsupported quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
-    resolved = resolve_model(spec, revision=revision, source=source)
+    resolved = resolve_model(spec, revision=revision, source=source, mmproj=mmproj)
     is_gguf = resolved.format == WeightFormat.GGUF
     if quantize == "auto":
         quantize = "gguf" if is_gguf and dtype is None and native_gguf_available() else None
@@ -155,6 +160,9 @@ def load_resolved(
     if resolved.format == WeightFormat.GGUF:
         gguf = GGUFFile(path)
         config = context.apply(config_from_gguf(gguf))
+        mmproj = GGUFFile(resolved.mmproj) if resolved.mmproj is not None else None
+        if mmproj is not None:
+            config = vision_model_config(config, gguf, mmproj, gguf.metadata.get("tokenizer.ggml.tokens") or [])
         plan = _plan(config, resolved.format, dtype, quantization, context)  # a bad request fails before the weights load
         family = model_family(config.model_type)
         tokenizer = Tokenizer.from_gguf(gguf)
@@ -164,8 +172,15 @@ def load_resolved(
             kept = int4_layers_from_q4_k(gguf, config)
         else:
             kept = {}
-        model = build_model(family.model_class, config, iter_gguf_tensors(gguf, config, frozenset(kept)), dtype, kept)
-        return LoadedModel(model, tokenizer, config, path, plan, dict(GGUF_GENERATION_DEFAULTS))
+        tensors = iter_gguf_tensors(gguf, config, frozenset(kept))
+        if mmproj is not None:  # the vision tower runs in float, as llama.cpp's clip does
+            tensors = chain(tensors, iter_mmproj_tensors(mmproj, config.vision.variant))
+        model = build_model(family.model_class, config, tensors, dtype, kept)
+        processor = None
+        if mmproj is not None:
+            processor = processor_config_from_mmproj(mmproj.metadata)
+            _take_media_template(tokenizer, config)
+        return LoadedModel(model, tokenizer, config, path, plan, dict(GGUF_GENERATION_DEFAULTS), processor)
     raw_config = read_json(path / "config.json")
     family = model_family(raw_config.get("model_type"))
     config = context.apply(ModelConfig.from_hf_dict(raw_config))
@@ -181,12 +196,17 @@ def load_resolved(
     processor = None
     if issubclass(family.model_class, MediaCausalLM):
         processor = read_processor_config(path)
-        if not writes_placeholders(tokenizer.chat_template.source if tokenizer.has_chat_template else None, config.model_type):
-            # A tokenizer saved without the processor's template: the released checkpoints' own.
-            tokenizer.chat_template = ChatTemplate(default_template(config.model_type), tokenizer.special_tokens)
-            tokenizer.has_chat_template = True
+        _take_media_template(tokenizer, config)
     plan = _plan(config, resolved.format, dtype, quantization, context)
     return LoadedModel(model, tokenizer, config, path, plan, generation_config, processor)
+
+
+def _take_media_template(tokenizer: Tokenizer, config: ModelConfig) -> None:
+    """A tokenizer saved without the processor's template (one that writes no media placeholders)
+    gets the released checkpoints' own."""
+    if not writes_placeholders(tokenizer.chat_template.source if tokenizer.has_chat_template else None, config.model_type):
+        tokenizer.chat_template = ChatTemplate(default_template(config.model_type), tokenizer.special_tokens)
+        tokenizer.has_chat_template = True
 
 
 def build_model(
