@@ -57,6 +57,22 @@ def test_tokenizer_json_matches_transformers(tmp_path, reference):
     assert ours.chat_template.source == saved.chat_template
 
 
+@pytest.mark.parametrize("text", CORPUS)
+def test_token_bytes_are_each_tokens_own_bytes(text, reference, from_gguf):
+    """OpenAI's logprobs `bytes`: transformers' byte-level pieces mapped back through its own GPT-2
+    alphabet; a character cut across tokens (emoji) concatenates back to its UTF-8."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    added = set(reference.added_tokens_decoder)
+    ids = from_gguf.encode(text, add_special_tokens=False)
+    got = [from_gguf.token_bytes(i) for i in ids]
+    expected = [reference.convert_ids_to_tokens(i).encode() if i in added else bytes(byte_of[c] for c in reference.convert_ids_to_tokens(i))
+                for i in ids]
+    assert got == expected
+    assert b"".join(got) == text.encode("utf-8")
+
+
 def test_special_tokens(from_gguf):
     assert from_gguf.eos_token_id == 151645  # <|im_end|>
     assert from_gguf.id_to_token(151644) == "<|im_start|>"

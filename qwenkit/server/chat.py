@@ -94,8 +94,7 @@ def chat_prompt_with_media(state: ServerState, body: ChatCompletionRequest) -> t
 
 def logprobs_json(state: ServerState, entries: list[TokenLogprobs]) -> dict:
     def token(t: int) -> dict:
-        text = state.tokenizer.decode([t])
-        return {"token": text, "bytes": list(text.encode("utf-8"))}
+        return {"token": state.tokenizer.decode([t]), "bytes": list(state.tokenizer.token_bytes(t))}
 
     return {"content": [
         {**token(e.token_id), "logprob": e.logprob,

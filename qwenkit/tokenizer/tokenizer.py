@@ -26,6 +26,23 @@ LONG_TEXT = 4096  # characters (or ids) from which (de)tokenizing releases the G
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet inverted (character -> the byte it stands for): printable
+    bytes stand for themselves, the others for the characters from U+0100 on, in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[chr(b)] = b
+        else:
+            alphabet[chr(256 + shifted)] = b
+            shifted += 1
+    return alphabet
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -55,6 +72,18 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (OpenAI's logprobs `bytes`). A byte-level token holding part of a
+        multi-byte character (an emoji is often two or three) gives that part, where decode() can only
+        show U+FFFD; the parts of a character concatenate to its UTF-8."""
+        text = self.backend.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.backend.id_to_token(token_id)
+        if piece is not None and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return text.encode("utf-8")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = _encode(self.backend, text)
