@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fixtures")]
 
-from make_vl_gguf import convert  # noqa: E402
+from make_mmproj_gguf import convert  # noqa: E402
 from server_process import ServerProcess, free_port  # noqa: E402
 from tiny_multimodal import IMAGE, VIDEO, VISION_END, VISION_START, randomize, tiny_multimodal_tokenizer  # noqa: E402
 

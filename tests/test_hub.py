@@ -24,7 +24,7 @@ from tiny_models import randomize, save_tiny, tiny_config, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "Qwen/Tiny-GGUF"
 VL_REPO = "Qwen/Tiny-VL-GGUF"
-VL_FIXTURES = ROOT / "tests" / "fixtures" / "vl_gguf"
+VL_FIXTURES = ROOT / "tests" / "fixtures" / "mmproj_gguf"
 LISTING = [
     "README.md",
     "tiny-q8_0.gguf",
@@ -130,7 +130,7 @@ def test_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub):
     assert again.returncode == 0 and Path(again.stdout.strip()) == first, again.stderr
 
 
-def test_a_vl_gguf_repo_brings_its_mmproj_as_llama_cpp_hf_does(hub, tmp_path):
+def test_a_mmproj_gguf_repo_brings_its_mmproj_as_llama_cpp_hf_does(hub, tmp_path):
     """`--model owner/repo:TAG` of a VL repo downloads the model and the repo's mmproj, and images work."""
     from PIL import Image
 

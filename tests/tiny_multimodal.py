@@ -41,10 +41,11 @@ def vl_config(arch: str, depth: int = 2, window_size: int = 56) -> transformers.
     return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
-def audio_config() -> transformers.PretrainedConfig:
+def audio_config(layers: int = 2) -> transformers.PretrainedConfig:
+    """`layers` encoder layers (llama.cpp's converter maps the second convolution only when layers > 2)."""
     return transformers.Qwen2AudioConfig(
         text_config=dict(TEXT, model_type="qwen2"),
-        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        audio_config=dict(d_model=32, encoder_layers=layers, encoder_attention_heads=4, encoder_ffn_dim=64,
                           num_mel_bins=128, max_source_positions=1500),
         audio_token_index=AUDIO,
     )

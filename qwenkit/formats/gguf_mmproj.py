@@ -1,4 +1,4 @@
-"""llama.cpp's multimodal projector files (`mmproj` GGUF) for Qwen2-VL and Qwen2.5-VL.
+"""llama.cpp's multimodal projector files (`mmproj` GGUF) for Qwen2-VL, Qwen2.5-VL and Qwen2-Audio.
 
 llama.cpp ships a VL model as two GGUFs: the language model (architecture `qwen2vl`, its M-RoPE
 split in `qwen2vl.rope.dimension_sections`) and the mmproj (architecture `clip`, projector type
@@ -14,7 +14,12 @@ What the file does not say takes llama.cpp's defaults (clip.cpp): a 2x2 spatial 
 `clip.vision.spatial_merge_size` says otherwise, Qwen2.5-VL's attention windows of 112 px unless
 `clip.vision.window_size`, full attention in every `n_wa_pattern`-th block. The placeholder token
 ids are the language model's `<|image_pad|>`, `<|video_pad|>` and `<|vision_start|>` tokens.
-Qwen2.5-VL's video positions advance 2 per second as released (llama.cpp itself takes no video).
+Qwen2.5-VL's video positions advance 2 per second as released.
+
+Qwen2-Audio ships the same way: a plain `qwen2` language model and an mmproj of projector type
+`qwen2a` holding the Whisper-style encoder (`a.conv1d.1` / `a.conv1d.2` with their biases stored as
+[d_model, 1], `a.position_embd`, `a.blk.N.*`, `a.post_ln`) and its projector (`mm.a.fc`); the
+converter stores the convolutions in f16 whatever the output type.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from dataclasses import replace
 
 import torch
 
-from qwenkit.config import ModelConfig, VisionConfig
+from qwenkit.config import AudioConfig, ModelConfig, VisionConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import check_supported, dequantized
 
-PROJECTORS = {"qwen2vl_merger": "qwen2_vl", "qwen2.5vl_merger": "qwen2_5_vl"}
+PROJECTORS = {"qwen2vl_merger": "qwen2_vl", "qwen2.5vl_merger": "qwen2_5_vl", "qwen2a": "qwen2_audio"}
+AUDIO_PLACEHOLDER = "<|AUDIO|>"
+AUDIO_NORM_EPS = 1e-5  # Whisper's LayerNorm epsilon (qwenkit.model.qwen2_audio)
 PLACEHOLDERS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>"}
 # Qwen's image normalisation (OpenAI CLIP's), the one qwenkit.multimodal.image applies.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,6 +52,11 @@ _FFN_NAMES = {  # llama.cpp's ffn parts -> the HF vision MLP's, per variant
     "qwen2_5_vl": {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
 }
 _BLOCK_RE = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_AUDIO_GLOBAL_NAMES = {"a.conv1d.1": "audio_tower.conv1", "a.conv1d.2": "audio_tower.conv2", "a.position_embd": "audio_tower.embed_positions",
+                       "a.post_ln": "audio_tower.layer_norm", "mm.a.fc": "multi_modal_projector.linear"}
+_AUDIO_BLOCK_NAMES = {"ln1": "self_attn_layer_norm", "ln2": "final_layer_norm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                      "attn_v": "self_attn.v_proj", "attn_out": "self_attn.out_proj", "ffn_up": "fc1", "ffn_down": "fc2"}
+_AUDIO_BLOCK_RE = re.compile(r"a\.blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _PATCH = "v.patch_embd.weight"
 
 
@@ -53,17 +65,19 @@ def is_mmproj(gguf: GGUFFile) -> bool:
 
 
 def mmproj_variant(mmproj: GGUFFile) -> str:
-    """"qwen2_vl" or "qwen2_5_vl" from the projector type; a clear error for any other projector."""
+    """"qwen2_vl", "qwen2_5_vl" or "qwen2_audio" from the projector type; a clear error for any other projector."""
     if not is_mmproj(mmproj):
         raise QwenkitError(f"{mmproj.path} is not a multimodal projector (its architecture is "
                            f"{mmproj.metadata.get('general.architecture')!r}, an mmproj file's is 'clip')")
     projector = mmproj.metadata.get("clip.projector_type")
     if projector not in PROJECTORS:
         raise QwenkitError(f"{mmproj.path} holds a {projector!r} projector; qwenkit reads the Qwen2-VL and Qwen2.5-VL "
-                           f"vision towers ({', '.join(PROJECTORS)})")
-    if not mmproj.metadata.get("clip.has_vision_encoder", False):
-        raise QwenkitError(f"{mmproj.path} has no vision encoder")
-    return PROJECTORS[projector]
+                           f"vision towers and Qwen2-Audio's encoder ({', '.join(PROJECTORS)})")
+    variant = PROJECTORS[projector]
+    encoder = "audio" if variant == "qwen2_audio" else "vision"
+    if not mmproj.metadata.get(f"clip.has_{encoder}_encoder", False):
+        raise QwenkitError(f"{mmproj.path} has no {encoder} encoder")
+    return variant
 
 
 def vision_config_from_mmproj(mmproj: GGUFFile, vocabulary: list[str]) -> VisionConfig:
@@ -138,8 +152,43 @@ def gguf_mrope_section(gguf: GGUFFile) -> tuple[int, ...]:
     return tuple(int(n) for n in sections if n)
 
 
-def vision_model_config(text: ModelConfig, lm: GGUFFile, mmproj: GGUFFile, vocabulary: list[str]) -> ModelConfig:
-    """The Qwen2-VL / Qwen2.5-VL configuration of a `qwen2vl` language model GGUF plus its mmproj."""
+def audio_config_from_mmproj(mmproj: GGUFFile, vocabulary: list[str]) -> AudioConfig:
+    """Qwen2-Audio's encoder as an mmproj file holds it; `vocabulary` gives the <|AUDIO|> placeholder id."""
+    meta = mmproj.metadata
+    if AUDIO_PLACEHOLDER not in vocabulary:
+        raise QwenkitError(f"the language model's vocabulary has no {AUDIO_PLACEHOLDER} token, so it cannot take {mmproj.path.name}'s audio")
+    try:
+        eps = float(meta.get("clip.audio.attention.layer_norm_epsilon", AUDIO_NORM_EPS))
+        if not math.isclose(eps, AUDIO_NORM_EPS, rel_tol=1e-3):
+            raise QwenkitError(f"{mmproj.path} has audio norm epsilon {eps}; Qwen2-Audio's encoder uses {AUDIO_NORM_EPS}")
+        positions = mmproj.tensors["a.position_embd.weight"].shape[0]
+        return AudioConfig(
+            num_mel_bins=int(meta["clip.audio.num_mel_bins"]),
+            d_model=int(meta["clip.audio.embedding_length"]),
+            encoder_layers=int(meta["clip.audio.block_count"]),
+            encoder_attention_heads=int(meta["clip.audio.attention.head_count"]),
+            encoder_ffn_dim=int(meta["clip.audio.feed_forward_length"]),
+            max_source_positions=int(positions),
+            audio_token_id=vocabulary.index(AUDIO_PLACEHOLDER),
+        )
+    except (TypeError, ValueError, KeyError) as exc:  # a crafted or broken header
+        raise QwenkitError(f"{mmproj.path} has missing or mistyped clip.audio metadata ({type(exc).__name__}: {exc})") from exc
+
+
+def media_model_config(text: ModelConfig, lm: GGUFFile, mmproj: GGUFFile, vocabulary: list[str]) -> ModelConfig:
+    """The multimodal configuration of a language model GGUF plus its mmproj: Qwen2-VL / Qwen2.5-VL
+    (a `qwen2vl` language model) or Qwen2-Audio (a `qwen2` one)."""
+    if mmproj_variant(mmproj) == "qwen2_audio":
+        audio = audio_config_from_mmproj(mmproj, vocabulary)
+        arch = lm.metadata.get("general.architecture")
+        if arch != "qwen2":
+            raise QwenkitError(f"{lm.path} is a {arch!r} language model; Qwen2-Audio's encoder goes with a 'qwen2' one")
+        projector = mmproj.tensors.get("mm.a.fc.weight")
+        width = None if projector is None else projector.shape[0]
+        if width != text.hidden_size:
+            raise QwenkitError(f"{mmproj.path} projects audio to {width} values per token but the language model's "
+                               f"hidden size is {text.hidden_size}: the two files are not of one model")
+        return replace(text, model_type="qwen2_audio", audio=audio)
     vision = vision_config_from_mmproj(mmproj, vocabulary)
     mrope = gguf_mrope_section(lm)
     if sum(mrope) != text.head_dim // 2:
@@ -151,9 +200,12 @@ def vision_model_config(text: ModelConfig, lm: GGUFFile, mmproj: GGUFFile, vocab
 
 
 def iter_mmproj_tensors(mmproj: GGUFFile, variant: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(qwenkit name, float32 tensor) of the vision tower, fused back into the HF layout."""
+    """(qwenkit name, float32 tensor) of the encoder, in the HF layout."""
     for tensor in mmproj.tensors.values():
         check_supported(tensor)
+    if variant == "qwen2_audio":
+        yield from _audio_tensors(mmproj)
+        return
     ffn = _FFN_NAMES[variant]
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight|bias) -> q/k/v parts
     for tensor in mmproj.tensors.values():
@@ -187,3 +239,20 @@ def iter_mmproj_tensors(mmproj: GGUFFile, variant: str) -> Iterator[tuple[str, t
     if pending:
         (block, kind), parts = next(iter(pending.items()))
         raise QwenkitError(f"{mmproj.path} has an incomplete attention projection in block {block}: only {', '.join(sorted(parts))} {kind}")
+
+
+def _audio_tensors(mmproj: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
+    for tensor in mmproj.tensors.values():
+        name = tensor.name
+        stem, _, kind = name.rpartition(".")
+        values = dequantized(mmproj, tensor)
+        if stem in _AUDIO_GLOBAL_NAMES:
+            if stem.startswith("a.conv1d.") and kind == "bias":
+                values = values.reshape(-1)  # stored [d_model, 1] for ggml's broadcast
+            yield f"{_AUDIO_GLOBAL_NAMES[stem]}.{kind}", values
+            continue
+        m = _AUDIO_BLOCK_RE.match(name)
+        if m is None or m.group(2) not in _AUDIO_BLOCK_NAMES:
+            raise QwenkitError(f"mmproj tensor {name!r} has no place in Qwen2-Audio's encoder")
+        block, part, kind = m.groups()
+        yield f"audio_tower.layers.{block}.{_AUDIO_BLOCK_NAMES[part]}.{kind}", values

@@ -127,7 +127,8 @@ MMPROJ_IMAGE_LIMITS = ImageLimits(8 * 28 * 28, 4096 * 28 * 28)
 
 def processor_config_from_mmproj(metadata: dict[str, Any]) -> ProcessorConfig:
     """The preprocessing a llama.cpp mmproj file asks for: its image pixel budget
-    (clip.vision.image_min_pixels / image_max_pixels) where it states one, else llama.cpp's."""
+    (clip.vision.image_min_pixels / image_max_pixels) where it states one, else llama.cpp's; its mel bins."""
     low = metadata.get("clip.vision.image_min_pixels") or MMPROJ_IMAGE_LIMITS.min_pixels
     high = metadata.get("clip.vision.image_max_pixels") or MMPROJ_IMAGE_LIMITS.max_pixels
-    return replace(ProcessorConfig(), image=ImageLimits(int(low), int(high)))
+    mel_bins = int(metadata.get("clip.audio.num_mel_bins") or ProcessorConfig.num_mel_bins)
+    return replace(ProcessorConfig(), image=ImageLimits(int(low), int(high)), num_mel_bins=mel_bins)

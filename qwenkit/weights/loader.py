@@ -21,7 +21,7 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.formats.gguf_config import config_from_gguf
-from qwenkit.formats.gguf_mmproj import iter_mmproj_tensors, vision_model_config
+from qwenkit.formats.gguf_mmproj import iter_mmproj_tensors, media_model_config
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import iter_gguf_tensors
 from qwenkit.formats.safetensors_dir import iter_safetensors, read_json
@@ -162,7 +162,7 @@ def load_resolved(
         config = context.apply(config_from_gguf(gguf))
         mmproj = GGUFFile(resolved.mmproj) if resolved.mmproj is not None else None
         if mmproj is not None:
-            config = vision_model_config(config, gguf, mmproj, gguf.metadata.get("tokenizer.ggml.tokens") or [])
+            config = media_model_config(config, gguf, mmproj, gguf.metadata.get("tokenizer.ggml.tokens") or [])
         plan = _plan(config, resolved.format, dtype, quantization, context)  # a bad request fails before the weights load
         family = model_family(config.model_type)
         tokenizer = Tokenizer.from_gguf(gguf)
@@ -173,8 +173,8 @@ def load_resolved(
         else:
             kept = {}
         tensors = iter_gguf_tensors(gguf, config, frozenset(kept))
-        if mmproj is not None:  # the vision tower runs in float, as llama.cpp's clip does
-            tensors = chain(tensors, iter_mmproj_tensors(mmproj, config.vision.variant))
+        if mmproj is not None:  # the encoder runs in float, as llama.cpp's clip does
+            tensors = chain(tensors, iter_mmproj_tensors(mmproj, config.model_type))
         model = build_model(family.model_class, config, tensors, dtype, kept)
         processor = None
         if mmproj is not None:

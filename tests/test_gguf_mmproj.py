@@ -1,10 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL as llama.cpp ships them: a language model GGUF plus an mmproj GGUF.
+"""Qwen2-VL, Qwen2.5-VL and Qwen2-Audio as llama.cpp ships them: a language model GGUF plus an mmproj GGUF.
 
-The files in fixtures/vl_gguf/ were written by llama.cpp's own convert_hf_to_gguf.py from tiny
-random checkpoints (fixtures/make_vl_gguf.py regenerates them); the same seed rebuilds the
+The files in fixtures/mmproj_gguf/ were written by llama.cpp's own convert_hf_to_gguf.py from tiny
+random checkpoints (fixtures/make_mmproj_gguf.py regenerates them); the same seed rebuilds the
 transformers reference here. Checked: logits with one image, two images and a video within 1e-4
 of transformers (Qwen2.5-VL's mmproj in f32; Qwen2-VL's in f16, against a reference whose vision
-weights are rounded to f16 as the converter rounded them); greedy chat through the engine equal
+weights are rounded to f16 as the converter rounded them), and with audio clips (the converter
+keeps the audio convolutions in f16: rounded alike); greedy chat through the engine equal
 to transformers' generate; the Q8_0 language model's blocks in place beside the float vision
 tower; `qwenkit serve` on the directory (the mmproj found beside the model) through the official
 `openai` client; and clear errors for files that do not go together.
@@ -12,9 +13,11 @@ tower; `qwenkit serve` on the directory (the mmproj found beside the model) thro
 
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 import torch
+import transformers
 
 from qwenkit.engine import LLM, SamplingParams
 from qwenkit.errors import QwenkitError
@@ -25,10 +28,13 @@ from qwenkit.weights.loader import Quantization, load_model
 from server_process import ServerProcess
 from test_multimodal_engine import GREEDY, VL_CASES, img_part, image, media_of, reference_generate, text, user
 from test_multimodal_models import media_items, reference_vl_logits, run_stepwise, vision_items, vl_prompt
-from tiny_multimodal import save_tiny_multimodal, vl_config
+from fixtures.make_mmproj_gguf import GGUF_AUDIO_LAYERS, GGUF_VISION
+from qwenkit.model.qwen2_audio import audio_token_count
+from qwenkit.multimodal.audio import log_mel_features
+from test_multimodal_engine import audio_part
+from tiny_multimodal import AUDIO, audio_config, save_tiny_multimodal, vl_config
 
-FIXTURES = Path(__file__).parent / "fixtures" / "vl_gguf"
-GGUF_VISION = dict(depth=4, window_size=112)  # as fixtures/make_vl_gguf.py built them
+FIXTURES = Path(__file__).parent / "fixtures" / "mmproj_gguf"
 MMPROJ_TYPE = {"qwen2_vl": "f16", "qwen2_5_vl": "f32"}
 TOL = 1e-4
 
@@ -58,7 +64,7 @@ def pair(request, tmp_path_factory):
     ref = reference(arch, tmp_path_factory.mktemp(arch))
     loaded = load_model(model_file(arch), "float32", quantize=None, mmproj=mmproj_file(arch))
     embed = ref.get_input_embeddings().weight
-    assert torch.equal(loaded.model.model.embed_tokens.weight, embed), "fixtures differ from the seeded model: run make_vl_gguf.py"
+    assert torch.equal(loaded.model.model.embed_tokens.weight, embed), "fixtures differ from the seeded model: run make_mmproj_gguf.py"
     return arch, ref, loaded
 
 
@@ -135,9 +141,51 @@ def test_files_that_do_not_go_together_are_clear_errors(tmp_path):
     truncated.write_bytes(Path(mmproj_file("qwen2_5_vl")).read_bytes()[:150_000])
     with pytest.raises(QwenkitError):
         load_model(model_file("qwen2_5_vl"), mmproj=str(truncated))
+    with pytest.raises(QwenkitError, match="Qwen2-Audio's encoder goes with a 'qwen2' one"):
+        load_model(model_file("qwen2_vl"), mmproj=str(FIXTURES / "mmproj-tiny-qwen2_audio-f32.gguf"))
+    with pytest.raises(QwenkitError, match="an mmproj vision tower needs a 'qwen2vl' one"):
+        load_model(model_file("qwen2_audio"), mmproj=mmproj_file("qwen2_vl"))
     # Without its mmproj the language model is a text model (M-RoPE on text is 1-D rotary).
     text_only = load_model(model_file("qwen2_vl"), "float32", quantize=None)
     assert text_only.config.model_type == "qwen2" and text_only.processor is None
+
+
+@pytest.fixture(scope="module")
+def audio_pair(tmp_path_factory):
+    ref = save_tiny_multimodal("qwen2_audio", tmp_path_factory.mktemp("audio"), audio_config(GGUF_AUDIO_LAYERS))
+    with torch.no_grad():  # the converter writes the two convolutions in f16 whatever the output type
+        for name, p in ref.named_parameters():
+            if ".conv" in name and name.endswith("weight"):
+                p.copy_(p.half().float())
+    loaded = load_model(model_file("qwen2_audio"), "float32", quantize=None, mmproj=str(FIXTURES / "mmproj-tiny-qwen2_audio-f32.gguf"))
+    return ref, loaded
+
+
+@pytest.mark.parametrize("seconds", [0.73, 30.0])  # 30 s: every frame is audio
+def test_audio_gguf_and_mmproj_logits_match_transformers(audio_pair, seconds):
+    ref, loaded = audio_pair
+    model = loaded.model
+    assert loaded.config.model_type == "qwen2_audio" and loaded.config.audio.encoder_layers == GGUF_AUDIO_LAYERS
+    samples = (0.1 * np.random.default_rng(1).standard_normal(int(16000 * seconds))).astype(np.float32)
+    extractor = transformers.WhisperFeatureExtractor(feature_size=128)
+    inputs = extractor(samples, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    features = log_mel_features(samples)
+    ids = torch.tensor([5, 6, 40] + [AUDIO] * audio_token_count(features.num_frames) + [41, 7, 8, 9])
+    with torch.inference_mode():
+        expected = ref(input_ids=ids[None], input_features=inputs["input_features"], feature_attention_mask=inputs["attention_mask"]).logits[0]
+        media = model.encode_audio(features.features, features.num_frames)
+        positions = torch.arange(len(ids))
+        got = model.compute_logits(model(ids, positions, NoCache(positions), media=media))
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_audio_gguf_greedy_chat_equals_transformers_generate(audio_pair):
+    ref, loaded = audio_pair
+    messages = user(audio_part(1.5), text("what is said"))
+    out = LLM(loaded).chat(messages, GREEDY)[0]
+    items = media_of(loaded, messages)
+    assert out.prompt_token_ids.count(AUDIO) == items[0].num_tokens > 0
+    assert out.outputs[0].token_ids == reference_generate(ref, out.prompt_token_ids, items)
 
 
 @pytest.fixture(scope="module")
