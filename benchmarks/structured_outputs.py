@@ -2,9 +2,11 @@
 checked with `jsonschema`, constrained vs the same prompts unconstrained (schema given in the
 prompt only); then the decode overhead of a JSON schema at batch 1 and 16 (tokens/s with and
 without the grammar, same prompts, greedy, interleaved runs) and the share of the constrained
-runs' wall time spent filling and applying the token bitmask.
+runs' wall time spent filling and applying the token bitmask; then jump-forward: the 20 schemas
+one request at a time, greedy, with the grammar's forced text verified as a draft vs decoded token
+by token (same outputs required, tokens/s of each, interleaved).
 
-    python benchmarks/structured_outputs.py [--quick] [--only validity|overhead]
+    python benchmarks/structured_outputs.py [--quick] [--only validity|overhead|jump]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import jsonschema
 
 from qwenkit.engine.llm import LLM
+from qwenkit.engine.llm_engine import EngineConfig
 from qwenkit.engine.sampling_params import SamplingParams
 from qwenkit.structured import GuidedDecoding
 from qwenkit.structured.processor import GrammarProcessor
@@ -137,19 +140,44 @@ def overhead(llm: LLM, batch: int, tokens: int, clock: GrammarClock, rounds: int
           f"{inside / wall * 100:.1f}% of the constrained runs' wall time", flush=True)
 
 
+def jump_forward(loaded, max_tokens: int) -> None:
+    plain = LLM(loaded, engine_config=EngineConfig(jump_forward=False))
+    jumping = LLM(loaded, engine_config=EngineConfig(jump_forward=True))
+    seconds = {False: 0.0, True: 0.0}
+    tokens, same = 0, 0
+    for k, (x, schema) in enumerate(SCHEMAS):
+        prompt = chat(plain, PROMPTS[0].format(x=x))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, logits_processors=(GuidedDecoding.from_json_schema(schema),))
+        outs = {}
+        for on in ((False, True) if k % 2 == 0 else (True, False)):  # alternate who goes first: the load drifts
+            llm = jumping if on else plain
+            t0 = time.perf_counter()
+            outs[on] = llm.generate([prompt], params)[0].outputs[0].token_ids
+            seconds[on] += time.perf_counter() - t0
+        tokens += len(outs[False])
+        same += outs[False] == outs[True]
+    stats = jumping.engine.speculator.stats
+    print(f"jump-forward, {len(SCHEMAS)} schemas one at a time, {tokens} tokens: {tokens / seconds[False]:.1f} tok/s token by token, "
+          f"{tokens / seconds[True]:.1f} tok/s with jump-forward ({seconds[False] / seconds[True]:.2f}x); outputs identical "
+          f"{same}/{len(SCHEMAS)}; {stats.num_forced_accepted_tokens} of {stats.num_forced_draft_tokens} forced tokens kept "
+          f"({stats.num_forced_accepted_tokens / tokens:.0%} of the output)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer tokens")
-    parser.add_argument("--only", choices=["validity", "overhead"], help="run one of the two parts")
+    parser.add_argument("--only", choices=["validity", "overhead", "jump"], help="run one of the parts")
     args = parser.parse_args()
-    llm = LLM(load_model(None))
-    if args.only != "overhead":
+    loaded = load_model(None)
+    llm = LLM(loaded)
+    if args.only in (None, "validity"):
         validity(llm, 48 if args.quick else 96)
-    if args.only == "validity":
-        return
-    clock = GrammarClock()
-    for batch in (1, 16):
-        overhead(llm, batch, 16 if args.quick else 32, clock)
+    if args.only in (None, "overhead"):
+        clock = GrammarClock()
+        for batch in (1, 16):
+            overhead(llm, batch, 16 if args.quick else 32, clock)
+    if args.only in (None, "jump"):
+        jump_forward(loaded, 48 if args.quick else 96)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,8 @@ def test_cli_flags_reach_the_engine_config():
         config = engine_config(args)
         assert (config.speculative, config.num_speculative_tokens) == ("ngram", 5)
     assert engine_config(build_parser().parse_args(["bench"])).speculative is None
+    assert engine_config(build_parser().parse_args(["serve"])).jump_forward
+    assert not engine_config(build_parser().parse_args(["serve", "--no-jump-forward"])).jump_forward
 
 
 def test_metrics_and_bench_report_acceptance(tiny):

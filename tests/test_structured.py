@@ -37,8 +37,10 @@ def test_spec_needs_exactly_one_kind():
         GuidedDecoding(choice=())
     with pytest.raises(QwenkitError, match="not valid JSON"):
         GuidedDecoding.from_json_schema("{nope")
-    # Equal schemas written differently are one cache key.
-    assert GuidedDecoding.from_json_schema({"b": 1, "a": 2}) == GuidedDecoding.from_json_schema('{"a": 2, "b": 1}')
+    # The same schema as a dict or as text with other spacing is one cache key; another property order
+    # is another schema (the output follows it, see test_a_schemas_property_order_is_the_outputs).
+    assert GuidedDecoding.from_json_schema({"a": 2, "b": 1}) == GuidedDecoding.from_json_schema('{ "a":2,\n "b": 1}')
+    assert GuidedDecoding.from_json_schema({"b": 1, "a": 2}) != GuidedDecoding.from_json_schema({"a": 2, "b": 1})
 
 
 @pytest.mark.parametrize("spec, reason", [
@@ -98,6 +100,36 @@ def test_waits_for_the_end_of_thinking(tokenizer):
     assert tokenizer.encode("yes", add_special_tokens=False)[0] in allowed and len(allowed) < 10
 
 
+def test_drafted_positions_get_the_mask_the_grammar_has_there(tokenizer):
+    """Verification masks each drafted position as if the drafts before it were accepted: compared
+    with a second matcher that really accepts them one by one; the sequence's own matcher is left
+    as it was; after a draft the grammar refuses, later positions are not constrained (never reached)."""
+    spec = GuidedDecoding.from_json_schema(PERSON)
+    processor = spec(context(tokenizer, spec))
+    drafted = tokenizer.encode('{"name": "Al", "age": 4', add_special_tokens=False)
+    width = tokenizer.vocab_size + 3
+    views = [processor.after_draft(drafted[:i]) for i in range(len(drafted) + 1)]
+    logits = torch.zeros(len(views) + 1, width)
+    rows = list(range(len(views)))
+    from qwenkit.engine.logits_process import apply_processors
+    assert not apply_processors(logits, [[v] for v in views] + [[]])  # one call per class, all positions at once
+    got = [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in logits[:-1]]
+    reference = spec(context(tokenizer, spec))
+    for i in rows:
+        (expected,) = allowed_after_apply(tokenizer, [reference], width)
+        assert got[i] == expected, i
+        if i < len(drafted):
+            reference.accept(drafted[i])
+    fresh = spec(context(tokenizer, spec))
+    assert allowed_after_apply(tokenizer, [processor], width) == allowed_after_apply(tokenizer, [fresh], width)
+    assert processor.forced_tokens() == fresh.forced_tokens() and tokenizer.decode(processor.forced_tokens()).startswith('{"')
+    bad = drafted[:3] + tokenizer.encode("]]]", add_special_tokens=False) + drafted[3:5]
+    logits = torch.zeros(len(bad) + 1, width)
+    apply_processors(logits, [[processor.after_draft(bad[:i])] for i in range(len(bad) + 1)])
+    assert not torch.isfinite(logits[3, bad[3]])  # the refused draft cannot be sampled at its position
+    assert torch.isfinite(logits[4:]).all()  # so the rows after it are left alone
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -122,6 +154,43 @@ def test_default_model_output_follows_the_grammar_in_one_batch(gguf_model):
     jsonschema.validate(json.loads(texts[1]), PET)
     assert texts[2] in ("yes", "no")
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[3])
+
+
+PROFILE = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "address": {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"}},
+                "required": ["street", "city"], "additionalProperties": False},
+    "skills": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    "required": ["name", "age", "address", "skills"], "additionalProperties": False}
+
+
+@pytest.mark.real_model
+def test_jump_forward_output_is_the_models_own(gguf_model):
+    """The grammar's forced text is drafted and verified: greedy and seeded sampling give the same
+    tokens as decoding one token at a time, a batch too, in fewer steps; with prompt lookup on as well."""
+    from qwenkit.engine.llm import LLM
+    from qwenkit.engine.llm_engine import EngineConfig
+
+    spec = GuidedDecoding.from_json_schema(PROFILE)
+    chats = [[{"role": "user", "content": f"Invent a person's profile number {i} as JSON."}] for i in range(3)]
+    params = [SamplingParams(max_tokens=120, temperature=0, logits_processors=(spec,)),
+              SamplingParams(max_tokens=120, temperature=0.8, seed=7, logits_processors=(spec,)),
+              SamplingParams(max_tokens=120, temperature=1.0, top_p=0.9, seed=11, logits_processors=(spec,))]
+    plain = LLM(gguf_model, engine_config=EngineConfig(jump_forward=False))
+    expected = [plain.chat(c, p)[0].outputs[0].token_ids for c, p in zip(chats, params)]
+    steps = plain.engine.num_computed_tokens
+    for config in (EngineConfig(), EngineConfig(speculative="ngram")):
+        llm = LLM(gguf_model, engine_config=config)
+        alone = [llm.chat(c, p)[0].outputs[0] for c, p in zip(chats, params)]
+        assert [o.token_ids for o in alone] == expected
+        stats = llm.engine.speculator.stats
+        assert stats.num_forced_accepted_tokens > 20, stats
+        for o in alone:
+            jsonschema.validate(json.loads(o.text), PROFILE)
+        prompts = [llm.tokenizer.encode_chat(c) for c in chats]
+        batched = llm.generate(prompts, params)  # all three in one batch
+        assert [o.outputs[0].token_ids for o in batched] == expected
+    assert steps > 0
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -187,3 +256,12 @@ def test_auto_tool_grammar_engages_only_on_a_call(tokenizer, parallel):
             assert parsed.tool_calls, reply
         for call in parsed.tool_calls if allowed else []:
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+def test_a_schemas_property_order_is_the_outputs(tokenizer):
+    """Properties come out in the schema's order, as OpenAI's structured outputs write them (a key
+    order lost on the way would force `age` before `name` here)."""
+    spec = GuidedDecoding.from_json_schema(PERSON)
+    processor = spec(context(tokenizer, spec))
+    processor.accept(tokenizer.encode('{"', add_special_tokens=False)[0])
+    assert tokenizer.decode(processor.forced_tokens()).startswith("name")

@@ -46,6 +46,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "ngram drafts by prompt lookup (copies from the prompt and output), draft:PATH with a "
                              "smaller model sharing the tokenizer")
     parser.add_argument("--num-speculative-tokens", type=int, default=8, help="most tokens drafted per sequence and step")
+    parser.add_argument("--no-jump-forward", action="store_true",
+                        help="decode a grammar's forced text token by token instead of verifying it as one draft")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="shard the model over N processes started by torchrun --nproc-per-node N (rank 0 "
                              "schedules and samples; the others run their shards)")
@@ -79,6 +81,7 @@ def engine_config(args: argparse.Namespace):
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         speculative=getattr(args, "speculative", None),
         num_speculative_tokens=getattr(args, "num_speculative_tokens", 8),
+        jump_forward=not getattr(args, "no_jump_forward", False),
     )
 
 

@@ -73,5 +73,5 @@ def run_concurrent(engine: LLMEngine, prompts: list[list[int]], output_len: int)
         ttft=[o.metrics.time_to_first_token for o in finished],
         itl=[x for o in finished for x in o.inter_token_latencies],
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        speculation=speculator.stats.since(before) if speculator is not None else None,
+        speculation=speculator.stats.since(before) if speculator is not None and speculator.drafter is not None else None,
     )

@@ -49,6 +49,9 @@ class EngineConfig:
     num_speculative_tokens: int = 8
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    # Jump-forward: tokens a logits processor forces (a grammar's fixed text) are drafted and
+    # verified in one step, with or without `speculative` (at most num_speculative_tokens a step).
+    jump_forward: bool = True
 
 
 @dataclass
@@ -84,10 +87,11 @@ def kv_cache_dtype(name: str, plan: LoadPlan) -> torch.dtype:
 
 
 def make_speculator(config: EngineConfig, target: LoadedModel, kv_dtype: torch.dtype) -> Speculator | None:
-    """The speculator `config.speculative` asks for (None: none)."""
+    """The speculator `config.speculative` asks for; without one, a speculator that drafts only
+    forced tokens (jump-forward), or None when that is off too."""
     method = config.speculative
     if method is None:
-        return None
+        return Speculator(None, config.num_speculative_tokens) if config.jump_forward else None
     if method == "ngram":
         return Speculator(NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max), config.num_speculative_tokens)
     if method.startswith("draft:") and len(method) > len("draft:"):
@@ -426,8 +430,9 @@ class LLMEngine:
         blocked = set(p.stop_token_ids)
         if not p.ignore_eos:
             blocked |= self.tokenizer.stop_token_ids
+        processors = [q.after_draft(drafted) for q in seq.sampling.processors] if drafted else seq.sampling.processors
         return SamplingRow(p, seq.token_ids + drafted if drafted else seq.token_ids, seq.num_prompt_tokens,
-                           seq.sampling.generator, frozenset(blocked), seq.sampling.processors, verifies)
+                           seq.sampling.generator, frozenset(blocked), processors, verifies)
 
     def _append(self, request: Request, seq: Sequence, token: int, lp, now: float) -> None:
         seq.append_token(token, now)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -37,6 +37,12 @@ class ProcessorContext:
 
 
 class LogitsProcessor(ABC):
+    # Speculative verification (engine/speculative.py) samples several positions of a sequence in
+    # one step, each as if the drafted tokens before it were already accepted. A processor whose
+    # state can be looked at that way says so and gives `after_draft`; a sequence with any other
+    # processor decodes one token at a time.
+    supports_drafts: ClassVar[bool] = False
+
     @classmethod
     @abstractmethod
     def apply(cls, logits: torch.Tensor, rows: list[int], processors: list[LogitsProcessor]) -> None:
@@ -49,6 +55,16 @@ class LogitsProcessor(ABC):
     def is_finished(self) -> bool:
         """True once the sequence must stop (e.g. a grammar that reached its end)."""
         return False
+
+    def after_draft(self, drafted: list[int]) -> LogitsProcessor:
+        """The processor of the position after `drafted` (tokens not accepted yet), for verification;
+        it must leave this processor's own state as it was. Only asked when `supports_drafts`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot verify drafted tokens")
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens this processor certainly forces next (jump-forward): the engine drafts them, so a
+        forced run costs one verification instead of a step per token. Empty: none."""
+        return []
 
 
 LogitsProcessorFactory = Callable[[ProcessorContext], "LogitsProcessor | None"]

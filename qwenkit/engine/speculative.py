@@ -22,12 +22,18 @@ How far each sequence guesses weighs its recent acceptance against what a bigger
 measured to cost here (`SpeculationState.choose_k`, `StepCosts`); when no guess pays, the sequence
 decodes plainly and retries rarely, so text the drafter cannot predict decodes at plain speed. The drafter here is prompt lookup (n-gram): code
 edits and answers about given code copy long spans of their input, and finding them is free.
+
+Jump-forward: a logits processor that knows its next tokens for certain (a grammar after `{` in a
+JSON schema forces `"name": "`) offers them (`forced_tokens`), and they are drafted ahead of any
+drafter, whether or not the engine speculates otherwise. They are verified like any draft, each
+position under the processor's mask as it would be there (`after_draft`), so the output is exactly
+the model's.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,6 +118,9 @@ class SpeculationStats:
     num_verifications: int = 0  # sequence-steps that verified at least one draft
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Jump-forward (tokens a logits processor forced, drafted apart from the drafter's and not counted above).
+    num_forced_draft_tokens: int = 0
+    num_forced_accepted_tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -124,15 +133,16 @@ class SpeculationStats:
         return 1 + self.num_accepted_tokens / self.num_verifications if self.num_verifications else 0.0
 
     def since(self, before: SpeculationStats) -> SpeculationStats:
-        return SpeculationStats(
-            self.num_verifications - before.num_verifications,
-            self.num_draft_tokens - before.num_draft_tokens,
-            self.num_accepted_tokens - before.num_accepted_tokens,
-        )
+        return SpeculationStats(*(getattr(self, f.name) - getattr(before, f.name) for f in fields(self)))
 
     def report(self) -> str:
-        return (f"{self.acceptance_rate:.1%} of {self.num_draft_tokens} drafted tokens accepted, "
-                f"{self.mean_accepted_length:.2f} tokens per verification")
+        parts = []
+        if self.num_draft_tokens or not self.num_forced_draft_tokens:
+            parts.append(f"{self.acceptance_rate:.1%} of {self.num_draft_tokens} drafted tokens accepted, "
+                         f"{self.mean_accepted_length:.2f} tokens per verification")
+        if self.num_forced_draft_tokens:
+            parts.append(f"jump-forward: {self.num_forced_accepted_tokens} of {self.num_forced_draft_tokens} forced tokens kept")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -141,6 +151,7 @@ class SpeculationState:
 
     max_k: int
     draft_token_ids: list[int] = field(default_factory=list)  # for the step being scheduled
+    forced: bool = False  # the drafts are a processor's forced tokens (jump-forward), not the drafter's
     # Decayed counts of kept drafts and of verifications that ended in a rejected one (the prior
     # says 2 of 3: worth a first try); alpha = kept / (kept + rejected) per drafted token.
     kept: float = 2.0
@@ -228,9 +239,10 @@ class NgramDrafter(Drafter):
 
 
 class Speculator:
-    """The engine's side of speculation: which sequences draft and how far, their drafts, the stats."""
+    """The engine's side of speculation: which sequences draft and how far, their drafts, the stats.
+    Without a drafter it drafts only what logits processors force (jump-forward)."""
 
-    def __init__(self, drafter: Drafter, num_speculative_tokens: int):
+    def __init__(self, drafter: Drafter | None, num_speculative_tokens: int):
         if num_speculative_tokens < 1:
             raise QwenkitError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
         self.drafter = drafter
@@ -240,10 +252,13 @@ class Speculator:
 
     def new_state(self, seq: Sequence) -> SpeculationState | None:
         """None when the sequence must decode one token at a time: the request opted out, a
-        logits processor (a grammar, a thinking budget) constrains it (processors keep state
-        that `accept`s tokens one by one, so drafted positions could not be masked correctly),
-        or it carries media (not verified with M-RoPE positions yet)."""
-        if not seq.params.speculative or seq.sampling.processors or seq.media is not None:
+        logits processor constrains it that cannot mask drafted positions (a thinking budget;
+        a grammar can), it carries media (not verified with M-RoPE positions yet), or there is
+        nothing to draft (no drafter and no processor that may force tokens)."""
+        processors = seq.sampling.processors
+        if not seq.params.speculative or seq.media is not None or not all(p.supports_drafts for p in processors):
+            return None
+        if self.drafter is None and not processors:
             return None
         return SpeculationState(max_k=self.num_speculative_tokens)
 
@@ -266,6 +281,13 @@ class Speculator:
                 continue
             # Every emitted token must fit max_tokens and the context; a step emits drafts + 1.
             room = min(seq.params.max_tokens - seq.num_output_tokens, max_model_len - len(seq)) - 1
+            forced = next((tokens for p in seq.sampling.processors if (tokens := p.forced_tokens())), [])
+            state.forced = bool(forced) and room > 0
+            if state.forced:  # certain tokens: worth a verification whatever the drafter's record
+                state.draft_token_ids = forced[: min(room, self.num_speculative_tokens)]
+                continue
+            if self.drafter is None:
+                continue
             k = min(state.choose_k(relative_cost), room)
             if k > 0:
                 asking.append(seq)
@@ -275,12 +297,18 @@ class Speculator:
                 seq.speculation.draft_token_ids = drafts
 
     def release(self, seq: Sequence) -> None:
-        if seq.speculation is not None:
+        if seq.speculation is not None and self.drafter is not None:
             self.drafter.release(seq)
 
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        self.stats.num_verifications += 1
-        self.stats.num_draft_tokens += drafted
-        self.stats.num_accepted_tokens += accepted
-        seq.speculation.record(drafted, accepted)
-        seq.speculation.draft_token_ids = []
+        state = seq.speculation
+        if state.forced:  # the drafter's record and the stats of its guesses stay its own
+            self.stats.num_forced_draft_tokens += drafted
+            self.stats.num_forced_accepted_tokens += accepted
+        else:
+            self.stats.num_verifications += 1
+            self.stats.num_draft_tokens += drafted
+            self.stats.num_accepted_tokens += accepted
+            state.record(drafted, accepted)
+        state.draft_token_ids = []
+        state.forced = False

@@ -1,7 +1,7 @@
 """What a request constrains its output to: a JSON schema, any JSON object, a regex, one of a few
 strings, a grammar (EBNF or Lark) or a structural tag (tool calls).
 
-A GuidedDecoding is hashable (schemas are held as canonical JSON text) so compiled grammars are
+A GuidedDecoding is hashable (schemas are held as JSON text) so compiled grammars are
 cached by it, and it is itself a logits-processor factory: put it in
 `SamplingParams.logits_processors` and every sample of the request gets its own grammar matcher
 (the engine needs no special case for it).
@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 
 def canonical_json(value: Any, what: str) -> str:
+    """One JSON text per value, for hashing. Key order is kept: a schema's `properties` order is the
+    order the output writes them in (as OpenAI's structured outputs do), so it is part of the value."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise QwenkitError(f"{what} is not valid JSON: {exc}") from None
     try:
-        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise QwenkitError(f"{what} cannot be written as JSON: {exc}") from None
 
