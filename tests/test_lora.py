@@ -285,6 +285,31 @@ def test_engine_batches_base_and_adapters_together(two_adapters):
         llm.engine.add_request("hi", greedy, lora_name="nope")
 
 
+def test_adapters_with_prompt_lookup_speculation_decode_as_without(two_adapters):
+    """Drafted tokens are verified with the request's adapter: base and both adapters in one batch,
+    greedy and seeded, give the tokens each gives without speculation."""
+    path, root = two_adapters
+    loaded = load_model(str(path))
+    plain, spec = LLM(loaded), LLM(loaded, engine_config=EngineConfig(speculative="ngram", num_speculative_tokens=4))
+    for llm in (plain, spec):
+        llm.engine.add_lora("attn", root / "attn")
+        llm.engine.add_lora("mlp", root / "mlp")
+    prompts = [LONG_PROMPTS[0], " ".join(["one two three four"] * 8)]
+    for params in (SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                   SamplingParams(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True)):
+        expected = {lora: [o.outputs[0].token_ids for o in plain.generate(prompts, params, lora=lora)] for lora in (None, "attn", "mlp")}
+        requests = [(spec.engine.add_request(p, params, lora_name=lora), lora, i)
+                    for lora in (None, "attn", "mlp") for i, p in enumerate(prompts)]
+        done = {}
+        while spec.engine.has_unfinished_requests():
+            for out in spec.engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        for request_id, lora, i in requests:
+            assert done[request_id] == expected[lora][i], (lora, i)
+    assert spec.engine.speculator.stats.num_accepted_tokens > 10
+
+
 def test_server_serves_adapters_by_model_name(two_adapters):
     path, root = two_adapters
     expected = LLM(load_model(str(path)))
