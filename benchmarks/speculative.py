@@ -100,7 +100,8 @@ def run_qwenkit(prompts: dict[str, list[list[int]]], max_tokens: int, num_specul
     for name, llm in engines.items():
         for workload, batch in prompts.items():
             runs, outputs = [], []
-            stats = llm.engine.speculator.stats if llm.engine.speculator else None
+            speculator = llm.engine.speculator
+            stats = speculator.stats if speculator is not None and speculator.drafter is not None else None
             before = (stats.num_verifications, stats.num_draft_tokens, stats.num_accepted_tokens) if stats else None
             for ids in batch:
                 out = llm.generate(ids, params)[0]

@@ -33,6 +33,19 @@ def gguf_model(path: Path) -> Path:
     return path
 
 
+def gguf_moe_model(path: Path) -> Path:
+    """Qwen2-MoE (with its gated shared expert) whose experts stay in their GGUF blocks: Q4_K
+    gate/up, Q6_K down over 512 intermediate features (two 256-value blocks: one per process)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from test_moe_gguf import moe_config
+
+    config = moe_config("qwen2_moe", experts=4, layers=2, dense_layers=())
+    config.moe_intermediate_size = config.shared_expert_intermediate_size = 512
+    write_tiny_gguf(reference_model(config), path, tiny_tokenizer(), expert_types=(Q.Q4_K, Q.Q4_K, Q.Q6_K))
+    return path
+
+
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -46,11 +59,12 @@ def test_two_processes_equal_one(tmp_path):
         {"path": str(gguf_model(tmp_path / "dense.gguf")), "quantize": "gguf"},
         # Drafts verified as extra decode rows: the same tokens as plain decoding.
         {"path": str(tmp_path / "dense"), "dtype": "float32", "speculative": "ngram"},
+        {"path": str(gguf_moe_model(tmp_path / "moe.gguf")), "quantize": "gguf"},  # experts in their blocks
     ]
     # The GGUF kernels quantize each layer's input to int8 per 32 values, as llama.cpp does: a split
     # sum's last-bit difference (1e-6) can move an activation across a rounding step, which moves
     # the logits by up to ~1e-2. The float models agree to fp32 rounding.
-    tolerance = [1e-5, 1e-5, 5e-2, 1e-5]
+    tolerance = [1e-5, 1e-5, 5e-2, 1e-5, 5e-2]
     save_tiny("qwen2", tmp_path / "dense")
     save_tiny("qwen2_moe", tmp_path / "moe")
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -113,3 +127,44 @@ def test_heads_that_do_not_split_are_a_clear_error(tmp_path):
     loaded = load_model(str(tmp_path), "float32")
     with pytest.raises(QwenkitError, match="must divide the model's 4 attention heads and 2 key/value heads"):
         shard_model(loaded.model, ProcessGroup(rank=0, world_size=4))
+
+
+@pytest.mark.parametrize("types", ["q8_0", "k_quants"])
+def test_gguf_experts_split_into_partial_sums(types, tmp_path):
+    """Experts in their GGUF blocks split on whole blocks of the intermediate features (Q8_0's packed
+    64-value runs, Q6_K's 256); each rank's experts give a partial sum, and the two sum to the whole."""
+    from gguf import GGMLQuantizationType as Q
+
+    from qwenkit.model.moe import SparseMoeBlock
+    from qwenkit.model.tensor_parallel import shard_moe
+    from qwenkit.quantization.gguf_experts import GGUFExperts
+
+    if types == "q8_0":
+        path, (block,) = gguf_moe_layers(tmp_path, (Q.Q8_0, Q.Q8_0, Q.Q8_0), intermediate=192)  # 3 runs of 64: 1 + 2
+    else:
+        path, (block,) = gguf_moe_layers(tmp_path, (Q.Q4_K, Q.Q4_K, Q.Q6_K), intermediate=512)
+    assert isinstance(block, SparseMoeBlock) and isinstance(block.experts, GGUFExperts)
+    x = torch.randn(5, block.experts.hidden_size, generator=torch.Generator().manual_seed(0))
+    counts = [2, 0, 3, 0]
+    with torch.inference_mode():
+        whole = block.experts.grouped(x, counts)
+        parts = []
+        for rank in (0, 1):
+            shard = load_model(str(path), quantize="gguf").model.model.layers[0].mlp
+            shard_moe(shard, ProcessGroup(rank=rank, world_size=2), "mlp")
+            assert shard.experts.intermediate_size < block.experts.intermediate_size
+            parts.append(shard.experts.grouped(x, counts))
+    # The split sum differs from the whole one by float rounding only (the same int8 activations).
+    assert (parts[0] + parts[1] - whole).abs().max().item() < 1e-4 * whole.abs().max().item()
+
+
+def gguf_moe_layers(tmp_path, types, intermediate: int):
+    from qwenkit.model.moe import SparseMoeBlock
+    from test_moe_gguf import moe_config
+
+    config = moe_config("qwen3_moe", experts=4, layers=1, dense_layers=())
+    config.moe_intermediate_size = intermediate
+    path = tmp_path / "moe.gguf"
+    write_tiny_gguf(reference_model(config), path, tiny_tokenizer(), expert_types=types)
+    model = load_model(str(path), quantize="gguf").model
+    return path, [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoeBlock)]

@@ -4,7 +4,8 @@ Attention: q/k/v column-sharded by heads (rank r keeps query heads [r H/N, (r+1)
 key/value heads they read, which GQA's grouping makes a contiguous run too), o_proj row-sharded.
 MLP: gate/up column-sharded, down row-sharded, at the same split of the intermediate features,
 as even as whole blocks of down_proj's GGUF rows allow (uneven when the blocks do not divide);
-a MoE block shards each expert (and the shared expert) the same way, the router stays whole. Each half-layer's output is then a partial sum,
+a MoE block shards each expert (and the shared expert) the same way, GGUF experts all at once on
+whole blocks, the router stays whole. Each half-layer's output is then a partial sum,
 made whole by one all-reduce (a forward hook on the half-layer), so activations between layers
 are complete and identical on every process. Embeddings, norms, routers and the output head are
 replicated: every process computes the full logits, and only rank 0 samples from them.
@@ -93,16 +94,26 @@ def shard_mlp(mlp: nn.Module, group: ProcessGroup, name: str) -> None:
 
 def shard_moe(block: SparseMoeBlock, group: ProcessGroup, name: str) -> None:
     """Every expert and the shared expert sharded as an MLP; the router and the shared expert's
-    gate stay whole (every process routes identically, from identical activations)."""
-    if not isinstance(block.experts, nn.ModuleList):
-        raise QwenkitError(f"{name}.experts: tensor parallelism shards experts held as MLPs, not a {type(block.experts).__name__}")
-    mlps = {f"experts.{i}": expert for i, expert in enumerate(block.experts)}
+    gate stay whole (every process routes identically, from identical activations). Experts kept
+    in their GGUF blocks (one stacked tensor per projection) shard all together, on whole blocks."""
+    experts = None
+    if hasattr(block.experts, "narrow_intermediate"):  # quantization/gguf_experts.py
+        start, length = _share_of(block.experts.intermediate_size, block.experts.column_unit, group, f"{name}.experts")
+        try:
+            experts = block.experts.narrow_intermediate(start, length)
+        except ValueError as exc:
+            raise QwenkitError(f"{name}.experts cannot be split for tensor parallelism: {exc}") from exc
+    elif not isinstance(block.experts, nn.ModuleList):
+        raise QwenkitError(f"{name}.experts: tensor parallelism shards experts held as MLPs or GGUF blocks, not a {type(block.experts).__name__}")
+    mlps = {} if experts is not None else {f"experts.{i}": expert for i, expert in enumerate(block.experts)}
     if block.shared_expert is not None:
         mlps["shared_expert"] = block.shared_expert
     shards = {key: mlp_shards(mlp, group, f"{name}.{key}") for key, mlp in mlps.items()}
     for key, layers in shards.items():
         for child, layer in layers.items():
             setattr(mlps[key], child, layer)
+    if experts is not None:
+        block.experts = experts
 
 
 def mlp_shards(mlp: nn.Module, group: ProcessGroup, name: str) -> dict[str, nn.Module]:
@@ -125,8 +136,11 @@ def row_parallel(layer: nn.Module, start: int, length: int, group: ProcessGroup,
 def _share(layer: nn.Module, group: ProcessGroup, name: str) -> tuple[int, int]:
     """This process's run of `layer`'s input columns: as even a split as whole blocks allow (a GGUF
     row's blocks keep their scale; a Q6_K down_proj of 4864 = 19 x 256 values splits 9 + 10 blocks)."""
-    unit = getattr(layer, "column_unit", 1)  # float: any column
-    blocks = layer.in_features // unit
+    return _share_of(layer.in_features, getattr(layer, "column_unit", 1), group, name)  # float: any column
+
+
+def _share_of(features: int, unit: int, group: ProcessGroup, name: str) -> tuple[int, int]:
+    blocks = features // unit
     if blocks < group.world_size:
         raise QwenkitError(f"{name}: {blocks} blocks of {unit} input values cannot be shared by {group.world_size} processes")
     first, last = group.rank * blocks // group.world_size, (group.rank + 1) * blocks // group.world_size

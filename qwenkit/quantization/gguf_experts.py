@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from qwenkit.quantization.gguf_linear import KERNEL_TYPES, block_matmul, bytes_per_row, native_kernels, pack_if_packable, takes_kernel
+from qwenkit.quantization.gguf_linear import (
+    KERNEL_TYPES, block_matmul, bytes_per_row, column_unit, narrow_columns, native_kernels, pack_if_packable, takes_kernel,
+)
 
 
 class GGUFExperts(nn.Module):
@@ -26,22 +28,24 @@ class GGUFExperts(nn.Module):
         down: torch.Tensor,
         kinds: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType],
         hidden_size: int,
+        prepacked: tuple[bool, bool, bool] = (False, False, False),
     ):
         """gate, up: uint8 [experts, intermediate, bytes]; down: uint8 [experts, hidden, bytes];
-        kinds: the three tensors' GGUF types (llama.cpp's mixes often give down its own)."""
+        kinds: the three tensors' GGUF types (llama.cpp's mixes often give down its own);
+        prepacked: which are already in the packed layout (a shard's)."""
         super().__init__()
         self.num_experts, self.intermediate_size = gate.shape[0], gate.shape[1]
         self.hidden_size = hidden_size
         self.kinds = kinds
-        for name, blocks, kind, in_features in (
-            ("gate", gate, kinds[0], hidden_size),
-            ("up", up, kinds[1], hidden_size),
-            ("down", down, kinds[2], self.intermediate_size),
+        for name, blocks, kind, in_features, was_packed in (
+            ("gate", gate, kinds[0], hidden_size, prepacked[0]),
+            ("up", up, kinds[1], hidden_size, prepacked[1]),
+            ("down", down, kinds[2], self.intermediate_size, prepacked[2]),
         ):
             if kind not in KERNEL_TYPES or blocks.dim() != 3 or blocks.shape[0] != self.num_experts \
                     or blocks.shape[2] != bytes_per_row(kind, in_features):
                 raise ValueError(f"{kind.name} expert blocks {name} of shape {tuple(blocks.shape)} do not make rows of {in_features} values")
-            blocks, packed = pack_if_packable(blocks, kind, in_features)
+            blocks, packed = (blocks, True) if was_packed else pack_if_packable(blocks, kind, in_features)
             self.register_buffer(f"{name}_blocks", blocks, persistent=False)  # GGUF bytes, not float state
             setattr(self, f"{name}_kind", (int(kind), in_features, packed))
 
@@ -66,6 +70,20 @@ class GGUFExperts(nn.Module):
             out[start : start + n] = block_matmul(hidden, self.down_blocks[expert], *self.down_kind)
             start += n
         return out.to(dtype)
+
+    @property
+    def column_unit(self) -> int:
+        """The intermediate features split in runs of this many (whole blocks of down's rows)."""
+        return column_unit(self.kinds[2], self.down_kind[2])
+
+    def narrow_intermediate(self, start: int, length: int) -> "GGUFExperts":
+        """Every expert's intermediate features [start, start + length): gate/up output rows and
+        down input columns, a tensor-parallel shard whose output is a partial sum."""
+        down = narrow_columns(self.down_blocks, self.kinds[2], self.intermediate_size, self.down_kind[2], start, length)
+        packed = (self.gate_kind[2], self.up_kind[2], self.down_kind[2])
+        rows = slice(start, start + length)  # each expert's rows, copied to one run per expert as the kernels read them
+        return GGUFExperts(self.gate_blocks[:, rows].contiguous(), self.up_blocks[:, rows].contiguous(), down,
+                           self.kinds, self.hidden_size, prepacked=packed)
 
     def extra_repr(self) -> str:
         types = "/".join(kind.name for kind in self.kinds)

@@ -111,6 +111,42 @@ def bytes_per_row(kind: GGMLQuantizationType, row_length: int) -> int:
     return row_length // block_values * block_bytes
 
 
+def column_unit(kind: GGMLQuantizationType, packed: bool) -> int:
+    """Input columns of a GGUF row come in runs of this many values (a block: its values share a scale)."""
+    return 64 if packed else GGML_QUANT_SIZES[kind][0]
+
+
+def narrow_columns(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, packed: bool,
+                   start: int, length: int) -> torch.Tensor:
+    """The bytes of input columns [start, start + length) of every row of `blocks` ([..., rows, bytes],
+    the file's or the packed layout): a tensor-parallel shard of a row-parallel layer. The cut must
+    fall on block boundaries."""
+    unit = column_unit(kind, packed)
+    if start % unit or length % unit:
+        raise ValueError(f"{kind.name} rows of {in_features} values split into [{start}, {start + length}), "
+                         f"not on the {unit}-value blocks they are stored in")
+    return torch.cat([blocks[..., offset + start // unit * size : offset + (start + length) // unit * size]
+                      for offset, size in _row_planes(kind, in_features, packed)], dim=-1)
+
+
+def _row_planes(kind: GGMLQuantizationType, in_features: int, packed: bool) -> list[tuple[int, int]]:
+    """(byte offset in a row, bytes per column unit) of each plane of a row: one plane for the
+    file's interleaved blocks; scales, minimums, fifth bits and codes in the packed layout
+    (kernels/gguf_blocks.h, PackedRow)."""
+    if not packed:
+        return [(0, GGML_QUANT_SIZES[kind][1])]
+    name = kind.name
+    sizes = [4]  # fp16 scale per 32 values
+    sizes += [4] if name in ("Q4_1", "Q5_1") else []  # fp16 minimum per 32 values
+    sizes += [8] if name in ("Q5_0", "Q5_1") else []  # fifth bits, one per value
+    sizes += [64 if name == "Q8_0" else 32]  # codes: a byte, or a nibble, per value
+    planes, offset = [], 0
+    for size in sizes:
+        planes.append((offset, size))
+        offset += in_features // 64 * size
+    return planes
+
+
 class GGUFLinear(nn.Module):
     """`blocks` are the file's bytes of the weight; 32-value types are repacked (a copy), the
     others are used as given (a memory map stays a memory map)."""
@@ -174,37 +210,13 @@ class GGUFLinear(nn.Module):
         if dim == 0:
             bias = None if self.bias is None else self.bias[start : start + length]
             return GGUFLinear(self.blocks[start : start + length], self.kind, self.in_features, bias, prepacked=self.packed)
-        unit = self.column_unit
-        if start % unit or length % unit:
-            raise ValueError(
-                f"{self.kind.name} rows of {self.in_features} values split into [{start}, {start + length}), "
-                f"not on the {unit}-value blocks they are stored in"
-            )
-        cut = [self.blocks[:, offset + start // unit * size : offset + (start + length) // unit * size]
-               for offset, size in self._planes(unit)]
-        return GGUFLinear(torch.cat(cut, dim=1), self.kind, length, self.bias, prepacked=self.packed)
+        cut = narrow_columns(self.blocks, self.kind, self.in_features, self.packed, start, length)
+        return GGUFLinear(cut, self.kind, length, self.bias, prepacked=self.packed)
 
     @property
     def column_unit(self) -> int:
         """Input columns come in runs of this many values that `narrow` keeps together (a block)."""
-        return 64 if self.packed else GGML_QUANT_SIZES[self.kind][0]
-
-    def _planes(self, unit: int) -> list[tuple[int, int]]:
-        """(byte offset in a row, bytes per `unit` values) of each plane of a row: one plane for the
-        file's interleaved blocks; scales, minimums, fifth bits and codes in the packed layout
-        (kernels/gguf_blocks.h, PackedRow)."""
-        if not self.packed:
-            return [(0, GGML_QUANT_SIZES[self.kind][1])]
-        name = self.kind.name
-        sizes = [4]  # fp16 scale per 32 values
-        sizes += [4] if name in ("Q4_1", "Q5_1") else []  # fp16 minimum per 32 values
-        sizes += [8] if name in ("Q5_0", "Q5_1") else []  # fifth bits, one per value
-        sizes += [64 if name == "Q8_0" else 32]  # codes: a byte, or a nibble, per value
-        planes, offset = [], 0
-        for size in sizes:
-            planes.append((offset, size))
-            offset += self.in_features // unit * size
-        return planes
+        return column_unit(self.kind, self.packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.kind.name}"
