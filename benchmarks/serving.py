@@ -48,20 +48,24 @@ def messages(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}]
 
 
+async def chat_chunks(client, url: str, body: dict):
+    """The parsed chunks of one streamed /v1/chat/completions."""
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 async def one_stream(client, url: str, i: int, model: str) -> Stream:
     body = {"model": model, "messages": messages(i), "max_tokens": TOKENS, "temperature": 0,
             "stream": True, "ignore_eos": True}
     start = time.monotonic()
     stamps: list[float] = []
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                stamps.append(time.monotonic())
+    async for chunk in chat_chunks(client, url, body):
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            stamps.append(time.monotonic())
     # Both servers send one token per chunk while streaming (checked: len(stamps) == TOKENS below).
     return Stream(stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps))
 

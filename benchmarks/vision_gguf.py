@@ -36,9 +36,10 @@ import transformers
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fixtures")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fixtures"), str(ROOT / "benchmarks")]
 
 from make_mmproj_gguf import convert  # noqa: E402
+from serving import wait_ready  # noqa: E402
 from server_process import ServerProcess, free_port  # noqa: E402
 from tiny_multimodal import IMAGE, VIDEO, VISION_END, VISION_START, randomize, tiny_multimodal_tokenizer  # noqa: E402
 
@@ -79,15 +80,7 @@ class LlamaServer:
         self.proc = subprocess.Popen([binary, "-m", str(model), "--mmproj", str(mmproj), "--port", str(self.port),
                                       "-t", str(threads), "-tb", str(threads), "-c", "4096", "-np", "1", "--jinja"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("llama-server did not start")
+        wait_ready(self.url, self.proc)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -256,6 +256,16 @@ def two_adapters(tiny, tmp_path_factory):
 LONG_PROMPTS = [" ".join(["the cat is on the mat"] * 6), "what is seven plus four? tell me the answer"]
 
 
+def one_batch(engine, prompts, params, loras):
+    """Every prompt with every adapter (None: the base) added at once, stepped to the end:
+    (request id, adapter, prompt index, generated tokens) of each."""
+    requests = [(engine.add_request(p, params, lora_name=lora), lora, i) for lora in loras for i, p in enumerate(prompts)]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+    return [(request_id, lora, i, done[request_id]) for request_id, lora, i in requests]
+
+
 def test_engine_batches_base_and_adapters_together(two_adapters):
     path, root = two_adapters
     llm = LLM(load_model(str(path)), engine_config=EngineConfig(max_num_seqs=16))
@@ -272,15 +282,8 @@ def test_engine_batches_base_and_adapters_together(two_adapters):
     assert alone["attn"] != alone[None] and alone["mlp"] != alone[None]
     # Base first, so its prompt blocks are in the prefix cache when the adapters' requests come.
     assert [o.outputs[0].token_ids for o in llm.generate(LONG_PROMPTS, greedy)] == alone[None]
-    requests = [(llm.engine.add_request(p, greedy, lora_name=lora), lora, i)
-                for lora in ("attn", None, "mlp") for i, p in enumerate(LONG_PROMPTS)]
-    done = {}
-    while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    for request_id, lora, i in requests:
-        assert done[request_id] == alone[lora][i], lora
+    for request_id, lora, i, tokens in one_batch(llm.engine, LONG_PROMPTS, greedy, ("attn", None, "mlp")):
+        assert tokens == alone[lora][i], lora
     with pytest.raises(QwenkitError, match="unknown LoRA adapter"):
         llm.engine.add_request("hi", greedy, lora_name="nope")
 
@@ -288,9 +291,11 @@ def test_engine_batches_base_and_adapters_together(two_adapters):
 def test_adapters_with_prompt_lookup_speculation_decode_as_without(two_adapters):
     """Drafted tokens are verified with the request's adapter: base and both adapters in one batch,
     greedy and seeded, give the tokens each gives without speculation."""
+    from test_speculative import drafting
+
     path, root = two_adapters
     loaded = load_model(str(path))
-    plain, spec = LLM(loaded), LLM(loaded, engine_config=EngineConfig(speculative="ngram", num_speculative_tokens=4))
+    plain, spec = LLM(loaded), drafting(LLM(loaded, engine_config=EngineConfig(speculative="ngram", num_speculative_tokens=4)))
     for llm in (plain, spec):
         llm.engine.add_lora("attn", root / "attn")
         llm.engine.add_lora("mlp", root / "mlp")
@@ -298,15 +303,8 @@ def test_adapters_with_prompt_lookup_speculation_decode_as_without(two_adapters)
     for params in (SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                    SamplingParams(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True)):
         expected = {lora: [o.outputs[0].token_ids for o in plain.generate(prompts, params, lora=lora)] for lora in (None, "attn", "mlp")}
-        requests = [(spec.engine.add_request(p, params, lora_name=lora), lora, i)
-                    for lora in (None, "attn", "mlp") for i, p in enumerate(prompts)]
-        done = {}
-        while spec.engine.has_unfinished_requests():
-            for out in spec.engine.step():
-                if out.finished:
-                    done[out.request_id] = out.outputs[0].token_ids
-        for request_id, lora, i in requests:
-            assert done[request_id] == expected[lora][i], (lora, i)
+        for request_id, lora, i, tokens in one_batch(spec.engine, prompts, params, (None, "attn", "mlp")):
+            assert tokens == expected[lora][i], (lora, i)
     assert spec.engine.speculator.stats.num_accepted_tokens > 10
 
 

@@ -122,3 +122,16 @@ def test_bare_call_needs_declared_tools():
     text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     assert parse_output(text).content == text
     assert parse_output(text, tools=WEATHER_TOOLS, parse_tools=False).content == text
+
+
+@pytest.mark.parametrize("piece", [1, 4, 1000])
+def test_think_text_of_a_model_without_thinking_is_content(piece):
+    """Qwen2.5 (no <think> token) editing code that holds the text "<think>": all of it is the answer;
+    a prompt that opened <think> still makes the reply reasoning."""
+    text = '<think>\nTHINK_TAGS = ("<think>", "</think>")\n</think>\nrest'
+    parser = OutputParser(reasoning=False)
+    deltas = [d for i in range(0, len(text), piece) for d in parser.feed(text[i : i + piece])] + parser.finish()
+    assert "".join(d.content for d in deltas) == text and not any(d.reasoning for d in deltas)
+    assert parse_output(text, reasoning=False).reasoning is None
+    assert parse_output("plan</think>answer", thinking_open=True, reasoning=False).reasoning == "plan"
+    assert parse_output(text).reasoning == 'THINK_TAGS = ("<think>", "'  # a thinking model's reading, for contrast

@@ -487,6 +487,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     logprobs=list(seq.sampling.logprobs) if seq.params.logprobs is not None else None,
                     thinking_open=request.thinking_open,
+                    reasoning=self.tokenizer.writes_thinking,
                 )
             )
             new.clear()

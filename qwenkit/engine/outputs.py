@@ -19,6 +19,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprobs] | None = None
     thinking_open: bool = False  # the prompt ended inside <think> (the template opened it)
+    reasoning: bool = True  # the model writes <think> blocks (its vocabulary has the token): parse them
 
     @property
     def finished(self) -> bool:
@@ -26,11 +27,11 @@ class CompletionOutput:
 
     @property
     def reasoning_content(self) -> str | None:
-        return split_reasoning(self.text, self.thinking_open)[0]
+        return split_reasoning(self.text, self.thinking_open, self.reasoning)[0]
 
     @property
     def content(self) -> str:
-        return split_reasoning(self.text, self.thinking_open)[1]
+        return split_reasoning(self.text, self.thinking_open, self.reasoning)[1]
 
 
 @dataclass

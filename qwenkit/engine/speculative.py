@@ -70,9 +70,9 @@ class StepCosts:
         self.seconds[num_tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def estimate(self, num_tokens: int) -> float:
-        """Seconds of a step of `num_tokens`: as measured, else the nearest smaller measured size
-        plus PRIOR_TOKEN_COST decode steps per extra token (in units of a decode step until
-        anything was timed)."""
+        """Seconds of a step of `num_tokens`: as measured; between two measured sizes, on the line
+        between them; past the largest, its time plus PRIOR_TOKEN_COST decode steps per extra token
+        (in units of a decode step until anything was timed)."""
         if num_tokens in self.seconds:
             return self.seconds[num_tokens]
         if not self.seconds:
@@ -80,9 +80,16 @@ class StepCosts:
         smallest = min(self.seconds)
         decode_step = self.seconds[smallest] / (1 + PRIOR_TOKEN_COST * (smallest - 1))
         below = max((t for t in self.seconds if t < num_tokens), default=None)
+        above = min((t for t in self.seconds if t > num_tokens), default=None)
         if below is None:
             return decode_step * (1 + PRIOR_TOKEN_COST * (num_tokens - 1))
+        if above is not None:
+            share = (num_tokens - below) / (above - below)
+            return self.seconds[below] + share * (self.seconds[above] - self.seconds[below])
         return self.seconds[below] + decode_step * PRIOR_TOKEN_COST * (num_tokens - below)
+
+    def measured_above(self, num_tokens: int) -> bool:
+        return any(t > num_tokens for t in self.seconds)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -100,6 +107,35 @@ def best_k(alpha: float, max_k: int, relative_cost) -> int:
         if value > best_value:
             best, best_value = k, value
     return best
+
+
+def allocate_drafts(alphas: list[float], caps: list[int], base: int, step_cost) -> list[int]:
+    """How many drafts each of a step's sequences verifies, when they share the step: a draft adds a
+    token to the step for every sequence. Drafts are ranked by their chance of being kept (sequence
+    i's (k+1)-th is kept with probability alpha_i^(k+1)), up to each sequence's own choice `caps[i]`,
+    and the step takes the run of the best-ranked ones that gives the most expected tokens per second.
+    (The whole run is weighed, not draft by draft: a step's cost grows in jumps, e.g. at a kernel's
+    tile size, so one more token can cost more than the next seven.)
+    `step_cost(n)`: seconds (or any unit) of a step of n tokens; `base`: the step's tokens without drafts."""
+    ks = [0] * len(alphas)
+    order: list[int] = []
+    gains: list[float] = []
+    for _ in range(sum(caps)):
+        best = max((i for i in range(len(alphas)) if ks[i] < caps[i]), key=lambda i: alphas[i] ** (ks[i] + 1))
+        gains.append(alphas[best] ** (ks[best] + 1))
+        order.append(best)
+        ks[best] += 1
+    # As best_k: drafting must beat the plain step by MIN_GAIN.
+    expected, best_value, best_count = float(base), (1 + MIN_GAIN) * base / step_cost(base), 0
+    for count, gain in enumerate(gains, start=1):
+        expected += gain
+        value = expected / step_cost(base + count)
+        if value > best_value:
+            best_value, best_count = value, count
+    chosen = [0] * len(alphas)
+    for i in order[:best_count]:
+        chosen[i] += 1
+    return chosen
 
 
 def num_accepted(drafts: list[int], sampled: list[int]) -> int:
@@ -274,7 +310,7 @@ class Speculator:
         def relative_cost(k: int) -> float:
             return self.costs.estimate(base + k) / base_cost
 
-        asking, sizes = [], []
+        asking, caps = [], []
         for seq in decoding:
             state = seq.speculation
             if state is None:
@@ -288,10 +324,22 @@ class Speculator:
                 continue
             if self.drafter is None:
                 continue
-            k = min(state.choose_k(relative_cost), room)
+            k = min(state.choose_k(relative_cost), room)  # what this sequence would draft alone
             if k > 0:
                 asking.append(seq)
-                sizes.append(k)
+                caps.append(k)
+        if not asking:
+            return
+        # With many sequences in the step, their drafts add up: share the step's tokens out, by
+        # measured costs. Until a step bigger than plain decoding's has been timed, one draft each
+        # times one cheaply (a step's cost can jump: past the kernels' token limit the GGUF
+        # products take the dense path, and 16 sequences' own choices made a 61-token step cost
+        # 12x a 16-token one here).
+        if self.costs.measured_above(base):
+            sizes = allocate_drafts([seq.speculation.alpha for seq in asking], caps, base, self.costs.estimate)
+        else:
+            sizes = [1] * len(asking)
+        asking, sizes = [seq for seq, k in zip(asking, sizes) if k], [k for k in sizes if k]
         if asking:
             for seq, drafts in zip(asking, self.drafter.propose(asking, sizes)):
                 seq.speculation.draft_token_ids = drafts

@@ -213,12 +213,12 @@ def iter_mmproj_tensors(mmproj: GGUFFile, variant: str) -> Iterator[tuple[str, t
         if name == _PATCH + ".1":
             continue
         if name == _PATCH:  # [hidden, C, 14, 14] twice -> the Conv3d's [hidden, C, 2, 14, 14]
-            slices = (dequantized(mmproj, tensor), dequantized(mmproj, mmproj.tensors[_PATCH + ".1"]))
+            slices = (_floats(mmproj, tensor), _floats(mmproj, mmproj.tensors[_PATCH + ".1"]))
             yield "visual.patch_embed.proj.weight", torch.stack(slices, dim=2)
             continue
         stem, _, kind = name.rpartition(".")
         if stem in _GLOBAL_NAMES:
-            yield f"{_GLOBAL_NAMES[stem]}.{kind}", dequantized(mmproj, tensor)
+            yield f"{_GLOBAL_NAMES[stem]}.{kind}", _floats(mmproj, tensor)
             continue
         m = _BLOCK_RE.match(name)
         if m is None:
@@ -227,7 +227,7 @@ def iter_mmproj_tensors(mmproj: GGUFFile, variant: str) -> Iterator[tuple[str, t
         prefix = f"visual.blocks.{block}"
         if part in ("attn_q", "attn_k", "attn_v"):
             parts = pending.setdefault((block, kind), {})
-            parts[part] = dequantized(mmproj, tensor)
+            parts[part] = _floats(mmproj, tensor)
             if len(parts) == 3:  # the HF layout's fused projection: q rows, then k, then v
                 yield f"{prefix}.attn.qkv.{kind}", torch.cat([parts["attn_q"], parts["attn_k"], parts["attn_v"]])
                 del pending[(block, kind)]
@@ -235,17 +235,24 @@ def iter_mmproj_tensors(mmproj: GGUFFile, variant: str) -> Iterator[tuple[str, t
         hf = _BLOCK_NAMES.get(part) or ffn.get(part)
         if hf is None:
             raise QwenkitError(f"mmproj tensor {name!r} has no place in a {variant} vision tower")
-        yield f"{prefix}.{hf}.{kind}", dequantized(mmproj, tensor)
+        yield f"{prefix}.{hf}.{kind}", _floats(mmproj, tensor)
     if pending:
         (block, kind), parts = next(iter(pending.items()))
         raise QwenkitError(f"{mmproj.path} has an incomplete attention projection in block {block}: only {', '.join(sorted(parts))} {kind}")
+
+
+def _floats(mmproj: GGUFFile, tensor) -> torch.Tensor:
+    """A tensor's float32 copy; the file's pages of it are let go (the copy is what the model keeps)."""
+    values = dequantized(mmproj, tensor)
+    mmproj.release(tensor)
+    return values
 
 
 def _audio_tensors(mmproj: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
     for tensor in mmproj.tensors.values():
         name = tensor.name
         stem, _, kind = name.rpartition(".")
-        values = dequantized(mmproj, tensor)
+        values = _floats(mmproj, tensor)
         if stem in _AUDIO_GLOBAL_NAMES:
             if stem.startswith("a.conv1d.") and kind == "bias":
                 values = values.reshape(-1)  # stored [d_model, 1] for ggml's broadcast

@@ -146,7 +146,7 @@ def chat_completion_body(state, body: ChatCompletionRequest, out: RequestOutput,
     """The non-streamed response to a finished request (the server's and a batch job's)."""
     choices = []
     for c in out.outputs:
-        parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix, declared_tools(body))
+        parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix, declared_tools(body), c.reasoning)
         message, finish = message_for(c, parsed, body.parallel_tool_calls)
         choices.append({"index": c.index, "message": message, "finish_reason": finish,
                         "logprobs": logprobs_json(state, c.logprobs) if body.logprobs else None})
@@ -171,7 +171,7 @@ async def stream_chat(state, stream, request_id, model, parse_tools, prefix, bod
             return
         for c in out.outputs:
             if c.index not in parsers:
-                parsers[c.index] = OutputParser(c.thinking_open, parse_tools, prefix, declared_tools(body))
+                parsers[c.index] = OutputParser(c.thinking_open, parse_tools, prefix, declared_tools(body), c.reasoning)
                 tool_counts[c.index] = 0
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             deltas = parsers[c.index].feed(c.delta_text)

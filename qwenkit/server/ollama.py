@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from qwenkit import __version__
-from qwenkit.engine.outputs import RequestOutput
+from qwenkit.engine.outputs import CompletionOutput, RequestOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.server.chat import chat_prompt_with_media
 from qwenkit.server.completions import completion_prompt
@@ -255,11 +255,12 @@ def message_fields(deltas: list[Delta]) -> dict[str, Any]:
     return message
 
 
-async def ndjson(model: str, stream: AsyncIterator[RequestOutput], new_parser: Callable[[bool], OutputParser],
+async def ndjson(model: str, stream: AsyncIterator[RequestOutput], new_parser: Callable[[CompletionOutput], OutputParser],
                  started: float, chunk: Callable[[dict], dict], final: Callable[[RequestOutput], dict]) -> AsyncIterator[str]:
     """The stream as Ollama sends it: one JSON object per line, the last with done and the statistics.
     `chunk` shapes a message into the route's fields; an error mid-stream is a line {"error": ...}.
-    `new_parser(thinking_open)` makes the output parser once the engine says whether the prompt opened <think>."""
+    `new_parser(completion)` makes the output parser once the engine says whether the prompt opened <think>
+    and whether the model writes <think> blocks at all."""
     out, parser = None, None
     try:
         async for out in stream:
@@ -267,7 +268,7 @@ async def ndjson(model: str, stream: AsyncIterator[RequestOutput], new_parser: C
                 yield json.dumps({"error": out.error}) + "\n"
                 return
             c = out.outputs[0]
-            parser = parser or new_parser(c.thinking_open)
+            parser = parser or new_parser(c)
             deltas = parser.feed(c.delta_text) + (parser.finish() if c.finished else [])
             message = message_fields(deltas)
             if len(message) > 2 or message["content"]:
@@ -311,12 +312,12 @@ async def chat(body: OllamaChatRequest, request: Request, key: str = authorized)
     stream = await start(state, key, model, prompt_ids, oai, prefix, media)
     tools = {t.function.name: t.function.parameters for t in oai.tools or []}
     if body.stream:
-        lines = ndjson(model, stream, lambda thinking_open: OutputParser(thinking_open, parse_tools, prefix, tools),
+        lines = ndjson(model, stream, lambda c: OutputParser(c.thinking_open, parse_tools, prefix, tools, c.reasoning),
                        started, lambda m: {"message": m}, lambda out: {})
         return StreamingResponse(lines, media_type="application/x-ndjson")
     out = await final_output(request, stream)
     c = out.outputs[0]
-    parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix, tools)
+    parsed = parse_output(c.text, c.thinking_open, parse_tools, prefix, tools, c.reasoning)
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
     if parsed.reasoning:
         message["thinking"] = parsed.reasoning
@@ -360,10 +361,11 @@ async def generate(body: OllamaGenerateRequest, request: Request, key: str = aut
         return {"response": message["content"], **({"thinking": message["thinking"]} if "thinking" in message else {})}
 
     if body.stream:
-        lines = ndjson(model, stream, lambda thinking_open: OutputParser(thinking_open, False), started, chunk, final)
+        lines = ndjson(model, stream, lambda c: OutputParser(c.thinking_open, False, reasoning=c.reasoning), started, chunk, final)
         return StreamingResponse(lines, media_type="application/x-ndjson")
     out = await final_output(request, stream)
-    parsed = parse_output(out.outputs[0].text, out.outputs[0].thinking_open, False)
+    c = out.outputs[0]
+    parsed = parse_output(c.text, c.thinking_open, False, reasoning=c.reasoning)
     reply: dict[str, Any] = {"model": model, "created_at": created_at(), "response": parsed.content}
     if parsed.reasoning:
         reply["thinking"] = parsed.reasoning

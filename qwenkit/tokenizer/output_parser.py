@@ -141,12 +141,16 @@ def _bare_object(buffer: str, tools: Mapping[str, Any], final: bool) -> tuple[To
 
 class OutputParser:
     def __init__(self, thinking_open: bool = False, parse_tools: bool = True, prefix: str = "",
-                 tools: Mapping[str, Any] | None = None):
+                 tools: Mapping[str, Any] | None = None, reasoning: bool = True):
         """`thinking_open`: the prompt already opened <think>. `prefix`: text the prompt put in the
         model's mouth (e.g. "<tool_call>\\n" to force a call), parsed as if the model wrote it.
         `tools`: the declared tools (name -> parameters schema): a reply that starts with a bare
-        JSON call of one of them is a call, and XML parameters are typed by the schema."""
+        JSON call of one of them is a call, and XML parameters are typed by the schema.
+        `reasoning`: the model writes <think> blocks (its vocabulary has the token); a model that does
+        not (Qwen2.5, its Coder) may still write the text "<think>", e.g. when editing code that holds
+        it, and that is content."""
         self.mode = "reasoning" if thinking_open else "start"
+        self.reasoning = reasoning or thinking_open
         self.parse_tools = parse_tools
         self.tools = dict(tools or {})
         self.bare = parse_tools and bool(self.tools)  # bare calls are still possible here
@@ -174,7 +178,9 @@ class OutputParser:
         while True:
             if self.mode == "start":
                 stripped = self.buffer.lstrip()
-                if stripped.startswith(THINK_OPEN):
+                if not self.reasoning:
+                    self.mode = "content"
+                elif stripped.startswith(THINK_OPEN):
                     self.buffer = stripped[len(THINK_OPEN) :].lstrip("\n")
                     self.mode, self.saw_reasoning = "reasoning", True
                 elif not final and THINK_OPEN.startswith(stripped):
@@ -268,8 +274,8 @@ class ParsedOutput:
 
 
 def parse_output(text: str, thinking_open: bool = False, parse_tools: bool = True, prefix: str = "",
-                 tools: Mapping[str, Any] | None = None) -> ParsedOutput:
-    parser = OutputParser(thinking_open, parse_tools, prefix, tools)
+                 tools: Mapping[str, Any] | None = None, reasoning: bool = True) -> ParsedOutput:
+    parser = OutputParser(thinking_open, parse_tools, prefix, tools, reasoning)
     deltas = parser.feed(text) + parser.finish()
     reasoning = "".join(d.reasoning for d in deltas)
     return ParsedOutput(

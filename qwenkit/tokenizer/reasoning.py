@@ -7,12 +7,13 @@ from qwenkit.tokenizer.output_parser import THINK_CLOSE, THINK_OPEN, parse_outpu
 __all__ = ["THINK_CLOSE", "THINK_OPEN", "prompt_opens_thinking", "split_reasoning"]
 
 
-def split_reasoning(text: str, thinking_open: bool = False) -> tuple[str | None, str]:
-    """(reasoning or None, answer). `thinking_open`: the prompt already opened the <think> block.
+def split_reasoning(text: str, thinking_open: bool = False, reasoning: bool = True) -> tuple[str | None, str]:
+    """(reasoning or None, answer). `thinking_open`: the prompt already opened the <think> block;
+    `reasoning`: the model writes <think> blocks at all (see OutputParser).
 
     Reasoning that never closes (cut by max_tokens) is all reasoning.
     """
-    parsed = parse_output(text, thinking_open, parse_tools=False)
+    parsed = parse_output(text, thinking_open, parse_tools=False, reasoning=reasoning)
     return parsed.reasoning, parsed.content
 
 

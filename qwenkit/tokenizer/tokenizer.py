@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.chat_template import ChatTemplate
 from qwenkit.tokenizer.gguf_vocab import byte_level_bpe
+from qwenkit.tokenizer.output_parser import THINK_OPEN
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.safetensors_dir import read_json
 
@@ -66,6 +67,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def writes_thinking(self) -> bool:
+        """The model writes <think> blocks: its vocabulary has the token (Qwen3, QwQ). Others (Qwen2.5)
+        may still write the text "<think>", which is then content."""
+        return self.token_to_id(THINK_OPEN) is not None
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
