@@ -50,6 +50,14 @@ _BITMASK = _Bitmask()
 _BATCH = xgr.BatchGrammarMatcher(max_threads=2)
 
 
+def _apply_mask(logits: torch.Tensor, bitmask: torch.Tensor, vocab: int, rows: list[int]) -> None:
+    """The filled bitmask rows onto those logits rows, in one native call; ids past the tokenizer's
+    vocabulary (the model's padded rows) are never allowed."""
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+    if vocab < logits.shape[1]:
+        logits[torch.tensor(rows), vocab:] = float("-inf")
+
+
 class GrammarProcessor(LogitsProcessor):
     supports_drafts = True
 
@@ -70,9 +78,7 @@ class GrammarProcessor(LogitsProcessor):
         with _BITMASK.lock:
             bitmask = _BITMASK.rows(logits.shape[0], vocab)
             _BATCH.batch_fill_next_token_bitmask([p.matcher for _, p in live], bitmask, indices=indices)
-            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=indices)
-        if vocab < logits.shape[1]:  # ids the tokenizer does not have (the model's padded rows)
-            logits[torch.tensor(indices), vocab:] = float("-inf")
+            _apply_mask(logits, bitmask, vocab, indices)
 
     def accept(self, token_id: int) -> None:
         if self.wait_for_token is not None:
@@ -139,9 +145,7 @@ class _DraftedGrammar(LogitsProcessor):
                 if accepted:
                     matcher.rollback(accepted)
             if masked:
-                xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=masked)
-        if masked and vocab < logits.shape[1]:
-            logits[torch.tensor(masked), vocab:] = float("-inf")
+                _apply_mask(logits, bitmask, vocab, masked)
 
     def accept(self, token_id: int) -> None:
         raise RuntimeError("a drafted position's view never accepts tokens; the sequence's own processor does")
