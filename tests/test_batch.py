@@ -1,6 +1,6 @@
 """`qwenkit batch`: OpenAI Batch files through the engine's continuous batching.
 
-On the default model, a 200-line job gives what the same requests give one by one. That run uses
+On the default model, a 64-line job (as many sequences as the engine runs at once) gives what the same requests give one by one. That run uses
 the exact float32 model: with GGUF blocks in place, a prompt prefilled among many others takes the
 dense bfloat16 path and one alone the int8 dot products, so greedy replies can legitimately part
 at a near tie; float32 is the same arithmetic either way. The command itself (a real kill -9,
@@ -18,7 +18,8 @@ import pytest
 
 from tiny_models import save_tiny
 
-N = 200
+N = 200  # lines of the tiny model's job
+N_REAL = 64  # lines of the default model's
 SUBJECTS = ["the sea", "a cat", "Python", "rain", "the moon", "coffee", "a bicycle", "winter", "chess", "a library"]
 
 
@@ -46,15 +47,15 @@ def test_batch_equals_one_by_one(default_model, tmp_path):
     from qwenkit.engine.sampling_params import SamplingParams
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("\n".join(batch_line(i) for i in range(N)) + "\n")
+    inp.write_text("\n".join(batch_line(i) for i in range(N_REAL)) + "\n")
     summary = run_batch(LLM(default_model, engine_config=EngineConfig(kv_cache_memory=256 << 20)), inp, out, "qwen-default")
-    assert (summary.done, summary.failed, summary.skipped) == (N, 0, 0)
+    assert (summary.done, summary.failed, summary.skipped) == (N_REAL, 0, 0)
     results = read_output(out)
-    assert set(results) == {f"req-{i}" for i in range(N)}
+    assert set(results) == {f"req-{i}" for i in range(N_REAL)}
 
     alone = LLM(default_model, engine_config=EngineConfig(kv_cache_memory=64 << 20, enable_prefix_caching=False))
     greedy = SamplingParams(max_tokens=8, temperature=0)
-    for i in random.Random(0).sample(range(N), 10):
+    for i in random.Random(0).sample(range(N_REAL), 10):
         reference = alone.chat(messages(i), greedy)[0].outputs[0]  # nothing else in the engine
         body = results[f"req-{i}"]["response"]["body"]
         assert results[f"req-{i}"]["response"]["status_code"] == 200

@@ -94,7 +94,7 @@ def cpu_kernels(isa: str | None = None) -> ModuleType | None:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-            print(f"qwenkit: compiling the native CPU kernels for {isa} (first use only, about a minute)...",
+            print(f"qwenkit: compiling the native CPU kernels for {isa} (first use only, about half a minute)...",
                   file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,7 +1,9 @@
 // The Python module of qwenkit's CPU kernels: GGUF blocks in place (gguf_matmul.cpp over each
 // build's ggml_*.cpp) and the small operations of a decode step (decode_cpu.cpp).
 
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with torch's Tensor casters, without the C++ frontend
+
+#include "torch_lite.h"
 
 #include "thread_pool.h"
 

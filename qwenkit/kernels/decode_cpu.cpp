@@ -2,7 +2,7 @@
 // a layer's non-matmul work is a few KB, so torch's per-op dispatch (an RMSNorm is six ops, a
 // paged attention read is two gathers, a mask and SDPA) costs more than the arithmetic.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 #include "thread_pool.h"
 #include "vec_math.h"
 #if defined(__AVX2__) && defined(__FMA__)

@@ -20,7 +20,7 @@
 // (whose values must be ggml's bit for bit; not on the decode path), take the generic path of
 // gguf_blocks.h.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 #include <immintrin.h>
 
 #include <type_traits>

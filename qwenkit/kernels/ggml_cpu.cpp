@@ -14,7 +14,7 @@
 // Block layouts are ggml's (ggml-common.h); the formulas follow ggml's dequantize_row_* so that
 // `dequantize` gives the same float32 values bit for bit.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 #include <immintrin.h>
 
 #include <type_traits>

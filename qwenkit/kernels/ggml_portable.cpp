@@ -9,7 +9,7 @@
 // The formulas follow ggml's dequantize_row_*, so `dequantize_into` is bit-equal to ggml; the
 // products differ from the SIMD builds' only in the order float sums are added.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include "gguf_blocks.h"
 

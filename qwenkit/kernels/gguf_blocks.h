@@ -8,7 +8,7 @@
 
 #pragma once
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 #include <c10/util/Half.h>
 
 #include <algorithm>

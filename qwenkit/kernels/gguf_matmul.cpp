@@ -8,7 +8,7 @@
 // would pay again for the Python dispatch, the activations' quantization, waking the threads and
 // the elementwise ops after it.
 
-#include <torch/extension.h>
+#include "torch_lite.h"
 
 #include "gguf_blocks.h"
 #include "vec_math.h"
