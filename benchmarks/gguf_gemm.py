@@ -32,7 +32,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from qwenkit.quantization.gguf_linear import GGUFLinear, _native, dense_block_matmul
+    from qwenkit.quantization.gguf_linear import GGUFLinear, dense_block_matmul, native_kernels
     from qwenkit.weights.default_model import ensure_assembled
     from qwenkit.formats.gguf_reader import GGUFFile
 
@@ -44,7 +44,7 @@ def main() -> None:
             key = (tensor.kind.name, tensor.shape)
             if key not in layers:
                 layers[key] = GGUFLinear(torch.from_numpy(np.array(gguf.raw(tensor))), tensor.kind, tensor.shape[1])
-    native = _native()
+    native = native_kernels()
     counts = [int(t) for t in args.tokens.split(",")]
     print(f"{'layer':28s}" + "".join(f"{t:>14d}" for t in counts) + "   (us per token: kernel / dense)")
     totals = {t: [0.0, 0.0] for t in counts}

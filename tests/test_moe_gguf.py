@@ -100,6 +100,34 @@ def test_grouped_experts_equal_each_expert_alone(tmp_path):
                                      [p for _, _, p in (module.gate_kind, module.up_kind, module.down_kind)])
 
 
+def test_experts_with_many_rows_take_the_dense_path_alone(monkeypatch):
+    """A prompt routed unevenly: the experts past KERNEL_MAX_TOKENS rows go through the dense path
+    one by one and the others through the kernels in one call; each row is bit for bit what the
+    all-kernel call (kernel experts) or the all-dense path (dense experts) gives it."""
+    from qwenkit.quantization import gguf_linear
+    from qwenkit.quantization.gguf_experts import GGUFExperts
+    from tiny_gguf import _k_quantize
+
+    experts, hidden, inter = 4, 256, 256
+    g = torch.Generator().manual_seed(1)
+    kinds = (Q.Q4_K, Q.Q4_K, Q.Q6_K)
+    blocks = [torch.from_numpy(_k_quantize((torch.randn(experts, rows, cols, generator=g) / cols**0.5).numpy(), k))
+              for (rows, cols), k in zip(((inter, hidden), (inter, hidden), (hidden, inter)), kinds)]
+    module = GGUFExperts(*blocks, kinds, hidden)
+    counts = [2, 9, 0, 3]
+    x = torch.randn(sum(counts), hidden, generator=g)
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 1 << 20)
+    kernel = module.grouped(x, counts)
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 0)
+    dense = module.grouped(x, counts)
+    assert (kernel - dense).abs().max() > 0  # the two paths round differently, so the test can tell them apart
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 3)  # expert 1's 9 rows are "many"
+    mixed = module.grouped(x, counts)
+    many = torch.zeros(sum(counts), dtype=torch.bool)
+    many[2:11] = True
+    assert torch.equal(mixed[many], dense[many]) and torch.equal(mixed[~many], kernel[~many])
+
+
 _PEAK_RSS = """
 import json, sys, torch
 from qwenkit.model.attention import NoCache

@@ -3,8 +3,8 @@
 llama.cpp stores each projection of all experts as one 3-D tensor [experts, rows, columns]; here
 each stays those bytes ([experts, rows, bytes per row], memory-mapped, or a same-size packed copy
 for the 32-value types) and each active expert's rows go through the same kernels as GGUFLinear:
-all of a step's active experts in one native call when each has few rows (decoding), else expert
-by expert (a long prompt's rows take GGUFLinear's dense path).
+the active experts with few rows in one native call (all of them when decoding), an expert with
+many rows alone on GGUFLinear's dense path.
 It replaces the float `ExpertMLPs` by name and answers the same `grouped(x, counts)`.
 """
 
@@ -51,25 +51,34 @@ class GGUFExperts(nn.Module):
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each expert's SwiGLU MLP of its rows: x [N, hidden] holds counts[0] rows for expert 0,
-        then counts[1] for expert 1, ... (the order SparseMoeBlock sorts them in)."""
+        then counts[1] for expert 1, ... (the order SparseMoeBlock sorts them in). The experts with
+        few rows (all of them when decoding) go through the kernels in one native call; an expert
+        with many rows (a long prompt routed unevenly) takes GGUFLinear's dense path on its own."""
         dtype = x.dtype
         x = x.float()
-        if takes_kernel(max(counts, default=0)):  # every expert's rows through the kernels: one native call
-            kinds = [self.gate_kind, self.up_kind, self.down_kind]
-            out = native_kernels().experts_mlp(x, counts, self.gate_blocks, self.up_blocks, self.down_blocks,
-                                                [kind for kind, _, _ in kinds], [packed for _, _, packed in kinds])
-            return out.to(dtype)
+        dense = [not takes_kernel(n) for n in counts]
+        if not any(dense):
+            return self._kernel_experts(x, counts).to(dtype)
         out = torch.empty_like(x)
-        start = 0
-        for expert, n in enumerate(counts):
-            if not n:
-                continue
-            rows = x[start : start + n]
-            hidden = F.silu(block_matmul(rows, self.gate_blocks[expert], *self.gate_kind), inplace=True)
-            hidden.mul_(block_matmul(rows, self.up_blocks[expert], *self.up_kind))
-            out[start : start + n] = block_matmul(hidden, self.down_blocks[expert], *self.down_kind)
-            start += n
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        few = [0 if is_dense else n for n, is_dense in zip(counts, dense)]
+        if any(few):
+            rows = torch.cat([torch.arange(starts[e], starts[e + 1]) for e, n in enumerate(few) if n])
+            out[rows] = self._kernel_experts(x[rows], few)
+        for expert, is_dense in enumerate(dense):
+            if is_dense:
+                rows = x[starts[expert] : starts[expert + 1]]
+                hidden = F.silu(block_matmul(rows, self.gate_blocks[expert], *self.gate_kind), inplace=True)
+                hidden.mul_(block_matmul(rows, self.up_blocks[expert], *self.up_kind))
+                out[starts[expert] : starts[expert + 1]] = block_matmul(hidden, self.down_blocks[expert], *self.down_kind)
         return out.to(dtype)
+
+    def _kernel_experts(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        kinds = [self.gate_kind, self.up_kind, self.down_kind]
+        return native_kernels().experts_mlp(x, counts, self.gate_blocks, self.up_blocks, self.down_blocks,
+                                            [kind for kind, _, _ in kinds], [packed for _, _, packed in kinds])
 
     @property
     def column_unit(self) -> int:

@@ -24,10 +24,14 @@ KERNEL_TYPES = frozenset(
 )
 # The 32-value types are repacked at load time into planes (same size) that decode 2-3x faster.
 PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
-# Up to this many tokens the kernel wins. Measured on the 0.5B model's layers with fresh output
-# buffers: 3x faster than dequantize + sgemm at 32 tokens, 1.3x at 64; the float path's reused
-# buffer narrows that, so the switch sits below 64.
-KERNEL_MAX_TOKENS = 48
+# Up to this many tokens the kernel wins (benchmarks/gguf_gemm.py picks it). Where the CPU has
+# bfloat16 arithmetic the dense path is a bf16 matmul: on the AVX-512 BF16 machine the kernel was
+# 3x faster at 32 tokens, 1.3x at 64, so the switch sits below 64. Elsewhere the dense path is a
+# float32 matmul, no faster per multiply-add than the int8 kernels: on the AVX2 machine (Zen 3,
+# 2 threads) the kernel was 3.3x faster at 16 tokens, 1.4x at 96, even at 192 and 8% slower at
+# 384; a MoE prompt of 256 tokens (Qwen3-30B-A3B's shapes) prefilled 1.2-1.7x faster with the
+# switch at 256 than at 128.
+KERNEL_MAX_TOKENS = 48 if bf16_matmul_is_fast() else 256
 # Dequantized rows are produced this many values at a time, in a reused per-thread buffer:
 # the 150k-row output projection would otherwise need 0.5 GB of float32 at once.
 DENSE_CHUNK_VALUES = 1 << 23
