@@ -199,9 +199,7 @@ struct ScalesK4 {
   explicit ScalesK4(const uint8_t* r) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
     const uint8_t* p = row + BYTES * s;
-    alignas(16) uint8_t u[16];
-    scale_min_bytes_k4(p + 4, u);
-    const __m256i both = _mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(u)));  // 8 scales, 8 mins
+    const __m256i both = _mm256_cvtepu8_epi16(scale_min_bytes_k4(p + 4));  // 8 scales, 8 mins
     _mm256_store_si256(reinterpret_cast<__m256i*>(b.sc), both);
     _mm256_store_si256(reinterpret_cast<__m256i*>(b.mins), _mm256_permute2x128_si256(both, both, 0x81));  // mins, then zeros
     b.d = _cvtsh_ss(load_u16(p));
@@ -389,10 +387,11 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
   const int64_t supers = k / 256;
   std::vector<BlockScales> scales(TILE_ROWS * supers);
   __m256 sums[4];
+  const bool scales_inline = View::SCALES_INLINE;
   row_and_token_tiles<4, TILE_ROWS, PREFETCH_AHEAD>(
       rows, row_bytes, begin, end, tokens,
       [&](int64_t first, int64_t count) {
-        if constexpr (View::SCALES_INLINE) return;
+        if (scales_inline) return;
         for (int64_t r = 0; r < count; ++r) {
           const View v(rows + (first + r) * row_bytes, k);
           for (int64_t s = 0; s < supers; ++s) v.block_scales(s, scales[r * supers + s]);
@@ -401,7 +400,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
       [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
         const View v(rows + row * row_bytes, k);
         with_tile_size(nt, [&](auto NT) {
-          if constexpr (View::SCALES_INLINE) {
+          if (scales_inline) {
             tile_dot_k<View, NT, true>(v, nullptr, a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16), xcodes + t0 * (k / View::GROUP), k, sums);
           } else {
             tile_dot_k<View, NT, false>(v, &scales[r * supers], a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16),

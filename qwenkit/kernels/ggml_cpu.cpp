@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "gguf_blocks.h"
+#include "vec_math.h"
 
 using namespace qwenkit;
 
@@ -148,9 +149,7 @@ struct Q4KView {
   void int_scales(int64_t k, int32_t* sc, float* d, float* off) const {
     for (int64_t b = 0; b < k / 256; ++b) {
       const uint8_t* p = row + 144 * b;
-      uint8_t u[16];
-      scale_min_bytes_k4(p + 4, u);
-      const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+      const __m512i wide = _mm512_cvtepu8_epi32(scale_min_bytes_k4(p + 4));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc + 8 * b), _mm512_castsi512_si256(wide));
       const __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(wide, 1));
       _mm256_storeu_ps(off + 8 * b, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(load_u16(p + 2))), mins));
