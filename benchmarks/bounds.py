@@ -7,14 +7,22 @@
   slower than float32), 2 threads, best of 5. Batched decode and prefill do about one
   multiply-add per weight per token, so the best rate / multiply-adds per token bounds them.
 - the default model's multiply-adds per token and bytes read per token, from its GGUF.
+- (`--instructions`, x86 with AVX2) how many 256-bit vector instructions one core retires per
+  second, by kind: 8 independent chains of one instruction in registers. The int8 kernels need
+  ~8 of them per 64 multiply-adds per token (VPMADDUBSW, VPMADDWD, convert, FMA, twice), float32
+  one FMA per 8, so this rate, not the matmul libraries, says what batched int8 products can reach.
 
-    python benchmarks/bounds.py
+    python benchmarks/bounds.py [--instructions]
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 THREADS = 2
 
@@ -62,6 +70,50 @@ def matmul_rate(dtype_name: str, size: int = 2048) -> float:
         best = min(best, time.perf_counter() - start)
     return size**3 / best / 1e9
 
+_PROBE = r"""
+#include <immintrin.h>
+#include <chrono>
+#include <cstdio>
+#define KEEP(a, b, c, d, e, f, g, h) __asm__ volatile("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d), "+x"(e), "+x"(f), "+x"(g), "+x"(h))
+#define CHAINS(OP, V) V##0 = OP(V##0); V##1 = OP(V##1); V##2 = OP(V##2); V##3 = OP(V##3); \
+                      V##4 = OP(V##4); V##5 = OP(V##5); V##6 = OP(V##6); V##7 = OP(V##7)
+#define RATE(NAME, BODY, VARS) { auto t0 = std::chrono::steady_clock::now(); \
+    for (long i = 0; i < N / 8; ++i) { BODY; KEEP VARS; } \
+    printf("%s %.2f\n", NAME, N / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9); }
+int main() {
+  const long N = 400000000;
+  __m256i a0 = _mm256_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  __m256 f0 = _mm256_set1_ps(1), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
+  const __m256i w = _mm256_set1_epi8(3);
+  const __m256 s = _mm256_set1_ps(1.0001f);
+#define MADDUBS(x) _mm256_maddubs_epi16(w, x)
+#define MADDWD(x) _mm256_madd_epi16(w, x)
+#define ADD(x) _mm256_add_epi32(w, x)
+#define FMA(x) _mm256_fmadd_ps(s, x, s)
+#define CVT(x) _mm256_cvtepi32_ps(_mm256_castps_si256(x))
+  RATE("VPMADDUBSW", CHAINS(MADDUBS, a), (a0, a1, a2, a3, a4, a5, a6, a7))
+  RATE("VPMADDWD", CHAINS(MADDWD, a), (a0, a1, a2, a3, a4, a5, a6, a7))
+  RATE("VPADDD", CHAINS(ADD, a), (a0, a1, a2, a3, a4, a5, a6, a7))
+  RATE("VFMADD231PS", CHAINS(FMA, f), (f0, f1, f2, f3, f4, f5, f6, f7))
+  RATE("VCVTDQ2PS", CHAINS(CVT, f), (f0, f1, f2, f3, f4, f5, f6, f7))
+  RATE("int8-kernel-mix", (a0 = MADDUBS(a0), a1 = MADDUBS(a1), a2 = MADDWD(a2), a3 = MADDWD(a3), f0 = CVT(f0), f1 = CVT(f1),
+                           f2 = FMA(f2), f3 = FMA(f3)), (a0, a1, a2, a3, f0, f1, f2, f3))
+  volatile float sink = f0[0] + f1[0] + f2[0] + f3[0] + f4[0] + f5[0] + f6[0] + f7[0] + _mm256_extract_epi32(a0, 0)
+                        + _mm256_extract_epi32(a4, 0) + _mm256_extract_epi32(a7, 0) + _mm256_extract_epi32(a1, 0);
+  (void)sink;
+}
+"""
+
+
+def vector_instruction_rates() -> dict[str, float]:
+    """G instructions/s one core retires of each 256-bit kind (AVX2 + FMA; compiled with g++)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, binary = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
+        source.write_text(_PROBE)
+        subprocess.run(["g++", "-O2", "-mavx2", "-mfma", str(source), "-o", str(binary)], check=True)
+        lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.split("\n")
+    return {name: float(rate) for name, rate in (line.split() for line in lines if line)}
+
 
 def model_costs() -> tuple[float, float]:
     """(multiply-adds, bytes of weights read) per decoded token of the embedded default model: every
@@ -92,3 +144,9 @@ def describe() -> str:
 
 if __name__ == "__main__":
     print(describe())
+    if "--instructions" in sys.argv:
+        rates = vector_instruction_rates()
+        print("one core, G vector instructions/s: " + ", ".join(f"{name} {rate:.2f}" for name, rate in rates.items()))
+        mix = rates["int8-kernel-mix"]
+        print(f"-> int8 products at ~8 instructions per 64 multiply-adds: <= {mix * 8:.0f} G MAC/s per core; "
+              f"float32 FMA: {rates['VFMADD231PS'] * 8:.0f} G MAC/s per core")
