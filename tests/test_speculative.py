@@ -7,7 +7,7 @@ import torch
 
 from qwenkit.engine import LLM, EngineConfig, SamplingParams
 from qwenkit.engine.speculative import (
-    PRIOR_TOKEN_COST, Drafter, NgramIndex, SpeculationState, Speculator, StepCosts, best_k,
+    ENVELOPE_OBSERVATIONS, PRIOR_TOKEN_COST, Drafter, NgramIndex, SpeculationState, Speculator, StepCosts, best_k,
 )
 from qwenkit.weights.loader import load_model
 from tiny_models import save_tiny
@@ -78,6 +78,16 @@ def test_k_weighs_acceptance_against_measured_step_costs():
     costs.observe(5, 0.030)
     assert costs.estimate(3) == pytest.approx(0.020) and costs.estimate(5) == 0.030  # between two timed sizes: on their line
     assert costs.estimate(7) == 0.030 + 2 * PRIOR_TOKEN_COST * 0.010
+    from qwenkit.engine.speculative import allocate_drafts
+
+    noisy = StepCosts()  # 16 sequences on 2 cores: a drafted token costs about a sequence's own one
+    for size, ms in ((16, 183), (17, 207), (21, 313), (22, 224)):
+        noisy.observe(size, ms / 1000)
+    assert noisy.estimate(22) == 0.313 and noisy.estimate(18) > 0.207  # never cheaper than a smaller size timed lately
+    assert allocate_drafts([0.83] * 16, [4] * 16, 16, noisy.estimate) == [0] * 16  # so no draft pays
+    for _ in range(ENVELOPE_OBSERVATIONS):
+        noisy.observe(16, 0.183)
+    assert noisy.estimate(22) == 0.224  # 21's old timing no longer bounds it
     cheap = lambda k: 1 + 0.1 * k  # noqa: E731
     dear = lambda k: 1 + 1.0 * k  # noqa: E731
     assert best_k(0.9, 8, cheap) == 8 and best_k(0.9, 8, dear) == 0 and best_k(0.1, 8, cheap) == 0
