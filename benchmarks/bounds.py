@@ -8,7 +8,8 @@
   multiply-add per weight per token, so the best rate / multiply-adds per token bounds them.
 - the default model's multiply-adds per token and bytes read per token, from its GGUF.
 - (`--instructions`, x86 with AVX2) how many 256-bit vector instructions one core retires per
-  second, by kind: 8 independent chains of one instruction in registers. The int8 kernels need
+  second, by kind: 12 independent chains of one instruction in registers (enough that no latency
+  caps the rate). The int8 kernels need
   ~8 of them per 64 multiply-adds per token (VPMADDUBSW, VPMADDWD, convert, FMA, twice), float32
   one FMA per 8, so this rate, not the matmul libraries, says what batched int8 products can reach.
 
@@ -74,16 +75,20 @@ _PROBE = r"""
 #include <immintrin.h>
 #include <chrono>
 #include <cstdio>
-#define KEEP(a, b, c, d, e, f, g, h) __asm__ volatile("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d), "+x"(e), "+x"(f), "+x"(g), "+x"(h))
-#define CHAINS(OP, V) V##0 = OP(V##0); V##1 = OP(V##1); V##2 = OP(V##2); V##3 = OP(V##3); \
-                      V##4 = OP(V##4); V##5 = OP(V##5); V##6 = OP(V##6); V##7 = OP(V##7)
+// 12 independent chains, so that no instruction's latency (3-4 cycles) caps the rate: a chain
+// issues one instruction per loop, and 12 per loop fill 4 pipes for 3 cycles.
+#define KEEP(a, b, c, d, e, f, g, h, i, j, k, l) \
+  __asm__ volatile("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d), "+x"(e), "+x"(f), "+x"(g), "+x"(h), "+x"(i), "+x"(j), "+x"(k), "+x"(l))
+#define CHAINS(OP, V) V##0 = OP(V##0); V##1 = OP(V##1); V##2 = OP(V##2); V##3 = OP(V##3); V##4 = OP(V##4); V##5 = OP(V##5); \
+                      V##6 = OP(V##6); V##7 = OP(V##7); V##8 = OP(V##8); V##9 = OP(V##9); V##10 = OP(V##10); V##11 = OP(V##11)
+#define ALL(V) (V##0, V##1, V##2, V##3, V##4, V##5, V##6, V##7, V##8, V##9, V##10, V##11)
 #define RATE(NAME, BODY, VARS) { auto t0 = std::chrono::steady_clock::now(); \
-    for (long i = 0; i < N / 8; ++i) { BODY; KEEP VARS; } \
+    for (long i = 0; i < N / 12; ++i) { BODY; KEEP VARS; } \
     printf("%s %.2f\n", NAME, N / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9); }
 int main() {
-  const long N = 400000000;
-  __m256i a0 = _mm256_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  __m256 f0 = _mm256_set1_ps(1), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
+  const long N = 480000000;
+  __m256i a0 = _mm256_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  __m256 f0 = _mm256_set1_ps(1), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0, f8 = f0, f9 = f0, f10 = f0, f11 = f0;
   const __m256i w = _mm256_set1_epi8(3);
   const __m256 s = _mm256_set1_ps(1.0001f);
 #define MADDUBS(x) _mm256_maddubs_epi16(w, x)
@@ -91,15 +96,17 @@ int main() {
 #define ADD(x) _mm256_add_epi32(w, x)
 #define FMA(x) _mm256_fmadd_ps(s, x, s)
 #define CVT(x) _mm256_cvtepi32_ps(_mm256_castps_si256(x))
-  RATE("VPMADDUBSW", CHAINS(MADDUBS, a), (a0, a1, a2, a3, a4, a5, a6, a7))
-  RATE("VPMADDWD", CHAINS(MADDWD, a), (a0, a1, a2, a3, a4, a5, a6, a7))
-  RATE("VPADDD", CHAINS(ADD, a), (a0, a1, a2, a3, a4, a5, a6, a7))
-  RATE("VFMADD231PS", CHAINS(FMA, f), (f0, f1, f2, f3, f4, f5, f6, f7))
-  RATE("VCVTDQ2PS", CHAINS(CVT, f), (f0, f1, f2, f3, f4, f5, f6, f7))
-  RATE("int8-kernel-mix", (a0 = MADDUBS(a0), a1 = MADDUBS(a1), a2 = MADDWD(a2), a3 = MADDWD(a3), f0 = CVT(f0), f1 = CVT(f1),
-                           f2 = FMA(f2), f3 = FMA(f3)), (a0, a1, a2, a3, f0, f1, f2, f3))
-  volatile float sink = f0[0] + f1[0] + f2[0] + f3[0] + f4[0] + f5[0] + f6[0] + f7[0] + _mm256_extract_epi32(a0, 0)
-                        + _mm256_extract_epi32(a4, 0) + _mm256_extract_epi32(a7, 0) + _mm256_extract_epi32(a1, 0);
+  RATE("VPMADDUBSW", CHAINS(MADDUBS, a), ALL(a))
+  RATE("VPMADDWD", CHAINS(MADDWD, a), ALL(a))
+  RATE("VPADDD", CHAINS(ADD, a), ALL(a))
+  RATE("VFMADD231PS", CHAINS(FMA, f), ALL(f))
+  RATE("VCVTDQ2PS", CHAINS(CVT, f), ALL(f))
+  // the 32-value types' kernel: VPMADDUBSW, VPMADDWD, convert, FMA, three chains each
+  RATE("int8-kernel-mix", (a0 = MADDUBS(a0), a1 = MADDUBS(a1), a2 = MADDUBS(a2), a3 = MADDWD(a3), a4 = MADDWD(a4), a5 = MADDWD(a5),
+                           f0 = CVT(f0), f1 = CVT(f1), f2 = CVT(f2), f3 = FMA(f3), f4 = FMA(f4), f5 = FMA(f5)),
+       (a0, a1, a2, a3, a4, a5, f0, f1, f2, f3, f4, f5))
+  volatile float sink = f0[0] + f1[0] + f2[0] + f3[0] + f4[0] + f5[0] + f6[0] + f7[0] + f8[0] + f9[0] + f10[0] + f11[0]
+                        + _mm256_extract_epi32(a0, 0) + _mm256_extract_epi32(a5, 0) + _mm256_extract_epi32(a11, 0);
   (void)sink;
 }
 """

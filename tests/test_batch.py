@@ -1,6 +1,6 @@
 """`qwenkit batch`: OpenAI Batch files through the engine's continuous batching.
 
-On the default model, a 64-line job (as many sequences as the engine runs at once) gives what the same requests give one by one. That run uses
+On the default model, a 64-line job run 16 sequences at a time (the rest wait their turn) gives what the same requests give one by one. That run uses
 the exact float32 model: with GGUF blocks in place, a prompt prefilled among many others takes the
 dense bfloat16 path and one alone the int8 dot products, so greedy replies can legitimately part
 at a near tie; float32 is the same arithmetic either way. The command itself (a real kill -9,
@@ -48,7 +48,8 @@ def test_batch_equals_one_by_one(default_model, tmp_path):
 
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(batch_line(i) for i in range(N_REAL)) + "\n")
-    summary = run_batch(LLM(default_model, engine_config=EngineConfig(kv_cache_memory=256 << 20)), inp, out, "qwen-default")
+    engine_config = EngineConfig(kv_cache_memory=256 << 20, max_num_seqs=16)  # lines wait to be admitted
+    summary = run_batch(LLM(default_model, engine_config=engine_config), inp, out, "qwen-default")
     assert (summary.done, summary.failed, summary.skipped) == (N_REAL, 0, 0)
     results = read_output(out)
     assert set(results) == {f"req-{i}" for i in range(N_REAL)}

@@ -105,13 +105,15 @@ SIXTEEN = [
 
 
 def test_sixteen_prompts_together_equal_each_alone(llm):
-    """Continuous batching in fp32 does not change any greedy token (checked on every other prompt
-    against a run alone: the batch's rows all take the same path)."""
+    """Continuous batching in fp32 does not change any greedy token (checked on half of the prompts,
+    the Chinese one and the shortest among them, against a run alone: the batch's rows all take the
+    same path)."""
     params = SamplingParams(max_tokens=10, temperature=0)
     conversations = [[{"role": "user", "content": p}] for p in SIXTEEN]
     together = llm.chat(conversations, params)
     alone = LLM(llm.engine.loaded, engine_config=EngineConfig(enable_prefix_caching=False))  # nothing shared
-    for conversation, out in list(zip(conversations, together))[::2]:
+    for i in (0, 2, 3, 5, 7, 10, 12, 15):
+        conversation, out = conversations[i], together[i]
         assert out.outputs[0].token_ids == alone.chat(conversation, params)[0].outputs[0].token_ids
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks

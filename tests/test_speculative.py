@@ -83,11 +83,15 @@ def test_k_weighs_acceptance_against_measured_step_costs():
     noisy = StepCosts()  # 16 sequences on 2 cores: a drafted token costs about a sequence's own one
     for size, ms in ((16, 183), (17, 207), (21, 313), (22, 224)):
         noisy.observe(size, ms / 1000)
-    assert noisy.estimate(22) == 0.313 and noisy.estimate(18) > 0.207  # never cheaper than a smaller size timed lately
-    assert allocate_drafts([0.83] * 16, [4] * 16, 16, noisy.estimate) == [0] * 16  # so no draft pays
-    for _ in range(ENVELOPE_OBSERVATIONS):
+    assert noisy.estimate(22, floor_from=16) == 0.313  # never cheaper than a smaller size timed lately
+    assert allocate_drafts([0.83] * 16, [4] * 16, 16, lambda n: noisy.estimate(n, floor_from=16)) == [0] * 16  # so no draft pays
+    noisy.observe(12, 0.300)  # a slow step below the plain size bounds nothing from it on
+    assert noisy.estimate(16, floor_from=16) == 0.183 and noisy.estimate(17, floor_from=16) == 0.207
+    for _ in range(ENVELOPE_OBSERVATIONS - 3):
         noisy.observe(16, 0.183)
-    assert noisy.estimate(22) == 0.224  # 21's old timing no longer bounds it
+    assert noisy.estimate(22, floor_from=16) == 0.313  # 21 timed ENVELOPE_OBSERVATIONS - 1 steps ago: still bounds
+    noisy.observe(16, 0.183)
+    assert noisy.estimate(22, floor_from=16) == 0.224  # and one step later no longer
     cheap = lambda k: 1 + 0.1 * k  # noqa: E731
     dear = lambda k: 1 + 1.0 * k  # noqa: E731
     assert best_k(0.9, 8, cheap) == 8 and best_k(0.9, 8, dear) == 0 and best_k(0.1, 8, cheap) == 0
@@ -132,7 +136,7 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 class FreeDrafts(StepCosts):
     """Step costs that never grow with the step's tokens: every draft is worth verifying."""
 
-    def estimate(self, num_tokens: int) -> float:
+    def estimate(self, num_tokens: int, floor_from: int = 0) -> float:
         return 1.0
 
 

@@ -75,19 +75,21 @@ class StepCosts:
         self.observations += 1
         self.observed_at[num_tokens] = self.observations
 
-    def estimate(self, num_tokens: int) -> float:
+    def estimate(self, num_tokens: int, floor_from: int = 0) -> float:
         """Seconds of a step of `num_tokens`: as measured; between two measured sizes, on the line
         between them; past the largest, its time plus PRIOR_TOKEN_COST decode steps per extra token
-        (in units of a decode step until anything was timed). Never less than a smaller size timed
-        in the last ENVELOPE_OBSERVATIONS steps: timings of neighbouring sizes differ by +-20% on a
-        busy machine, and where a drafted token costs about a sequence's own one (16 sequences on 2
-        AVX2 cores: 16 tokens 183 ms, 17 207, 21 313, 22 224) the allocator kept taking the sizes
-        that looked cheap by chance. Only recent timings bound: an old outlier ages out, and the
-        sizes it hid get tried again."""
+        (in units of a decode step until anything was timed). Never less than a smaller size, from
+        `floor_from` (the step's plain size) on, timed in the last ENVELOPE_OBSERVATIONS steps:
+        timings of neighbouring sizes differ by +-20% on a busy machine, and where a drafted token
+        costs about a sequence's own one (16 sequences on 2 AVX2 cores: 16 tokens 183 ms, 17 207,
+        21 313, 22 224) the allocator kept taking the sizes that looked cheap by chance. Only
+        recent timings bound (an old outlier ages out and the sizes it hid get tried again), and
+        none below the plain step (a slow smaller step would raise the plain step's cost to that of
+        its drafted sizes and make drafts look free)."""
         if not self.seconds:
             return 1 + PRIOR_TOKEN_COST * (num_tokens - 1)
         recent = self.observations - ENVELOPE_OBSERVATIONS
-        smaller = max((s for t, s in self.seconds.items() if t < num_tokens and self.observed_at.get(t, 0) > recent), default=0.0)
+        smaller = max((s for t, s in self.seconds.items() if floor_from <= t < num_tokens and self.observed_at[t] > recent), default=0.0)
         return max(self._interpolated(num_tokens), smaller)
 
     def _interpolated(self, num_tokens: int) -> float:
@@ -323,8 +325,11 @@ class Speculator:
         base = max(1, len(decoding))  # the step's tokens without drafts
         base_cost = self.costs.estimate(base)
 
+        def step_cost(num_tokens: int) -> float:
+            return self.costs.estimate(num_tokens, floor_from=base)
+
         def relative_cost(k: int) -> float:
-            return self.costs.estimate(base + k) / base_cost
+            return step_cost(base + k) / base_cost
 
         asking, caps = [], []
         for seq in decoding:
@@ -352,7 +357,7 @@ class Speculator:
         # products take the dense path, and 16 sequences' own choices made a 61-token step cost
         # 12x a 16-token one here).
         if self.costs.measured_above(base):
-            sizes = allocate_drafts([seq.speculation.alpha for seq in asking], caps, base, self.costs.estimate)
+            sizes = allocate_drafts([seq.speculation.alpha for seq in asking], caps, base, step_cost)
         else:
             sizes = [1] * len(asking)
         asking, sizes = [seq for seq, k in zip(asking, sizes) if k], [k for k in sizes if k]

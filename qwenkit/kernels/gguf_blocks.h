@@ -133,21 +133,6 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
   m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
 }
 
-// Q4_K's and Q5_K's twelve bytes of 6-bit scales and mins as 8 scale bytes then 8 min bytes,
-// rearranged with word masks (as ggml's vec_dot_q4_K): the SIMD builds read them per row this
-// way, where scale_min_k4 per value would cost more than a row's products.
-inline void scale_min_bytes_k4(const uint8_t* q, uint8_t* scales_then_mins) {
-  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
-  uint32_t u[4];
-  std::memcpy(u, q, 12);
-  u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
-  const uint32_t mins_low = u[1] & low6;
-  u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
-  u[2] = mins_low;
-  u[0] &= low6;
-  std::memcpy(scales_then_mins, u, 16);
-}
-
 // Q4_K: per 256 values d, dmin, twelve bytes of 6-bit scales and mins (one per 32 values), then
 // 4 x 32 bytes whose low nibbles are values 64i..64i+31 and high nibbles 64i+32..64i+63.
 inline void unpack_q4k_row(const uint8_t* row, int64_t k, RowScratch& r) {

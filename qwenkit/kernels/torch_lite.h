@@ -1,7 +1,8 @@
 // The part of torch the kernel files use: Tensor, empty / empty_like and the dtype names, under
 // torch:: as <torch/extension.h> spells them. That header (the whole C++ frontend and pybind11)
-// costs ~30 s of compiling per file against ~5 s for these; only bindings.cpp, which makes the
-// Python module, includes it. A file includes one or the other, never both.
+// costs ~30 s of compiling per file against ~5 s for these. No kernel file includes it:
+// bindings.cpp, which makes the Python module, adds torch/csrc/utils/pybind.h (pybind11 with the
+// Tensor casters) to this.
 
 #pragma once
 

@@ -38,11 +38,11 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
 }
 
-// Q4_K's and Q5_K's twelve bytes of 6-bit scales and mins as 8 scale bytes then 8 min bytes:
-// gguf_blocks.h's scale_min_bytes_k4 word arithmetic on four 32-bit lanes at once. Built in
-// general registers, stored and read back as one vector, every super-block waited on a failed
-// store-to-load forward: Q4_K rows at one token took 1.1-1.4x longer (Zen 3). Reads 4 bytes past
-// the 12 (the block's codes follow).
+// Q4_K's and Q5_K's twelve bytes of 6-bit scales and mins as 8 scale bytes then 8 min bytes
+// (ggml's get_scale_min_k4 for j = 0..7), by ggml vec_dot_q4_K's word masks on four 32-bit lanes
+// at once. The same masks on words in general registers, stored and read back as one vector,
+// waited on a failed store-to-load forward every super-block: Q4_K rows at one token took
+// 1.1-1.4x longer (Zen 3). Reads 4 bytes past the 12 (the block's codes follow).
 inline __m128i scale_min_bytes_k4(const uint8_t* q) {
   const __m128i u = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));  // words u0, u1, u2
   // lanes: u0 & low6 | (u2 & low4) + ((u0 >> 6) & low2) << 4 | u1 & low6 | ((u2 >> 4) & low4) + ((u1 >> 6) & low2) << 4
