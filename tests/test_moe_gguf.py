@@ -60,12 +60,24 @@ def test_experts_run_in_their_blocks(arch, types, tmp_path, monkeypatch):
     assert (qwenkit_logits_full(model, PROMPT) - expected).abs().max().item() < TOL
 
 
+def float_expert(blocks, kinds, expert: int, hidden: int, inter: int):
+    """Expert `expert` of stacked GGUF blocks as a float SwiGLU MLP on the dequantized values
+    (ggml's dequantization, checked against the gguf package in test_gguf_blocks)."""
+    from qwenkit.model.layers import MLP
+    from qwenkit.quantization.gguf_linear import dequantize_rows
+
+    mlp = MLP(hidden, inter)
+    with torch.no_grad():
+        for linear, b, k, cols in zip((mlp.gate_proj, mlp.up_proj, mlp.down_proj), blocks, kinds, (hidden, hidden, inter)):
+            linear.weight.copy_(dequantize_rows(b[expert], k, cols))
+    return mlp
+
+
 def test_grouped_experts_equal_each_expert_alone(tmp_path):
     """GGUFExperts.grouped on rows sorted by expert: each expert's rows are that expert's float MLP
     of them (dequantized weights), within int8 activation rounding; empty experts are skipped."""
-    from qwenkit.model.layers import MLP
     from qwenkit.quantization.gguf_experts import GGUFExperts
-    from qwenkit.quantization.gguf_linear import block_matmul, dequantize_rows, native_kernels
+    from qwenkit.quantization.gguf_linear import block_matmul, native_kernels
     from tiny_gguf import _k_quantize
 
     experts, hidden, inter = 5, 256, 256
@@ -81,11 +93,8 @@ def test_grouped_experts_equal_each_expert_alone(tmp_path):
     for e, n in enumerate(counts):
         if not n:
             continue
-        mlp = MLP(hidden, inter)
         with torch.no_grad():
-            for linear, b, k, cols in zip((mlp.gate_proj, mlp.up_proj, mlp.down_proj), blocks, kinds, (hidden, hidden, inter)):
-                linear.weight.copy_(dequantize_rows(b[e], k, cols))
-            want = mlp(x[start : start + n])
+            want = float_expert(blocks, kinds, e, hidden, inter)(x[start : start + n])
         torch.testing.assert_close(y[start : start + n], want, atol=0.03 * want.abs().max().item(), rtol=0)
         # The one native call against the same kernels called expert by expert: the products are
         # the same; SwiGLU's exp differs from torch's by ~1e-7, which may move one int8 rounding.
@@ -126,6 +135,11 @@ def test_experts_with_many_rows_take_the_dense_path_alone(monkeypatch):
     many[2:11] = True
     # The two paths round differently on both sets of rows, so the test can tell which one ran.
     assert (kernel[many] != dense[many]).any() and (kernel[~many] != dense[~many]).any()
+    starts = [0, 2, 11, 11, 14]
+    with torch.no_grad():  # and each expert's rows are its float MLP of them, within int8 rounding
+        for e in (0, 1, 3):
+            want = float_expert(blocks, kinds, e, hidden, inter)(x[starts[e] : starts[e + 1]])
+            torch.testing.assert_close(mixed[starts[e] : starts[e + 1]], want, atol=0.03 * want.abs().max().item(), rtol=0)
     assert torch.equal(mixed[many], dense[many]) and torch.equal(mixed[~many], kernel[~many])
 
 

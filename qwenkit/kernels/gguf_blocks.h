@@ -521,13 +521,14 @@ void scratch_row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 // first are requested into L2 (prefetcht1) while the group computes: a thread's rows are one
 // sequential stream, and a token's decode waits on memory when the hardware prefetcher alone
 // runs ahead of it. Which ROWS and AHEAD stream best depends on the core, so each build picks
-// them by measurement (ggml_cpu.cpp, ggml_avx2.cpp).
+// them by measurement (ggml_cpu.cpp, ggml_avx2.cpp); an AHEAD shorter than a group reaches the
+// next group instead (rows of the group being computed are already on their way).
 template <int MAX_NT, int64_t ROWS, int64_t AHEAD, class Prepare, class Tile>
 inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t tokens, Prepare prepare,
                                 Tile tile) {
   for (int64_t first = begin; first < end; first += ROWS) {
     const int64_t count = std::min(ROWS, end - first);
-    const int64_t ahead = first + AHEAD;
+    const int64_t ahead = first + std::max(AHEAD, ROWS);
     const uint8_t* next = rows + ahead * row_bytes;
     const int64_t next_bytes = std::max<int64_t>(0, std::min(ROWS, end - ahead)) * row_bytes;
     for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);  // 2: into L2 (prefetcht1)

@@ -1,11 +1,11 @@
 // Vector helpers the kernels share: an 8-lane horizontal sum, a vectorised exp, Q4_K's scale
-// bytes, and SiLU(gate) * up, each for the instruction set the file is built for (AVX2 + FMA, or plain C++).
+// bytes, and SiLU(gate) * up, each for the instruction set the file is built for (AVX2 + FMA,
+// or plain C++).
 
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif

@@ -10,6 +10,8 @@ It replaces the float `ExpertMLPs` by name and answers the same `grouped(x, coun
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
@@ -60,9 +62,7 @@ class GGUFExperts(nn.Module):
         if not any(dense):
             return self._kernel_experts(x, counts).to(dtype)
         out = torch.empty_like(x)
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
+        starts = [0, *accumulate(counts)]
         few = [0 if is_dense else n for n, is_dense in zip(counts, dense)]
         if any(few):
             rows = torch.cat([torch.arange(starts[e], starts[e + 1]) for e, n in enumerate(few) if n])
