@@ -87,6 +87,31 @@ def test_mask_matches_a_reference_over_the_vocabulary(tokenizer):
     assert processors[0].is_finished()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_finished_grammar_ends_the_output_before_min_tokens(tokenizer, temperature):
+    """min_tokens holds back the end-of-text tokens, which are all a complete grammar allows: the
+    grammar wins (its output must parse), so the row samples an end token instead of a token the
+    grammar refuses (found by the server's schema fuzzing: `guided_regex` with `min_tokens`)."""
+    from qwenkit.engine.sampler import SamplingRow, sample
+
+    spec = GuidedDecoding(regex="[0-9]{2}")
+    processor = spec(context(tokenizer, spec))
+    digits = tokenizer.encode("12", add_special_tokens=False)
+    for token in digits:
+        processor.accept(token)
+    width = tokenizer.vocab_size + 5
+    logits = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=10, min_tokens=6, temperature=temperature)
+    blocked = frozenset(tokenizer.stop_token_ids)
+    rows = [SamplingRow(params, [1, 2, *digits], 2, torch.Generator().manual_seed(1), blocked, [processor]),
+            SamplingRow(params, [1, 2, *digits], 2, torch.Generator().manual_seed(1), blocked, [])]
+    tokens, _ = sample(logits, rows)
+    assert tokens[0] in tokenizer.stop_token_ids
+    assert tokens[1] not in tokenizer.stop_token_ids  # min_tokens still holds where nothing conflicts
+    processor.accept(tokens[0])
+    assert processor.is_finished()
+
+
 def test_waits_for_the_end_of_thinking(tokenizer):
     spec = GuidedDecoding(choice=("yes",))
     processor = spec(context(tokenizer, spec))

@@ -2,6 +2,7 @@
 (FastAPI's TestClient under the official openai client), on the default model loaded once."""
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -58,6 +59,15 @@ def test_vllm_guided_fields_in_both_endpoints(client):
     out = client.completions.create(model="m", prompt="A short JSON list of two colors:", max_tokens=24, temperature=0,
                                     extra_body={"guided_grammar": 'root ::= "[" color ", " color "]"\ncolor ::= "\\"red\\"" | "\\"blue\\""'})
     assert json.loads(out.choices[0].text)[0] in ("red", "blue")
+
+
+def test_min_tokens_past_the_grammars_end_stops_with_the_grammar(client):
+    """Two digits cannot be six tokens: the output is the grammar's, finished as `stop`, for every
+    one of n samples (the server answered 503 before)."""
+    out = client.completions.create(model="m", prompt="The year:", max_tokens=10, temperature=1.0, n=4,
+                                    extra_body={"guided_regex": "[0-9]{2}", "min_tokens": 6})
+    for choice in out.choices:
+        assert re.fullmatch("[0-9]{2}", choice.text) and choice.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("body, reason", [

@@ -8,7 +8,7 @@ the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -99,6 +99,29 @@ def shape_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return probs
 
 
+def _unblock_where_nothing_is_left(logits: torch.Tensor, processed: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """A processor's mask and min_tokens can leave a row no token at all: a grammar that has reached
+    its end allows only the end-of-text token, which min_tokens holds back. The grammar is the hard
+    constraint (its output must parse), so such a row is processed again without the min_tokens
+    mask and ends early, as `stop`. Processors only read their state in `apply`, so running them
+    twice in a step is safe."""
+    candidates = [i for i, row in enumerate(rows) if row.processors and _blocks_tokens(row)]
+    if not candidates:
+        return
+    best = processed[candidates].amax(-1)
+    for i, value in zip(candidates, best.tolist()):
+        if value != float("-inf"):
+            continue
+        row = replace(rows[i], blocked_token_ids=frozenset())
+        again = apply_penalties(logits[i : i + 1], [row])
+        if again.data_ptr() == logits.data_ptr():
+            again = again.clone()  # apply_penalties hands back the logits themselves when it changes nothing
+        failed = apply_processors(again, [row.processors])
+        if failed:
+            raise RowSamplingError(i, failed[0])
+        processed[i] = again[0]
+
+
 class RowSamplingError(Exception):
     """Sampling failed for one row (its own parameters or processors), not for the batch."""
 
@@ -121,6 +144,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
         if failed:
             row = min(failed)
             raise RowSamplingError(row, failed[row])
+        _unblock_where_nothing_is_left(logits, processed, rows)
     tokens: list[int] = []
     for i, row in enumerate(rows):
         if row.params.greedy:
