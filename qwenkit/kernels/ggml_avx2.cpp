@@ -10,7 +10,9 @@
 // or with the K-quants' integer sub-block scales, into int32 lanes. VPMADDUBSW saturates at 32767,
 // which 4-, 5- and 6-bit codes cannot reach (2 * 63 * 127); Q8_0's 8-bit codes could, so they are
 // multiplied as signed values with their signs moved onto the activations (|w| * sign(x, w)).
-//   32-value types (packed layout): one float multiply-add per 32 values and token.
+//   32-value types (packed layout): Q4_0, Q4_1, Q5_0 and Q5_1 eight rows at a time, interleaved
+//   in a buffer so that int16 sums and one float multiply-add serve eight rows' blocks; Q8_0 one
+//   row at a time, one float multiply-add per 32 values and token.
 //   the K-quants (the file's blocks): sub-block scales, and the zero's share, applied in
 //   integers; float work once per 256 values and token.
 // The 32-value types' zero and minimum (offset = scale * zero + min per block, times the token's
@@ -74,6 +76,33 @@ inline void add_fifth_bits(const uint8_t* qh, Codes64& q) {
   const __m256i hi = _mm256_shuffle_epi8(bits, _mm256_set_epi64x(0x0707070707070707, 0x0606060606060606, 0x0505050505050505, 0x0404040404040404));
   q.lo = _mm256_or_si256(q.lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(lo, bit), bit), fifth));
   q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), fifth));
+}
+
+// A view whose codes were decoded once into a buffer (64 bytes per 64 values): when more than
+// one tile of tokens meets a K-quant row, each tile loads the row's codes instead of decoding
+// them again. Only for the types whose unpacking is costly (COSTLY_DECODE: Q5_K's fifth bits,
+// Q6_K's and Q3_K's high bits, 8-12 instructions per 64 values, as many as one token's
+// multiplies): measured on Zen 3, 1 thread, 8-32 tokens, Q6_K 896x4864 1.1-1.35x, while Q4_K
+// (a mask and a shift) ran 3-8% slower from the buffer. The same bytes reach the same
+// multiplies, so the same bits. (The explicit loads: returning the buffer's struct by value
+// made GCC copy it through the stack, 3x slower.)
+template <class View>
+struct DecodedView : View {
+  const Codes64* decoded;
+  DecodedView(const View& v, const Codes64* d) : View(v), decoded(d) {}
+  Codes64 codes64(int64_t c) const { return {_mm256_load_si256(&decoded[c].lo), _mm256_load_si256(&decoded[c].hi)}; }
+};
+
+// The tokens for which rows are decoded once: more than one tile of 4.
+constexpr int64_t DECODE_ONCE_TOKENS = 5;
+
+// Rows [first, first + count)'s codes into `out` (k / 64 steps per row).
+template <class View>
+inline void decode_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t first, int64_t count, Codes64* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const View v(rows + (first + r) * row_bytes, k);
+    for (int64_t c = 0; c < k / 64; ++c) out[r * (k / 64) + c] = v.codes64(c);
+  }
 }
 
 
@@ -161,7 +190,7 @@ inline void tile_dot(const View& v, const int8_t* xq, const float* xs32, const f
   for (int j = 0; j < NT; ++j) sums[j] = _mm256_sub_ps(_mm256_add_ps(acc_lo[j], acc_hi[j]), sub[j]);
 }
 
-// y[t, row] for packed rows [begin, end) (k a multiple of 64), tokens 4 at a time through tile_dot.
+// y[t, row] for packed Q8_0 rows [begin, end) (k a multiple of 64), tokens 4 at a time through tile_dot.
 template <class View>
 void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
               int64_t end, float* out, int64_t n) {
@@ -179,6 +208,145 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
           for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = hsum8(sums[j]);
         });
   });
+}
+
+// ---- The unsigned 32-value types (Q4_0, Q4_1, Q5_0, Q5_1), eight rows interleaved -------------
+// Eight rows at a time are decoded and transposed into a buffer (in L1) where one 32-byte vector
+// holds four consecutive values of each of the eight rows: a token's four activation codes,
+// broadcast, meet all eight rows in one VPMADDUBSW. A block's eight such products add up in
+// int16 four at a time (codes < 32 and |x| <= 127: 4 * 2 * 31 * 127 < 32767), so one VPMADDWD
+// per four, one convert and one multiply-add per block give each of the eight rows its block
+// sum: per token and 256 multiply-adds, 8 VPMADDUBSW + 6 adds + 2 VPMADDWD + an add + a
+// convert + 3 float ops, where the one-row layout (tile_dot) needs 8 VPMADDUBSW, 8 VPMADDWD,
+// 8 converts and 8 multiply-adds. Eight sums are eight rows' outputs: no horizontal sums.
+// A token's result is the same whether it comes alone or in a batch (same operations in the
+// same order), so batched decoding, speculative verification and prefill give each token the
+// bits of a batch of one. Q8_0 (signed 8-bit codes: no room for int16 sums) keeps tile_dot.
+
+// out[q] = dword q of each of the eight rows in[0..7] (dword r of out[q] from in[r]).
+inline void transpose8x32(const __m256i in[8], __m256i out[8]) {
+  const __m256i t0 = _mm256_unpacklo_epi32(in[0], in[1]), t1 = _mm256_unpackhi_epi32(in[0], in[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(in[2], in[3]), t3 = _mm256_unpackhi_epi32(in[2], in[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(in[4], in[5]), t5 = _mm256_unpackhi_epi32(in[4], in[5]);
+  const __m256i t6 = _mm256_unpacklo_epi32(in[6], in[7]), t7 = _mm256_unpackhi_epi32(in[6], in[7]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);  // dwords 0 | 4, 1 | 5 of rows 0-3
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);  // 2 | 6, 3 | 7
+  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);  // the same of rows 4-7
+  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+  out[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+  out[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+  out[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+  out[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+  out[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+  out[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+  out[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+  out[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+// Eight rows (row i of `views`) decoded for interleaved_tile: codes as 8 vectors per block, and
+// per block the rows' scales and offsets (scale * zero - min) as 8 float lanes.
+template <int KIND>
+struct InterleavedRows {
+  std::vector<__m256i> codes;  // [blocks][8]
+  std::vector<__m256> scales, offsets;  // [blocks]
+  explicit InterleavedRows(int64_t k) : codes(k / 32 * 8), scales(k / 32 + 8), offsets(k / 32 + 8) {}
+
+  void decode(const PackedView<KIND>* views, int64_t k) {
+    __m256i lo[8], hi[8];
+    for (int64_t c = 0; c < k / 64; ++c) {
+      for (int r = 0; r < 8; ++r) {
+        const Codes64 q = views[r].codes64(c);
+        lo[r] = q.lo;
+        hi[r] = q.hi;
+      }
+      transpose8x32(lo, &codes[16 * c]);
+      transpose8x32(hi, &codes[16 * c + 8]);
+    }
+    // Eight blocks' scales of each row, transposed into eight blocks' scales of all rows (past
+    // the row's last block, the lanes read the next plane: their blocks are never used).
+    __m256i s[8], m[8];
+    for (int64_t b = 0; b < k / 32; b += 8) {
+      for (int r = 0; r < 8; ++r) {
+        s[r] = _mm256_castps_si256(views[r].scales8(b));
+        m[r] = _mm256_castps_si256(views[r].offsets8(b, views[r].scales8(b)));
+      }
+      transpose8x32(s, reinterpret_cast<__m256i*>(&scales[b]));
+      transpose8x32(m, reinterpret_cast<__m256i*>(&offsets[b]));
+    }
+  }
+};
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// NT tokens against eight decoded rows: result[j] lane r is token j's dot product with row r.
+template <int KIND, int NT>
+inline void interleaved_tile(const InterleavedRows<KIND>& w, const int8_t* xq, const float* xs32, const float* xsum32, int64_t k,
+                             __m256* result) {
+  const int64_t blocks = k / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NT], sub[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = sub[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i* wb = &w.codes[8 * b];
+    for (int j = 0; j < NT; ++j) {
+      const int8_t* x = xq + j * k + 32 * b;
+      __m256i s0 = _mm256_maddubs_epi16(wb[0], broadcast4(x));
+      s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(wb[1], broadcast4(x + 4)));
+      s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(wb[2], broadcast4(x + 8)));
+      s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(wb[3], broadcast4(x + 12)));
+      __m256i s1 = _mm256_maddubs_epi16(wb[4], broadcast4(x + 16));
+      s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(wb[5], broadcast4(x + 20)));
+      s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(wb[6], broadcast4(x + 24)));
+      s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(wb[7], broadcast4(x + 28)));
+      const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones));
+      const __m256 scale = _mm256_mul_ps(w.scales[b], _mm256_broadcast_ss(xs32 + j * blocks + b));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[j]);
+      sub[j] = _mm256_fmadd_ps(w.offsets[b], _mm256_broadcast_ss(xsum32 + j * blocks + b), sub[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) result[j] = _mm256_sub_ps(acc[j], sub[j]);
+}
+
+// y[t, row] for packed rows [begin, end) of an unsigned 32-value type, eight rows at a time (a
+// last group of fewer repeats its last row in the unused lanes), tokens 4 at a time.
+template <int KIND>
+void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
+                          int64_t begin, int64_t end, float* out, int64_t n) {
+  const int64_t blocks = k / 32;
+  InterleavedRows<KIND> w(k);
+  std::vector<PackedView<KIND>> views;
+  views.reserve(8);
+  for (int64_t first = begin; first < end; first += 8) {
+    const int64_t count = std::min<int64_t>(8, end - first);
+    const uint8_t* next = rows + (first + 8) * row_bytes;  // the next group, into L2 while this one runs
+    const int64_t next_bytes = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8)) * row_bytes;
+    for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);
+    views.clear();
+    for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
+    w.decode(views.data(), k);
+    __m256 result[4];
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      with_tile_size(nt, [&](auto NT) {
+        interleaved_tile<KIND, NT>(w, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, a.sum32.data() + t0 * blocks, k, result);
+      });
+      for (int64_t j = 0; j < nt; ++j) {
+        float* y = out + (t0 + j) * n + first;
+        if (count == 8) {
+          _mm256_storeu_ps(y, result[j]);
+        } else {
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, result[j]);
+          std::memcpy(y, lanes, count * sizeof(float));
+        }
+      }
+      t0 += nt;
+    }
+  }
 }
 
 // ---- The K-quants, read in the file's blocks -------------------------------------------------
@@ -209,7 +377,7 @@ inline uint16_t load_u16(const uint8_t* p) {
 template <int BYTES>
 struct ScalesK4 {
   static constexpr int GROUP = 32, ZERO_SHIFT = 0;
-  static constexpr bool HAS_MIN = true, SCALES_INLINE = false;
+  static constexpr bool HAS_MIN = true, SCALES_INLINE = false, COSTLY_DECODE = BYTES == 176;  // Q5_K's fifth bits
   const uint8_t* row;
   explicit ScalesK4(const uint8_t* r) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -277,7 +445,7 @@ inline Codes64 two_bit_planes(const uint8_t* qs, int64_t c) {
 // value = d * (sc & 15) * q - dmin * (sc >> 4).
 struct Q2KView : Scales16 {
   static constexpr int ZERO_SHIFT = 0;
-  static constexpr bool HAS_MIN = true, SCALES_INLINE = true;
+  static constexpr bool HAS_MIN = true, SCALES_INLINE = true, COSTLY_DECODE = false;
   const uint8_t* row;
   Q2KView(const uint8_t* r, int64_t) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -295,7 +463,7 @@ struct Q2KView : Scales16 {
 // 2-bit planes with a third bit from hmask (bit 4 * half + plane of hmask[l]), zero 4.
 struct Q3KView : Scales16 {
   static constexpr int ZERO_SHIFT = 2;
-  static constexpr bool HAS_MIN = false, SCALES_INLINE = false;
+  static constexpr bool HAS_MIN = false, SCALES_INLINE = false, COSTLY_DECODE = true;
   const uint8_t* row;
   Q3KView(const uint8_t* r, int64_t) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -325,7 +493,7 @@ struct Q3KView : Scales16 {
 // ql[32:64]) then (their high nibbles), with qh's bit pairs.
 struct Q6KView : Scales16 {
   static constexpr int ZERO_SHIFT = 5;
-  static constexpr bool HAS_MIN = false, SCALES_INLINE = true;
+  static constexpr bool HAS_MIN = false, SCALES_INLINE = true, COSTLY_DECODE = true;
   const uint8_t* row;
   Q6KView(const uint8_t* r, int64_t) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -400,12 +568,16 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
                 int64_t end, float* out, int64_t n) {
   const int16_t* xcodes = View::GROUP == 32 ? a.codes32.data() : a.codes16.data();
   const int64_t supers = k / 256;
+  std::vector<Codes64> decoded;
+  const bool decode_once = View::COSTLY_DECODE && tokens >= DECODE_ONCE_TOKENS;
   __m256 sums[4];
   with_row_group(tokens, k, [&](auto ROWS) {
     std::vector<BlockScales> scales(ROWS * supers);
+    if (decode_once) decoded.resize(ROWS * (k / 64));
     row_and_token_tiles<4, ROWS, PREFETCH_AHEAD>(
         rows, row_bytes, begin, end, tokens,
         [&](int64_t first, int64_t count) {
+          if (decode_once) decode_rows<View>(rows, row_bytes, k, first, count, decoded.data());
           if constexpr (View::SCALES_INLINE) return;
           for (int64_t r = 0; r < count; ++r) {
             const View v(rows + (first + r) * row_bytes, k);
@@ -414,13 +586,15 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
         },
         [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
           const View v(rows + row * row_bytes, k);
+          const float* xs = a.scale16.data() + t0 * (k / 16);
+          const int16_t* xc = xcodes + t0 * (k / View::GROUP);
+          const BlockScales* own = View::SCALES_INLINE ? nullptr : &scales[r * supers];
           with_tile_size(nt, [&](auto NT) {
-            if constexpr (View::SCALES_INLINE) {
-              tile_dot_k<View, NT, true>(v, nullptr, a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16), xcodes + t0 * (k / View::GROUP), k, sums);
-            } else {
-              tile_dot_k<View, NT, false>(v, &scales[r * supers], a.q.data() + t0 * k, a.scale16.data() + t0 * (k / 16),
-                                          xcodes + t0 * (k / View::GROUP), k, sums);
+            if constexpr (View::COSTLY_DECODE) {
+              if (decode_once)
+                return tile_dot_k<DecodedView<View>, NT, View::SCALES_INLINE>(DecodedView<View>(v, &decoded[r * (k / 64)]), own, a.q.data() + t0 * k, xs, xc, k, sums);
             }
+            tile_dot_k<View, NT, View::SCALES_INLINE>(v, own, a.q.data() + t0 * k, xs, xc, k, sums);
           });
           for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = hsum8(sums[j]);
         });
@@ -433,7 +607,12 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   if (packed) {
     dispatch_packed(kind, [&](auto kind_constant) {
-      rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+      constexpr int KIND = decltype(kind_constant)::value;
+      if constexpr (KIND == Q8_0) {
+        rows_dot<PackedView<KIND>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+      } else {
+        rows_dot_interleaved<KIND>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+      }
     });
   } else if (kind == Q2_K) {
     rows_dot_k<Q2KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
