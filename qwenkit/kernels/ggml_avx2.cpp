@@ -78,34 +78,6 @@ inline void add_fifth_bits(const uint8_t* qh, Codes64& q) {
   q.hi = _mm256_or_si256(q.hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hi, bit), bit), fifth));
 }
 
-// A view whose codes were decoded once into a buffer (64 bytes per 64 values): when more than
-// one tile of tokens meets a K-quant row, each tile loads the row's codes instead of decoding
-// them again. Only for the types whose unpacking is costly (COSTLY_DECODE: Q5_K's fifth bits,
-// Q6_K's and Q3_K's high bits, 8-12 instructions per 64 values, as many as one token's
-// multiplies): measured on Zen 3, 1 thread, 8-32 tokens, Q6_K 896x4864 1.1-1.35x, while Q4_K
-// (a mask and a shift) ran 3-8% slower from the buffer. The same bytes reach the same
-// multiplies, so the same bits. (The explicit loads: returning the buffer's struct by value
-// made GCC copy it through the stack, 3x slower.)
-template <class View>
-struct DecodedView : View {
-  const Codes64* decoded;
-  DecodedView(const View& v, const Codes64* d) : View(v), decoded(d) {}
-  Codes64 codes64(int64_t c) const { return {_mm256_load_si256(&decoded[c].lo), _mm256_load_si256(&decoded[c].hi)}; }
-};
-
-// The tokens for which rows are decoded once: more than one tile of 4.
-constexpr int64_t DECODE_ONCE_TOKENS = 5;
-
-// Rows [first, first + count)'s codes into `out` (k / 64 steps per row).
-template <class View>
-inline void decode_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t first, int64_t count, Codes64* out) {
-  for (int64_t r = 0; r < count; ++r) {
-    const View v(rows + (first + r) * row_bytes, k);
-    for (int64_t c = 0; c < k / 64; ++c) out[r * (k / 64) + c] = v.codes64(c);
-  }
-}
-
-
 // ---- The 32-value types, packed (gguf_blocks.h's PackedRow) ----------------------------------
 
 // A packed row as the dot product reads it: 64 codes at a time, a float scale and an offset per
@@ -377,7 +349,8 @@ inline uint16_t load_u16(const uint8_t* p) {
 template <int BYTES>
 struct ScalesK4 {
   static constexpr int GROUP = 32, ZERO_SHIFT = 0;
-  static constexpr bool HAS_MIN = true, SCALES_INLINE = false, COSTLY_DECODE = BYTES == 176;  // Q5_K's fifth bits
+  static constexpr bool HAS_MIN = true, SCALES_INLINE = false;
+  static constexpr int MAX_CODE = BYTES == 176 ? 31 : 15;  // Q5_K's fifth bit
   const uint8_t* row;
   explicit ScalesK4(const uint8_t* r) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -445,7 +418,8 @@ inline Codes64 two_bit_planes(const uint8_t* qs, int64_t c) {
 // value = d * (sc & 15) * q - dmin * (sc >> 4).
 struct Q2KView : Scales16 {
   static constexpr int ZERO_SHIFT = 0;
-  static constexpr bool HAS_MIN = true, SCALES_INLINE = true, COSTLY_DECODE = false;
+  static constexpr bool HAS_MIN = true, SCALES_INLINE = true;
+  static constexpr int MAX_CODE = 3;
   const uint8_t* row;
   Q2KView(const uint8_t* r, int64_t) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -463,7 +437,8 @@ struct Q2KView : Scales16 {
 // 2-bit planes with a third bit from hmask (bit 4 * half + plane of hmask[l]), zero 4.
 struct Q3KView : Scales16 {
   static constexpr int ZERO_SHIFT = 2;
-  static constexpr bool HAS_MIN = false, SCALES_INLINE = false, COSTLY_DECODE = true;
+  static constexpr bool HAS_MIN = false, SCALES_INLINE = false;
+  static constexpr int MAX_CODE = 7;
   const uint8_t* row;
   Q3KView(const uint8_t* r, int64_t) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -493,7 +468,8 @@ struct Q3KView : Scales16 {
 // ql[32:64]) then (their high nibbles), with qh's bit pairs.
 struct Q6KView : Scales16 {
   static constexpr int ZERO_SHIFT = 5;
-  static constexpr bool HAS_MIN = false, SCALES_INLINE = true, COSTLY_DECODE = true;
+  static constexpr bool HAS_MIN = false, SCALES_INLINE = true;
+  static constexpr int MAX_CODE = 63;
   const uint8_t* row;
   Q6KView(const uint8_t* r, int64_t) : row(r) {}
   void block_scales(int64_t s, BlockScales& b) const {
@@ -515,90 +491,226 @@ struct Q6KView : Scales16 {
   }
 };
 
-// NT tokens' dot products with one K-quant row, in integers within each 256-value super-block
-// (the activations have one scale per super-block, the weights an integer scale per 16 or 32
-// values and a float d per 256). A VPMADDUBSW lane sums 2 products of a code (< 64) and an
-// activation (|x| <= 127), |.| <= 16002; VPMADDWD multiplies it by its sub-block scale (|sc| <=
-// 128) and adds pairs; 8 steps of that stay far inside int32. The zero's share, sum over groups
-// of sc * zero * (the group's sum of activation codes), is taken off in integers too (one
-// VPMADDWD per super-block: |sc| * 2032 * 2 * 32 < 2^24); a stored minimum's share, dmin * sum of
-// m * group sums, goes to a float sum of its own. Float work is two converts and two
-// multiply-adds per token per 256 values. As in tile_dot, each token's sum is computed exactly
-// as it would be alone.
-template <class View, int NT, bool OWN_SCALES>
-inline void tile_dot_k(const View& v, const BlockScales* scales, const int8_t* xq, const float* xs16, const int16_t* xcodes, int64_t k,
-                       __m256* sums) {
-  const int64_t groups16 = k / 16, groups = k / View::GROUP, per_block = 256 / View::GROUP;
-  __m256 acc[NT], acc_min[NT];
-  for (int j = 0; j < NT; ++j) acc[j] = acc_min[j] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < k / 256; ++s) {
-    BlockScales own;
-    if constexpr (OWN_SCALES) v.block_scales(s, own);
-    const BlockScales& b = OWN_SCALES ? own : scales[s];
-    __m256i isum[NT];
-    for (int j = 0; j < NT; ++j) isum[j] = _mm256_setzero_si256();
-    for (int i = 0; i < 4; ++i) {
-      const int64_t c = 4 * s + i;
-      const Codes64 w = v.codes64(c);
-      __m256i scale_lo, scale_hi;
-      View::step_scales(b.sc, i, scale_lo, scale_hi);
-      for (int j = 0; j < NT; ++j) {
-        const int8_t* x = xq + j * k + 64 * c;
-        const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, load32(x)), scale_lo);
-        const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w.hi, load32(x + 32)), scale_hi);
-        isum[j] = _mm256_add_epi32(isum[j], _mm256_add_epi32(lo, hi));
-      }
-    }
-    for (int j = 0; j < NT; ++j) {
-      const __m256i group_sums = load32(xcodes + j * groups + per_block * s);
-      const float xd = xs16[j * groups16 + 16 * s];
-      if constexpr (View::ZERO_SHIFT > 0)
-        isum[j] = _mm256_sub_epi32(isum[j], _mm256_slli_epi32(_mm256_madd_epi16(load32(b.sc), group_sums), View::ZERO_SHIFT));
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_set1_ps(b.d * xd), acc[j]);
-      if constexpr (View::HAS_MIN)
-        acc_min[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(load32(b.mins), group_sums)), _mm256_set1_ps(b.dmin * xd), acc_min[j]);
-    }
-  }
-  for (int j = 0; j < NT; ++j) sums[j] = View::HAS_MIN ? _mm256_sub_ps(acc[j], acc_min[j]) : acc[j];
+// K-quant rows eight at a time. What a token's result is made of, whichever way it is computed:
+// per 256-value super-block s and row r, the exact integers
+//     sum_r = sum over groups g of sc[r, g] * (codes . activation codes)[g] - (the zero's share)
+//     min_r = sum over groups g of m[r, g] * (the token's sum of activation codes)[g]   (HAS_MIN)
+// and then, with the eight rows in the lanes of one vector,
+//     acc += float(sum) * (d[r] * xd);  acc_min += float(min) * (dmin[r] * xd);  y = acc - acc_min
+// The integers can be reached two ways, and the result is the same bits either way:
+// - row by row (few tokens): each row's codes as the file stores them, eight partial sums per
+//   row, then eight rows' partials reduced into one vector (k_row_partials, reduce8);
+// - interleaved (INTERLEAVE_TOKENS or more): eight rows' codes transposed into a buffer, four
+//   values of each row per vector as in rows_dot_interleaved, so a token's four activation codes
+//   meet eight rows per VPMADDUBSW and products add up in int16 before one VPMADDWD with the
+//   group's scales (k_interleaved). Per token and 256 multiply-adds of Q4_K: 8 VPMADDUBSW, 7
+//   adds, a VPMADDWD and an add, where row by row needs 8, 8 and 8. The transpose costs about
+//   as much as one token's products, paid once for all the tokens.
+// Float work is one convert and one multiply-add (two with a minimum) per token, super-block and
+// eight rows, where one row at a time needed them per row.
+
+// lane r = the sum of v[r]'s eight lanes.
+inline __m256i reduce8(const __m256i* v) {
+  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
+  // per 128-bit half: rows 0-3 (4-7), each summed over that half's four lanes
+  const __m256i lo = _mm256_hadd_epi32(h01, h23), hi = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
-// y[t, row] for K-quant rows [begin, end), tokens 4 at a time through tile_dot_k.
+// Eight rows' scales of one super-block, in the lanes k_interleaved and the float step read.
+struct GroupScales {
+  __m256 d, dmin;
+  __m256i pairs[8];      // dword p, lane r: row r's (sc[2p], sc[2p + 1]), for the zero's share
+  __m256i min_pairs[8];  // the same for the minima (HAS_MIN)
+  __m256i dup[16];       // group g, lane r: row r's sc[g] in both int16 halves
+};
+
+template <class View>
+inline void group_scales(const BlockScales* b, GroupScales& g) {
+  alignas(32) float d[8], dmin[8];
+  __m256i sc[8], mins[8];
+  for (int r = 0; r < 8; ++r) {
+    d[r] = b[r].d;
+    dmin[r] = b[r].dmin;
+    sc[r] = load32(b[r].sc);
+    mins[r] = load32(b[r].mins);
+  }
+  g.d = _mm256_load_ps(d);
+  g.dmin = _mm256_load_ps(dmin);
+  if constexpr (View::ZERO_SHIFT > 0) transpose8x32(sc, g.pairs);
+  if constexpr (View::HAS_MIN) transpose8x32(mins, g.min_pairs);
+  const __m256i low = _mm256_set1_epi32(0xFFFF);
+  for (int half = 0; half < 256 / View::GROUP / 8; ++half) {
+    __m256i dup[8];
+    for (int r = 0; r < 8; ++r) {
+      const __m256i v = _mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b[r].sc + 8 * half)));
+      dup[r] = _mm256_or_si256(_mm256_and_si256(v, low), _mm256_slli_epi32(v, 16));
+    }
+    transpose8x32(dup, &g.dup[8 * half]);
+  }
+}
+
+// The float step of one token and super-block (the same for both ways of reaching the integers).
+template <class View>
+inline void k_float_step(__m256 d, __m256 dmin, __m256i sum, __m256i min, float xd, __m256& acc, __m256& acc_min) {
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(xd)), acc);
+  if constexpr (View::HAS_MIN) acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min), _mm256_mul_ps(dmin, _mm256_set1_ps(xd)), acc_min);
+}
+
+// Row by row: NT tokens' partial sums (8 lanes) of one row's super-block s.
+template <class View, int NT>
+inline void k_row_partials(const View& v, const BlockScales& b, const int8_t* xq, const int16_t* xcodes, int64_t k, int64_t s,
+                           __m256i* sum, __m256i* min) {
+  const int64_t groups = k / View::GROUP, per_block = 256 / View::GROUP;
+  for (int j = 0; j < NT; ++j) sum[j] = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const int64_t c = 4 * s + i;
+    const Codes64 w = v.codes64(c);
+    __m256i scale_lo, scale_hi;
+    View::step_scales(b.sc, i, scale_lo, scale_hi);
+    for (int j = 0; j < NT; ++j) {
+      const int8_t* x = xq + j * k + 64 * c;
+      const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, load32(x)), scale_lo);
+      const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w.hi, load32(x + 32)), scale_hi);
+      sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(lo, hi));
+    }
+  }
+  for (int j = 0; j < NT; ++j) {
+    const __m256i group_sums = load32(xcodes + j * groups + per_block * s);
+    if constexpr (View::ZERO_SHIFT > 0)
+      sum[j] = _mm256_sub_epi32(sum[j], _mm256_slli_epi32(_mm256_madd_epi16(load32(b.sc), group_sums), View::ZERO_SHIFT));
+    if constexpr (View::HAS_MIN) min[j] = _mm256_madd_epi16(load32(b.mins), group_sums);
+  }
+}
+
+// Eight rows' codes of super-block s, transposed: vector 16 i + 8 h + q holds values 4q .. 4q + 3
+// of half h (32 values) of step i (64 values) of each row.
+template <class View>
+inline void k_decode(const View* views, int64_t s, __m256i* codes) {
+  __m256i lo[8], hi[8];
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 8; ++r) {
+      const Codes64 q = views[r].codes64(4 * s + i);
+      lo[r] = q.lo;
+      hi[r] = q.hi;
+    }
+    transpose8x32(lo, codes + 16 * i);
+    transpose8x32(hi, codes + 16 * i + 8);
+  }
+}
+
+// Interleaved: one token's integers for eight decoded rows of one super-block (x and group_sums:
+// the token's codes and group sums of that super-block).
+template <class View>
+inline void k_interleaved(const __m256i* codes, const GroupScales& g, const int8_t* x, const int16_t* group_sums, __m256i& sum,
+                          __m256i& min) {
+  // VPMADDUBSW lanes add up in int16 before VPMADDWD: each is at most 2 * MAX_CODE * 127.
+  constexpr int PER_GROUP = View::GROUP / 4, CHUNK_LIMIT = 32767 / (2 * View::MAX_CODE * 127);
+  constexpr int CHUNK = PER_GROUP < CHUNK_LIMIT ? PER_GROUP : CHUNK_LIMIT;
+  static_assert(PER_GROUP % CHUNK == 0, "a group's products split into equal int16 chunks");
+  sum = _mm256_setzero_si256();
+  for (int group = 0; group < 256 / View::GROUP; ++group) {
+    for (int q0 = 0; q0 < PER_GROUP; q0 += CHUNK) {
+      __m256i s16 = _mm256_setzero_si256();
+      for (int q = q0; q < q0 + CHUNK; ++q) {
+        const int at = group * PER_GROUP + q;  // the vector holding values 4 at .. 4 at + 3
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[at], broadcast4(x + 4 * at)));
+      }
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(s16, g.dup[group]));
+    }
+  }
+  constexpr int PAIRS = 256 / View::GROUP / 2;
+  const int8_t* pairs = reinterpret_cast<const int8_t*>(group_sums);
+  if constexpr (View::ZERO_SHIFT > 0) {
+    __m256i zero = _mm256_setzero_si256();
+    for (int p = 0; p < PAIRS; ++p) zero = _mm256_add_epi32(zero, _mm256_madd_epi16(g.pairs[p], broadcast4(pairs + 4 * p)));
+    sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(zero, View::ZERO_SHIFT));
+  }
+  if constexpr (View::HAS_MIN) {
+    min = _mm256_setzero_si256();
+    for (int p = 0; p < PAIRS; ++p) min = _mm256_add_epi32(min, _mm256_madd_epi16(g.min_pairs[p], broadcast4(pairs + 4 * p)));
+  }
+}
+
+// The tokens from which eight rows are decoded into the interleaved buffer.
+constexpr int64_t INTERLEAVE_TOKENS = 4;
+
+// y[t, row] for K-quant rows [begin, end), eight at a time (a last group of fewer repeats its
+// last row in the unused lanes), super-block by super-block.
 template <class View>
 void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
                 int64_t end, float* out, int64_t n) {
   const int16_t* xcodes = View::GROUP == 32 ? a.codes32.data() : a.codes16.data();
-  const int64_t supers = k / 256;
-  std::vector<Codes64> decoded;
-  const bool decode_once = View::COSTLY_DECODE && tokens >= DECODE_ONCE_TOKENS;
-  __m256 sums[4];
-  with_row_group(tokens, k, [&](auto ROWS) {
-    std::vector<BlockScales> scales(ROWS * supers);
-    if (decode_once) decoded.resize(ROWS * (k / 64));
-    row_and_token_tiles<4, ROWS, PREFETCH_AHEAD>(
-        rows, row_bytes, begin, end, tokens,
-        [&](int64_t first, int64_t count) {
-          if (decode_once) decode_rows<View>(rows, row_bytes, k, first, count, decoded.data());
-          if constexpr (View::SCALES_INLINE) return;
-          for (int64_t r = 0; r < count; ++r) {
-            const View v(rows + (first + r) * row_bytes, k);
-            for (int64_t s = 0; s < supers; ++s) v.block_scales(s, scales[r * supers + s]);
-          }
-        },
-        [&](int64_t r, int64_t row, int64_t t0, int64_t nt) {
-          const View v(rows + row * row_bytes, k);
-          const float* xs = a.scale16.data() + t0 * (k / 16);
-          const int16_t* xc = xcodes + t0 * (k / View::GROUP);
-          const BlockScales* own = View::SCALES_INLINE ? nullptr : &scales[r * supers];
-          with_tile_size(nt, [&](auto NT) {
-            if constexpr (View::COSTLY_DECODE) {
-              if (decode_once)
-                return tile_dot_k<DecodedView<View>, NT, View::SCALES_INLINE>(DecodedView<View>(v, &decoded[r * (k / 64)]), own, a.q.data() + t0 * k, xs, xc, k, sums);
+  const int64_t supers = k / 256, groups = k / View::GROUP, groups16 = k / 16, per_block = 256 / View::GROUP;
+  const bool interleaved = tokens >= INTERLEAVE_TOKENS;
+  std::vector<__m256i> codes(interleaved ? 64 : 0);
+  // Row by row: each row's partial sums per super-block and token of a tile, [super][token][row].
+  std::vector<__m256i> parts(interleaved ? 0 : supers * 4 * 8), min_parts(interleaved || !View::HAS_MIN ? 0 : supers * 4 * 8);
+  std::vector<BlockScales> row_scales(interleaved ? 0 : supers);
+  std::vector<float> d(interleaved ? 0 : 16 * supers);  // [super][d of 8 rows, dmin of 8 rows]
+  std::vector<__m256> acc(2 * tokens);
+  std::vector<View> views;
+  views.reserve(8);
+  GroupScales g;
+  for (int64_t first = begin; first < end; first += 8) {
+    const int64_t count = std::min<int64_t>(8, end - first);
+    const uint8_t* next = rows + (first + 8) * row_bytes;  // the next group, into L2 while this one runs
+    const int64_t next_bytes = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8)) * row_bytes;
+    for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);
+    views.clear();
+    for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
+    std::fill(acc.begin(), acc.end(), _mm256_setzero_ps());
+    if (interleaved) {
+      for (int64_t s = 0; s < supers; ++s) {
+        BlockScales b[8];
+        for (int r = 0; r < 8; ++r) views[r].block_scales(s, b[r]);
+        group_scales<View>(b, g);
+        k_decode(views.data(), s, codes.data());
+        for (int64_t t = 0; t < tokens; ++t) {
+          __m256i sum, min = _mm256_setzero_si256();
+          k_interleaved<View>(codes.data(), g, a.q.data() + t * k + 256 * s, xcodes + t * groups + per_block * s, sum, min);
+          k_float_step<View>(g.d, g.dmin, sum, min, a.scale16[t * groups16 + 16 * s], acc[2 * t], acc[2 * t + 1]);
+        }
+      }
+    } else {
+      // Each row streams through its super-blocks as the file stores them (one read stream).
+      for (int64_t t0 = 0; t0 < tokens;) {
+        const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        with_tile_size(nt, [&](auto NT) {
+          for (int r = 0; r < 8; ++r) {
+            for (int64_t s = 0; s < supers; ++s) {
+              BlockScales& b = row_scales[s];
+              views[r].block_scales(s, b);
+              d[16 * s + r] = b.d;
+              d[16 * s + 8 + r] = b.dmin;
+              __m256i sum[NT], min[NT];
+              k_row_partials<View, NT>(views[r], b, a.q.data() + t0 * k, xcodes + t0 * groups, k, s, sum, min);
+              for (int j = 0; j < NT; ++j) {
+                parts[(s * 4 + j) * 8 + r] = sum[j];
+                if constexpr (View::HAS_MIN) min_parts[(s * 4 + j) * 8 + r] = min[j];
+              }
             }
-            tile_dot_k<View, NT, View::SCALES_INLINE>(v, own, a.q.data() + t0 * k, xs, xc, k, sums);
-          });
-          for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = hsum8(sums[j]);
+          }
+          for (int64_t s = 0; s < supers; ++s) {
+            const __m256 ds = _mm256_loadu_ps(&d[16 * s]), dmins = _mm256_loadu_ps(&d[16 * s + 8]);
+            for (int j = 0; j < NT; ++j) {
+              const __m256i min = View::HAS_MIN ? reduce8(&min_parts[(s * 4 + j) * 8]) : _mm256_setzero_si256();
+              k_float_step<View>(ds, dmins, reduce8(&parts[(s * 4 + j) * 8]), min, a.scale16[(t0 + j) * groups16 + 16 * s],
+                                 acc[2 * (t0 + j)], acc[2 * (t0 + j) + 1]);
+            }
+          }
         });
-  });
+        t0 += nt;
+      }
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      const __m256 y = View::HAS_MIN ? _mm256_sub_ps(acc[2 * t], acc[2 * t + 1]) : acc[2 * t];
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, y);
+      std::memcpy(out + t * n + first, lanes, count * sizeof(float));
+    }
+  }
 }
 
 }  // namespace
