@@ -93,9 +93,10 @@ struct PackedView {
   // = d * q + m). Past a row's last block the lanes hold the next plane's bytes (every plane but
   // the codes is followed by another in the row): the caller ignores them.
   __m256 scales8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + b))); }
+  __m256 mins8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.mins + b))); }
   __m256 offsets8(int64_t b, __m256 ws) const {
     const __m256 o = _mm256_mul_ps(ws, _mm256_set1_ps(static_cast<float>(format_of(KIND).zero)));
-    if constexpr (has_min(KIND)) return _mm256_sub_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.mins + b))));
+    if constexpr (has_min(KIND)) return _mm256_sub_ps(o, mins8(b));
     return o;
   }
 
@@ -197,11 +198,12 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
 
 // lane r = the sum of v[r]'s eight lanes.
 inline __m256i reduce8(const __m256i* v) {
-  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
-  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
-  // per 128-bit half: rows 0-3 (4-7), each summed over that half's four lanes
-  const __m256i lo = _mm256_hadd_epi32(h01, h23), hi = _mm256_hadd_epi32(h45, h67);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+  __m256i t[4];
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  const __m256i u0 = _mm256_add_epi32(_mm256_unpacklo_epi64(t[0], t[1]), _mm256_unpackhi_epi64(t[0], t[1]));
+  const __m256i u1 = _mm256_add_epi32(_mm256_unpacklo_epi64(t[2], t[3]), _mm256_unpackhi_epi64(t[2], t[3]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
 // The tokens from which eight K-quant rows are decoded into an interleaved buffer (fewer go row
@@ -237,30 +239,54 @@ inline void transpose8x32(const __m256i in[8], __m256i out[8]) {
 template <int KIND>
 struct InterleavedRows {
   std::vector<__m256i> codes;  // [blocks][8]
+  std::vector<__m256i> by_row;  // [8][blocks]: the rows' codes before the transpose
   std::vector<__m256> scales, offsets;  // [blocks]
-  explicit InterleavedRows(int64_t k) : codes(k / 32 * 8), scales(k / 32 + 8), offsets(k / 32 + 8) {}
+  // by_row doubles as one_token_by_row's partial sums; codes are only needed for 2 tokens or more
+  InterleavedRows(int64_t k, bool interleaved) : codes(interleaved ? k / 32 * 8 : 0), by_row(k / 32 * 8), scales(k / 32 + 8), offsets(k / 32 + 8) {}
 
-  void decode(const PackedView<KIND>* views, int64_t k) {
-    __m256i lo[8], hi[8];
-    for (int64_t c = 0; c < k / 64; ++c) {
-      for (int r = 0; r < 8; ++r) {
+  // The rows are unpacked one after the other, each read as one stream (the next group's row r is
+  // prefetched into L2 as row r starts: `next` rows of `row_bytes`, `next_count` of them), then
+  // transposed from the buffer. Unpacking the eight rows side by side made eight streams at once,
+  // and the default model's LM head (94 MB of Q5_0 rows, read from memory) ran 1.5x slower.
+  void decode_codes(const PackedView<KIND>* views, int64_t k, const uint8_t* next, int64_t row_bytes, int64_t next_count) {
+    const int64_t steps = k / 64;
+    for (int r = 0; r < 8; ++r) {
+      if (r < next_count)
+        for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(next + r * row_bytes + at, 0, 2);
+      for (int64_t c = 0; c < steps; ++c) {
         const Codes64 q = views[r].codes64(c);
-        lo[r] = q.lo;
-        hi[r] = q.hi;
+        _mm256_store_si256(&by_row[r * 2 * steps + 2 * c], q.lo);
+        _mm256_store_si256(&by_row[r * 2 * steps + 2 * c + 1], q.hi);
+      }
+    }
+    __m256i lo[8], hi[8];
+    for (int64_t c = 0; c < steps; ++c) {
+      for (int r = 0; r < 8; ++r) {
+        lo[r] = _mm256_load_si256(&by_row[r * 2 * steps + 2 * c]);
+        hi[r] = _mm256_load_si256(&by_row[r * 2 * steps + 2 * c + 1]);
       }
       transpose8x32(lo, &codes[16 * c]);
       transpose8x32(hi, &codes[16 * c + 8]);
     }
+  }
+
+  void decode_scales(const PackedView<KIND>* views, int64_t k) {
     // Eight blocks' scales of each row, transposed into eight blocks' scales of all rows (past
     // the row's last block, the lanes read the next plane: their blocks are never used).
-    __m256i s[8], m[8];
+    // The offsets, scale * zero - min, from the transposed values (the same products).
+    const __m256 zero = _mm256_set1_ps(static_cast<float>(format_of(KIND).zero));
+    __m256i s[8], m[8], mins[8];
     for (int64_t b = 0; b < k / 32; b += 8) {
       for (int r = 0; r < 8; ++r) {
         s[r] = _mm256_castps_si256(views[r].scales8(b));
-        m[r] = _mm256_castps_si256(views[r].offsets8(b, views[r].scales8(b)));
+        if constexpr (has_min(KIND)) m[r] = _mm256_castps_si256(views[r].mins8(b));
       }
       transpose8x32(s, reinterpret_cast<__m256i*>(&scales[b]));
-      transpose8x32(m, reinterpret_cast<__m256i*>(&offsets[b]));
+      if constexpr (has_min(KIND)) transpose8x32(m, mins);
+      for (int i = 0; i < 8; ++i) {
+        offsets[b + i] = _mm256_mul_ps(scales[b + i], zero);
+        if constexpr (has_min(KIND)) offsets[b + i] = _mm256_sub_ps(offsets[b + i], _mm256_castsi256_ps(mins[i]));
+      }
     }
   }
 };
@@ -306,29 +332,62 @@ inline void interleaved_tile(const InterleavedRows<KIND>& w, const int8_t* xq, c
   for (int j = 0; j < NT; ++j) result[j] = _mm256_sub_ps(acc[j], sub[j]);
 }
 
+// One token (decoding) against eight rows, row by row: each row's codes as packed, eight partial
+// sums per block, eight rows' partials reduced into one vector per block; then the float work of
+// interleaved_tile, in its order, so the same bits. At one token the transpose does not pay: on
+// 2 threads the default model's Q5_0 layers and LM head ran 1.3-1.5x slower through it.
+// parts: 8 vectors per block.
+template <int KIND>
+inline __m256 one_token_by_row(const PackedView<KIND>* views, const InterleavedRows<KIND>& w, const int8_t* x, const float* xs32,
+                               const float* xsum32, int64_t k, __m256i* parts, const uint8_t* next, int64_t row_bytes, int64_t next_count) {
+  const int64_t blocks = k / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < 8; ++r) {
+    if (r < next_count)
+      for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(next + r * row_bytes + at, 0, 2);
+    for (int64_t c = 0; c < k / 64; ++c) {
+      const Codes64 q = views[r].codes64(c);
+      parts[16 * c + r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q.lo, load32(x + 64 * c)), ones);
+      parts[16 * c + 8 + r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q.hi, load32(x + 64 * c + 32)), ones);
+    }
+  }
+  __m256 acc = _mm256_setzero_ps(), sub = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) sub = _mm256_fmadd_ps(w.offsets[b], _mm256_broadcast_ss(xsum32 + b), sub);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256 scale = _mm256_mul_ps(w.scales[b], _mm256_broadcast_ss(xs32 + b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(&parts[8 * b])), scale, acc);
+  }
+  return _mm256_sub_ps(acc, sub);
+}
+
 // y[t, row] for packed rows [begin, end) of an unsigned 32-value type, eight rows at a time (a
 // last group of fewer repeats its last row in the unused lanes), tokens 4 at a time.
 template <int KIND>
 void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
                           int64_t begin, int64_t end, float* out, int64_t n) {
   const int64_t blocks = k / 32;
-  InterleavedRows<KIND> w(k);
+  InterleavedRows<KIND> w(k, tokens > 1);
   std::vector<PackedView<KIND>> views;
   views.reserve(8);
   for (int64_t first = begin; first < end; first += 8) {
     const int64_t count = std::min<int64_t>(8, end - first);
-    const uint8_t* next = rows + (first + 8) * row_bytes;  // the next group, into L2 while this one runs
-    const int64_t next_bytes = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8)) * row_bytes;
-    for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);
     views.clear();
     for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
-    w.decode(views.data(), k);
+    const uint8_t* next = rows + (first + 8) * row_bytes;
+    const int64_t next_count = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8));
+    w.decode_scales(views.data(), k);
     __m256 result[4];
+    if (tokens == 1) {
+      result[0] = one_token_by_row<KIND>(views.data(), w, a.q.data(), a.scale32.data(), a.sum32.data(), k, w.by_row.data(), next, row_bytes,
+                                         next_count);
+    } else {
+      w.decode_codes(views.data(), k, next, row_bytes, next_count);
+    }
     for (int64_t t0 = 0; t0 < tokens;) {
       const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
       const int8_t* xq = a.q.data() + t0 * k;
       const float *xs = a.scale32.data() + t0 * blocks, *xsum = a.sum32.data() + t0 * blocks;
-      with_tile_size(nt, [&](auto NT) { interleaved_tile<KIND, NT>(w, xq, xs, xsum, k, result); });
+      if (tokens > 1) with_tile_size(nt, [&](auto NT) { interleaved_tile<KIND, NT>(w, xq, xs, xsum, k, result); });
       for (int64_t j = 0; j < nt; ++j) {
         float* y = out + (t0 + j) * n + first;
         if (count == 8) {
@@ -675,13 +734,19 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
   GroupScales g;
   for (int64_t first = begin; first < end; first += 8) {
     const int64_t count = std::min<int64_t>(8, end - first);
-    const uint8_t* next = rows + (first + 8) * row_bytes;  // the next group, into L2 while this one runs
-    const int64_t next_bytes = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8)) * row_bytes;
-    for (int64_t at = 0; at < next_bytes; at += 64) __builtin_prefetch(next + at, 0, 2);
+    // The next group's row r goes into L2 as this group's row r starts (interleaved: all eight
+    // rows by super-block, so a group ahead)
+    const uint8_t* next = rows + (first + 8) * row_bytes;
+    const int64_t next_count = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8));
+    auto prefetch_next = [&](int64_t r) {
+      if (r < next_count)
+        for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(next + r * row_bytes + at, 0, 2);
+    };
     views.clear();
     for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
     std::fill(acc.begin(), acc.end(), _mm256_setzero_ps());
     if (interleaved) {
+      for (int64_t r = 0; r < 8; ++r) prefetch_next(r);
       for (int64_t s = 0; s < supers; ++s) {
         BlockScales b[8];
         for (int r = 0; r < 8; ++r) views[r].block_scales(s, b[r]);
@@ -706,6 +771,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
         const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         with_tile_size(nt, [&](auto NT) {
           for (int r = 0; r < 8; ++r) {
+            if (t0 == 0) prefetch_next(r);
             for (int64_t s = 0; s < supers; ++s) {
               BlockScales& b = row_scales[s];
               views[r].block_scales(s, b);
