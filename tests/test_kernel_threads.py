@@ -55,12 +55,17 @@ def test_an_error_in_a_worker_reaches_the_caller():
         cpu_kernels().matmul(torch.randn(2, 256), torch.zeros(64, 10, dtype=torch.uint8), 8, False)
 
 
-def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf_model):
+def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf_model, monkeypatch):
     """Few-token steps: torch's OpenMP workers would spin on the cores the kernels' workers need
     (engine/step_threads.py), so torch gets the calling thread alone there; a prompt's step (the
-    dense matmul path) and the caller afterwards get torch's threads back."""
-    from qwenkit.engine import LLM, SamplingParams
-    from qwenkit.quantization.gguf_linear import KERNEL_MAX_TOKENS
+    dense matmul path) and the caller afterwards get torch's threads back. (The kernels' limit is
+    lowered so that the prompt is one short dense step.)"""
+    from qwenkit.engine import LLM, SamplingParams, step_threads
+    from qwenkit.quantization import gguf_linear
+
+    KERNEL_MAX_TOKENS = 64
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", KERNEL_MAX_TOKENS)
+    monkeypatch.setattr(step_threads, "KERNEL_MAX_TOKENS", KERNEL_MAX_TOKENS)
 
     seen = []  # (tokens in the step, torch threads, kernel threads) at the output head
     hook = gguf_model.model.lm_head.register_forward_pre_hook(

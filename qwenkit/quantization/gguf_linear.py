@@ -27,11 +27,11 @@ PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1",
 # Up to this many tokens the kernel wins (benchmarks/gguf_gemm.py picks it). Where the CPU has
 # bfloat16 arithmetic the dense path is a bf16 matmul: on the AVX-512 BF16 machine the kernel was
 # 3x faster at 32 tokens, 1.3x at 64, so the switch sits below 64. Elsewhere the dense path is a
-# float32 matmul, no faster per multiply-add than the int8 kernels: on the AVX2 machine (Zen 3,
-# 2 threads) the kernel was 3.3x faster at 16 tokens, 1.4x at 96, even at 192 and 8% slower at
-# 384; a MoE prompt of 256 tokens (Qwen3-30B-A3B's shapes) prefilled 1.2-1.7x faster with the
-# switch at 256 than at 128.
-KERNEL_MAX_TOKENS = 48 if bf16_matmul_is_fast() else 256
+# float32 matmul, slower per multiply-add than the int8 kernels that decode eight rows at a time:
+# on the AVX2 machine (Zen 3, 2 threads) the default model's layers ran through the kernel 8.9x
+# faster at 16 tokens, 3.5x at 128, 1.6x at 512, 1.4x at 1024 and 1.1x at 2048 (a prefill chunk
+# is at most max_num_batched_tokens, 512 by default).
+KERNEL_MAX_TOKENS = 48 if bf16_matmul_is_fast() else 2048
 # Dequantized rows are produced this many values at a time, in a reused per-thread buffer:
 # the 150k-row output projection would otherwise need 0.5 GB of float32 at once.
 DENSE_CHUNK_VALUES = 1 << 23
