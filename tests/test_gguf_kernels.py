@@ -173,10 +173,14 @@ def kernels(request):
 
 
 @pytest.mark.parametrize("kind", ALL_TYPES)
-def test_batched_product_is_each_token_alone(kernels, kind):
+@pytest.mark.parametrize("cols", [512, 896])
+def test_batched_product_is_each_token_alone(kernels, kind, cols):
     """T tokens in one call: each row of the result is bit for bit that token's own product,
-    and all of them match the gguf package's values within int8 activation rounding."""
-    cols = 512
+    and all of them match the gguf package's values within int8 activation rounding. (896: a
+    row of 28 blocks, whose last scales are read eight at a time past the row's blocks; 70 rows:
+    eight-row groups with a tail.)"""
+    if kind in K_QUANTS and cols % 256:
+        cols = 768
     blocks, weight = any_blocks(kind, 70, cols, seed=5)
     packed = kind in SMALL_TYPES
     rows = kernels.pack(blocks, int(kind), cols) if packed else blocks
@@ -186,6 +190,33 @@ def test_batched_product_is_each_token_alone(kernels, kind):
         for t in range(tokens):
             assert torch.equal(y[t], kernels.matmul(x[t : t + 1], rows, int(kind), packed)[0]), (kind.name, tokens, t)
         check_product(y, x, weight, kind)
+
+
+# Bytes that hold codes (not scales) per block, by type: every code at its largest value.
+CODE_BYTES = {Q.Q4_0: range(2, 18), Q.Q4_1: range(4, 20), Q.Q5_0: range(2, 22), Q.Q5_1: range(4, 24),
+              Q.Q2_K: range(16, 80), Q.Q3_K: range(0, 96), Q.Q4_K: range(16, 144), Q.Q5_K: range(16, 176),
+              Q.Q6_K: range(0, 192)}
+
+
+@pytest.mark.parametrize("kind", list(CODE_BYTES))
+def test_largest_codes_against_largest_activations_do_not_saturate(kernels, kind):
+    """Every code at its maximum against activations that all quantize to +127 or -127: the
+    kernels' int16 sums of VPMADDUBSW results are at their bound, and the products still match
+    the gguf package's values (alone and in a batch that takes the interleaved path)."""
+    cols = 512
+    block_values, block_bytes = GGML_QUANT_SIZES[kind]
+    blocks, _ = any_blocks(kind, 24, cols, seed=3)
+    raw = blocks.numpy().reshape(24, cols // block_values, block_bytes).copy()
+    raw[..., list(CODE_BYTES[kind])] = 0xFF
+    raw = raw.reshape(24, -1)
+    weight = torch.from_numpy(dequantize(raw, kind))
+    packed = kind in SMALL_TYPES
+    rows = kernels.pack(torch.from_numpy(raw), int(kind), cols) if packed else torch.from_numpy(raw)
+    for sign in (1.0, -1.0):
+        x = torch.full((8, cols), 3.0 * sign)
+        y = kernels.matmul(x, rows, int(kind), packed)
+        check_product(y, x, weight, kind)
+        assert torch.equal(y[0], kernels.matmul(x[:1], rows, int(kind), packed)[0])
 
 
 @pytest.mark.parametrize("kind", ALL_TYPES)

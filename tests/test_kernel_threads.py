@@ -58,14 +58,12 @@ def test_an_error_in_a_worker_reaches_the_caller():
 def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf_model, monkeypatch):
     """Few-token steps: torch's OpenMP workers would spin on the cores the kernels' workers need
     (engine/step_threads.py), so torch gets the calling thread alone there; a prompt's step (the
-    dense matmul path) and the caller afterwards get torch's threads back. (The kernels' limit is
-    lowered so that the prompt is one short dense step.)"""
+    prompt's step) and the caller afterwards get torch's threads back. (The limit is lowered so
+    that the prompt is one short step.)"""
     from qwenkit.engine import LLM, SamplingParams, step_threads
-    from qwenkit.quantization import gguf_linear
 
-    KERNEL_MAX_TOKENS = 64
-    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", KERNEL_MAX_TOKENS)
-    monkeypatch.setattr(step_threads, "KERNEL_MAX_TOKENS", KERNEL_MAX_TOKENS)
+    FEW_TOKENS = 64
+    monkeypatch.setattr(step_threads, "FEW_TOKENS", FEW_TOKENS)
 
     seen = []  # (tokens in the step, torch threads, kernel threads) at the output head
     hook = gguf_model.model.lm_head.register_forward_pre_hook(
@@ -76,10 +74,10 @@ def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf
     try:
         threads = torch.get_num_threads()
         llm = LLM(gguf_model)
-        llm.generate([list(range(100, 100 + KERNEL_MAX_TOKENS + 20))], SamplingParams(max_tokens=3, temperature=0))
+        llm.generate([list(range(100, 100 + FEW_TOKENS + 20))], SamplingParams(max_tokens=3, temperature=0))
     finally:
         hook.remove()
         embed.remove()
     assert torch.get_num_threads() == threads == 2
-    assert tokens_per_step == [KERNEL_MAX_TOKENS + 20, 1, 1]
+    assert tokens_per_step == [FEW_TOKENS + 20, 1, 1]
     assert seen == [(2, 2), (1, 2), (1, 2)]

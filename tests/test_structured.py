@@ -101,14 +101,17 @@ def test_a_finished_grammar_ends_the_output_before_min_tokens(tokenizer, tempera
         processor.accept(token)
     width = tokenizer.vocab_size + 5
     logits = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
-    params = SamplingParams(max_tokens=10, min_tokens=6, temperature=temperature)
+    before = logits.clone()
+    params = SamplingParams(max_tokens=10, min_tokens=6, temperature=temperature, logprobs=2)
     blocked = frozenset(tokenizer.stop_token_ids)
-    rows = [SamplingRow(params, [1, 2, *digits], 2, torch.Generator().manual_seed(1), blocked, [processor]),
-            SamplingRow(params, [1, 2, *digits], 2, torch.Generator().manual_seed(1), blocked, [])]
-    tokens, _ = sample(logits, rows)
-    assert tokens[0] in tokenizer.stop_token_ids
-    assert tokens[1] not in tokenizer.stop_token_ids  # min_tokens still holds where nothing conflicts
-    processor.accept(tokens[0])
+    rows = [SamplingRow(params, [1, 2, *digits], 2, torch.Generator().manual_seed(1), blocked, []),
+            SamplingRow(params, [1, 2, *digits], 2, torch.Generator().manual_seed(1), blocked, [processor])]
+    tokens, logprobs = sample(logits, rows)
+    assert tokens[1] in tokenizer.stop_token_ids
+    assert tokens[0] not in tokenizer.stop_token_ids  # min_tokens still holds where nothing conflicts
+    assert torch.equal(logits, before)  # the second pass worked on a copy: the caller's logits are intact
+    assert logprobs[1].logprob == pytest.approx(float(torch.log_softmax(before[1], -1)[tokens[1]]))
+    processor.accept(tokens[1])
     assert processor.is_finished()
 
 

@@ -46,7 +46,11 @@ class LogitsProcessor(ABC):
     @classmethod
     @abstractmethod
     def apply(cls, logits: torch.Tensor, rows: list[int], processors: list[LogitsProcessor]) -> None:
-        """Change `logits[rows[i]]` for `processors[i]`, in place (logits: fp32 [batch rows, vocab])."""
+        """Change `logits[rows[i]]` for `processors[i]`, in place (logits: fp32 [batch rows, vocab]).
+
+        Must only read the processors' state (state changes belong in `accept`): the sampler may
+        apply a row's processors again in the same step (sampler.py: a grammar that min_tokens
+        left without a token)."""
 
     @abstractmethod
     def accept(self, token_id: int) -> None:

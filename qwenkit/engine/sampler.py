@@ -103,8 +103,8 @@ def _unblock_where_nothing_is_left(logits: torch.Tensor, processed: torch.Tensor
     """A processor's mask and min_tokens can leave a row no token at all: a grammar that has reached
     its end allows only the end-of-text token, which min_tokens holds back. The grammar is the hard
     constraint (its output must parse), so such a row is processed again without the min_tokens
-    mask and ends early, as `stop`. Processors only read their state in `apply`, so running them
-    twice in a step is safe."""
+    mask and ends early, as `stop`. `apply` only reads a processor's state (LogitsProcessor says
+    so), so running it twice in a step is safe."""
     candidates = [i for i, row in enumerate(rows) if row.processors and _blocks_tokens(row)]
     if not candidates:
         return
@@ -113,9 +113,10 @@ def _unblock_where_nothing_is_left(logits: torch.Tensor, processed: torch.Tensor
         if value != float("-inf"):
             continue
         row = replace(rows[i], blocked_token_ids=frozenset())
-        again = apply_penalties(logits[i : i + 1], [row])
-        if again.data_ptr() == logits.data_ptr():
-            again = again.clone()  # apply_penalties hands back the logits themselves when it changes nothing
+        view = logits[i : i + 1]
+        again = apply_penalties(view, [row])
+        if again is view:
+            again = view.clone()  # apply_penalties hands back its input when it changes nothing: keep the caller's logits
         failed = apply_processors(again, [row.processors])
         if failed:
             raise RowSamplingError(i, failed[0])

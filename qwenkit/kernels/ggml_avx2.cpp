@@ -10,14 +10,17 @@
 // or with the K-quants' integer sub-block scales, into int32 lanes. VPMADDUBSW saturates at 32767,
 // which 4-, 5- and 6-bit codes cannot reach (2 * 63 * 127); Q8_0's 8-bit codes could, so they are
 // multiplied as signed values with their signs moved onto the activations (|w| * sign(x, w)).
-//   32-value types (packed layout): Q4_0, Q4_1, Q5_0 and Q5_1 eight rows at a time, interleaved
-//   in a buffer so that int16 sums and one float multiply-add serve eight rows' blocks; Q8_0 one
-//   row at a time, one float multiply-add per 32 values and token.
-//   the K-quants (the file's blocks): sub-block scales, and the zero's share, applied in
-//   integers; float work once per 256 values and token.
-// The 32-value types' zero and minimum (offset = scale * zero + min per block, times the token's
-// scaled sum of codes in the block) are one short float dot product per row and token; the
-// K-quants' go through the activations' integer sums per group (gguf_blocks.h).
+//   Q4_0, Q4_1, Q5_0, Q5_1 (packed layout) and the K-quants (the file's blocks): eight rows at a
+//   time, their values interleaved in a buffer (one vector: four values of each of the eight
+//   rows) so that int16 sums, one VPMADDWD and one float multiply-add serve eight rows at once,
+//   for the lanes of one vector are the eight rows' outputs; with few tokens the rows are read one
+//   by one and eight rows' integer sums reduced into one vector, which gives the same bits.
+//   The K-quants' sub-block scales, and the zero's share, are applied in integers; float work
+//   once per 256 values, token and eight rows.
+//   Q8_0 (packed): one row at a time, one float multiply-add per 32 values and token.
+// The 32-value types' zero and minimum (offset = scale * zero - min per block, times the token's
+// scaled sum of codes in the block) are a float sum of their own per token; the K-quants' go
+// through the activations' integer sums per group (gguf_blocks.h).
 // Rows of 32-value types whose length is not a multiple of 64 (not packed), and dequantize_into
 // (whose values must be ggml's bit for bit; not on the decode path), take the generic path of
 // gguf_blocks.h.
@@ -34,16 +37,18 @@ using namespace qwenkit;
 
 namespace {
 
-// One row at a time with the row 5 on prefetched: measured on Zen 3 (AVX2, no AVX-512), batch-1
-// products of the default model's layers from memory at 1 thread stream 1.4x faster than with
-// AVX-512's groups of 8 (lm_head Q8_0 8.9 -> 15.0 GB/s, ffn_gate Q5_0 7.0 -> 9.7, ffn_down
-// Q4_K/Q6_K 6.0 -> 8.1): reading eight rows' scales before their codes broke the core's stream.
+// Q8_0 one row at a time with the row 5 on prefetched: measured on Zen 3 (AVX2, no AVX-512) when
+// every type went this way, batch-1 products of the default model's layers from memory at 1
+// thread streamed 1.4x faster than with AVX-512's groups of 8 (Q8_0 8.9 -> 15.0 GB/s, Q5_0 7.0 ->
+// 9.7, Q4_K/Q6_K 6.0 -> 8.1): reading eight rows' scales before their codes broke the core's
+// stream. (The eight-row kernels below read each row as one stream, then work from a buffer.)
 constexpr int64_t TILE_ROWS = 1, PREFETCH_AHEAD = 5;
 // When the tokens' int8 activations outgrow L1 (16 tokens of a 4864-value row are 78 KB), a
 // group of rows meets each tile of 4 tokens in turn, so the tile stays in L1 for the group instead
 // of streaming from L2 once per row (the next group's rows are prefetched as it starts). Measured
-// on Zen 3, 2 threads, 8-32 tokens: Q6_K 896x4864 1.09-1.20x, Q4_K 1.05-1.09x; rows of 768-896
-// values gained nothing measurable, so they keep one row at a time. Same bits either way.
+// on Zen 3, 2 threads, 8-32 tokens (then for the K-quants): Q6_K 896x4864 1.09-1.20x, Q4_K
+// 1.05-1.09x; rows of 768-896 values gained nothing measurable, so they keep one row at a time.
+// Same bits either way.
 constexpr int64_t BATCH_TILE_ROWS = 8, L1_ACTIVATION_BYTES = 32 << 10;
 
 // f(std::integral_constant<int64_t, rows>) with the rows per group for this many tokens of k values.
@@ -80,25 +85,18 @@ inline void add_fifth_bits(const uint8_t* qh, Codes64& q) {
 
 // ---- The 32-value types, packed (gguf_blocks.h's PackedRow) ----------------------------------
 
-// A packed row as the dot product reads it: 64 codes at a time, a float scale and an offset per
-// 32 values. Q8_0's codes come back signed (the packed q + 128 with its top bit flipped), with no
-// offset: SIGNED tells the dot product to use the sign trick.
+// A packed row as the kernels read it: 64 codes at a time, a float scale (and a minimum) per 32
+// values. Q8_0's codes come back signed (the packed q + 128 with its top bit flipped).
 template <int KIND>
 struct PackedView {
-  static constexpr bool SIGNED = KIND == Q8_0;
   PackedRow p;
   PackedView(const uint8_t* row, int64_t k) : p(KIND, row, k) {}
 
-  // The scales of blocks b .. b + 7, and their offsets ws * zero - min (Q4_1, Q5_1 store value
-  // = d * q + m). Past a row's last block the lanes hold the next plane's bytes (every plane but
-  // the codes is followed by another in the row): the caller ignores them.
+  // The scales (minimums: Q4_1, Q5_1 store value = d * q + m) of blocks b .. b + 7. Past a row's
+  // last block the lanes hold the next plane's bytes (every plane but the codes is followed by
+  // another in the row): the caller ignores them.
   __m256 scales8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + b))); }
   __m256 mins8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.mins + b))); }
-  __m256 offsets8(int64_t b, __m256 ws) const {
-    const __m256 o = _mm256_mul_ps(ws, _mm256_set1_ps(static_cast<float>(format_of(KIND).zero)));
-    if constexpr (has_min(KIND)) return _mm256_sub_ps(o, mins8(b));
-    return o;
-  }
 
   Codes64 codes64(int64_t c) const {
     if constexpr (KIND == Q8_0) {
@@ -112,61 +110,46 @@ struct PackedView {
   }
 };
 
-// The sum of 32 products of codes w and activations x, as 8 int32 lanes.
-template <bool SIGNED>
-inline __m256i block_dot(__m256i w_abs, __m256i w, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (SIGNED) return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w)), ones);
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-}
+// ---- Q8_0, one row at a time -------------------------------------------------------------------
+// Its signed 8-bit codes leave no room for int16 sums of products (2 * 127 * 127 fills an int16
+// lane), so eight rows interleaved would save nothing: a row meets each token as ggml's vec_dot
+// does, |w| * sign(x, w) per 32 values into 8 int32 lanes, one float multiply-add per 32 values.
 
-// The first n of 8 float lanes.
-inline __m256i first_lanes(int64_t n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
-
-// NT tokens' dot products with one packed row, as 8 partial sums each: each 64-value step of the
-// row is decoded once and multiplied with all NT tokens' int8 codes. Each token's sum is computed
-// exactly as it would be alone (same operations, same order), so a batch gives each token the
-// bits of a batch of one. First, one pass over the row's block scales, 8 at a time, gives each
-// token's scale products (weight scale x activation scale, which the loop broadcasts from
-// memory) and the subtracted share of the zero and minimum (offset x the token's scaled sum of
-// codes per block). The two 32-value blocks of a step go to two accumulators: one chain of
-// multiply-adds would wait on its latency. xs32 and xsum32 have 8 values of padding.
-template <class View, int NT>
-inline void tile_dot(const View& v, const int8_t* xq, const float* xs32, const float* xsum32, int64_t k, float* scales, __m256* sums) {
+// NT tokens' dot products with one packed Q8_0 row, as 8 partial sums each: each 64-value step of
+// the row is decoded once and multiplied with all NT tokens' int8 codes. Each token's sum is
+// computed exactly as it would be alone (same operations, same order), so a batch gives each token
+// the bits of a batch of one. First, one pass over the row's block scales, 8 at a time, gives each
+// token's scale products (weight scale x activation scale, which the loop broadcasts from memory).
+// The two 32-value blocks of a step go to two accumulators: one chain of multiply-adds would wait
+// on its latency. xs32 has 8 values of padding.
+template <int NT>
+inline void q8_tile_dot(const PackedView<Q8_0>& v, const int8_t* xq, const float* xs32, int64_t k, float* scales, __m256* sums) {
   const int64_t blocks = k / 32, stride = blocks + 8;
-  __m256 sub[NT];
-  for (int j = 0; j < NT; ++j) sub[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; b += 8) {
     const __m256 ws = v.scales8(b);
-    __m256 off = _mm256_setzero_ps();
-    if constexpr (!View::SIGNED) off = _mm256_and_ps(v.offsets8(b, ws), _mm256_castsi256_ps(first_lanes(blocks - b)));
-    for (int j = 0; j < NT; ++j) {
-      _mm256_storeu_ps(scales + j * stride + b, _mm256_mul_ps(ws, _mm256_loadu_ps(xs32 + j * blocks + b)));
-      if constexpr (!View::SIGNED) sub[j] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xsum32 + j * blocks + b), sub[j]);
-    }
+    for (int j = 0; j < NT; ++j) _mm256_storeu_ps(scales + j * stride + b, _mm256_mul_ps(ws, _mm256_loadu_ps(xs32 + j * blocks + b)));
   }
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc_lo[NT], acc_hi[NT];
   for (int j = 0; j < NT; ++j) acc_lo[j] = acc_hi[j] = _mm256_setzero_ps();
   for (int64_t c = 0; c < k / 64; ++c) {
     const Codes64 w = v.codes64(c);
-    Codes64 w_abs = w;
-    if constexpr (View::SIGNED) w_abs = {_mm256_sign_epi8(w.lo, w.lo), _mm256_sign_epi8(w.hi, w.hi)};
+    const Codes64 w_abs = {_mm256_sign_epi8(w.lo, w.lo), _mm256_sign_epi8(w.hi, w.hi)};
     for (int j = 0; j < NT; ++j) {
       const int8_t* x = xq + j * k + 64 * c;
       const float* scale = scales + j * stride + 2 * c;
-      const __m256i lo = block_dot<View::SIGNED>(w_abs.lo, w.lo, load32(x));
-      const __m256i hi = block_dot<View::SIGNED>(w_abs.hi, w.hi, load32(x + 32));
+      const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs.lo, _mm256_sign_epi8(load32(x), w.lo)), ones);
+      const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs.hi, _mm256_sign_epi8(load32(x + 32), w.hi)), ones);
       acc_lo[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_broadcast_ss(scale), acc_lo[j]);
       acc_hi[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_broadcast_ss(scale + 1), acc_hi[j]);
     }
   }
-  for (int j = 0; j < NT; ++j) sums[j] = _mm256_sub_ps(_mm256_add_ps(acc_lo[j], acc_hi[j]), sub[j]);
+  for (int j = 0; j < NT; ++j) sums[j] = _mm256_add_ps(acc_lo[j], acc_hi[j]);
 }
 
-// y[t, row] for packed Q8_0 rows [begin, end) (k a multiple of 64), tokens 4 at a time through tile_dot.
-template <class View>
-void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
-              int64_t end, float* out, int64_t n) {
+// y[t, row] for packed Q8_0 rows [begin, end) (k a multiple of 64), tokens 4 at a time.
+void rows_dot_q8(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
+                 int64_t end, float* out, int64_t n) {
   const int64_t blocks = k / 32, stride = blocks + 8;
   std::vector<float> scales(4 * stride);
   __m256 sums[4];
@@ -174,27 +157,26 @@ void rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantized
     row_and_token_tiles<4, ROWS, PREFETCH_AHEAD>(
         rows, row_bytes, begin, end, tokens, [](int64_t, int64_t) {},
         [&](int64_t, int64_t row, int64_t t0, int64_t nt) {
-          const View v(rows + row * row_bytes, k);
-          with_tile_size(nt, [&](auto NT) {
-            tile_dot<View, NT>(v, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, a.sum32.data() + t0 * blocks, k, scales.data(), sums);
-          });
+          const PackedView<Q8_0> v(rows + row * row_bytes, k);
+          with_tile_size(nt, [&](auto NT) { q8_tile_dot<NT>(v, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, k, scales.data(), sums); });
           for (int64_t j = 0; j < nt; ++j) out[(t0 + j) * n + row] = hsum8(sums[j]);
         });
   });
 }
 
 // ---- The unsigned 32-value types (Q4_0, Q4_1, Q5_0, Q5_1), eight rows interleaved -------------
-// Eight rows at a time are decoded and transposed into a buffer (in L1) where one 32-byte vector
-// holds four consecutive values of each of the eight rows: a token's four activation codes,
-// broadcast, meet all eight rows in one VPMADDUBSW. A block's eight such products add up in
-// int16 four at a time (codes < 32 and |x| <= 127: 4 * 2 * 31 * 127 < 32767), so one VPMADDWD
-// per four, one convert and one multiply-add per block give each of the eight rows its block
-// sum: per token and 256 multiply-adds, 8 VPMADDUBSW + 6 adds + 2 VPMADDWD + an add + a
-// convert + 3 float ops, where the one-row layout (tile_dot) needs 8 VPMADDUBSW, 8 VPMADDWD,
-// 8 converts and 8 multiply-adds. Eight sums are eight rows' outputs: no horizontal sums.
-// A token's result is the same whether it comes alone or in a batch (same operations in the
-// same order), so batched decoding, speculative verification and prefill give each token the
-// bits of a batch of one. Q8_0 (signed 8-bit codes: no room for int16 sums) keeps tile_dot.
+// With two tokens or more, eight rows at a time are decoded and transposed into a buffer (8 bytes
+// per value of a row: 7 KB for 896-value rows) where one 32-byte vector holds four consecutive
+// values of each of the eight rows: a token's four activation codes, broadcast, meet all eight
+// rows in one VPMADDUBSW. A block's eight such products add up in int16 four at a time (codes <
+// 32 and |x| <= 127: 4 * 2 * 31 * 127 < 32767), so one VPMADDWD per four, one convert and one
+// multiply-add per block give each of the eight rows its block sum: per token and 256
+// multiply-adds, 8 VPMADDUBSW + 6 adds + 2 VPMADDWD + an add + a convert + 3 float ops, where one
+// row at a time (as Q8_0 goes) needs 8 VPMADDUBSW, 8 VPMADDWD, 8 converts and 8 multiply-adds.
+// Eight sums are eight rows' outputs: no horizontal sums. One token alone goes row by row
+// (one_token_by_row) to the same integers and the same float steps. A token's result is the same
+// whether it comes alone or in a batch, so batched decoding, speculative verification and
+// prefill give each token the bits of a batch of one.
 
 // lane r = the sum of v[r]'s eight lanes.
 inline __m256i reduce8(const __m256i* v) {
@@ -208,9 +190,8 @@ inline __m256i reduce8(const __m256i* v) {
 
 // The tokens from which eight K-quant rows are decoded into an interleaved buffer (fewer go row
 // by row): measured on Zen 3, 1 thread, both ways giving equal bits, Q4_K is faster interleaved
-// from 3 tokens (1.12x there, 0.78x at 1), Q6_K from 4 (0.92x at 3). The 32-value types are
-// always interleaved: their row by row form measured no faster at one token and 0.85-0.9x at
-// two, the unpacking of fifth bits dominating either way.
+// from 3 tokens (1.12x there, 0.78x at 1), Q6_K from 4 (0.92x at 3). The 32-value types go row
+// by row only alone (one_token_by_row): at two tokens that form ran 0.85-0.9x the interleaved one.
 template <class View>
 constexpr int64_t interleave_tokens() { return View::MAX_CODE > 31 ? 4 : 3; }
 
@@ -408,11 +389,8 @@ void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t k, con
 // and either a stored minimum (HAS_MIN: dmin and an integer min per GROUP, value = d * sc * q -
 // dmin * m) or a code offset (ZERO_SHIFT: zero = 1 << ZERO_SHIFT, value = d * sc * (q - zero));
 // and step_scales(sc, i): the int16 scales of the super-block's step i's two 32-byte halves as
-// VPMADDWD multiplies them (VPMADDUBSW's int16 lane i sums bytes 2i and 2i + 1). SCALES_INLINE:
-// the dot product unpacks each super-block's scales itself (a load and a widening for Q6_K's
-// int8 scales), else they are unpacked once per row into an array (Q4_K's 6-bit packing costs
-// more than its reload). Measured on Zen 3, one 4864-value row at a time: with the old per-row
-// float offsets, Q6_K ran at 0.61x ggml's vec_dot and now at 1.0x; Q4_K at 0.79x, now ~0.9x.
+// VPMADDWD multiplies them (VPMADDUBSW's int16 lane i sums bytes 2i and 2i + 1); MAX_CODE, the
+// largest code, bounds how many VPMADDUBSW results may add up in int16.
 
 struct BlockScales {
   alignas(32) int16_t sc[16];
@@ -431,7 +409,7 @@ inline uint16_t load_u16(const uint8_t* p) {
 template <int BYTES>
 struct ScalesK4 {
   static constexpr int GROUP = 32, ZERO_SHIFT = 0;
-  static constexpr bool HAS_MIN = true, SCALES_INLINE = false;
+  static constexpr bool HAS_MIN = true;
   static constexpr int MAX_CODE = BYTES == 176 ? 31 : 15;  // Q5_K's fifth bit
   const uint8_t* row;
   explicit ScalesK4(const uint8_t* r) : row(r) {}
@@ -500,7 +478,7 @@ inline Codes64 two_bit_planes(const uint8_t* qs, int64_t c) {
 // value = d * (sc & 15) * q - dmin * (sc >> 4).
 struct Q2KView : Scales16 {
   static constexpr int ZERO_SHIFT = 0;
-  static constexpr bool HAS_MIN = true, SCALES_INLINE = true;
+  static constexpr bool HAS_MIN = true;
   static constexpr int MAX_CODE = 3;
   const uint8_t* row;
   Q2KView(const uint8_t* r, int64_t) : row(r) {}
@@ -519,7 +497,7 @@ struct Q2KView : Scales16 {
 // 2-bit planes with a third bit from hmask (bit 4 * half + plane of hmask[l]), zero 4.
 struct Q3KView : Scales16 {
   static constexpr int ZERO_SHIFT = 2;
-  static constexpr bool HAS_MIN = false, SCALES_INLINE = false;
+  static constexpr bool HAS_MIN = false;
   static constexpr int MAX_CODE = 7;
   const uint8_t* row;
   Q3KView(const uint8_t* r, int64_t) : row(r) {}
@@ -550,7 +528,7 @@ struct Q3KView : Scales16 {
 // ql[32:64]) then (their high nibbles), with qh's bit pairs.
 struct Q6KView : Scales16 {
   static constexpr int ZERO_SHIFT = 5;
-  static constexpr bool HAS_MIN = false, SCALES_INLINE = true;
+  static constexpr bool HAS_MIN = false;
   static constexpr int MAX_CODE = 63;
   const uint8_t* row;
   Q6KView(const uint8_t* r, int64_t) : row(r) {}
@@ -748,7 +726,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
     if (interleaved) {
       for (int64_t r = 0; r < 8; ++r) prefetch_next(r);
       for (int64_t s = 0; s < supers; ++s) {
-        BlockScales b[8];
+        BlockScales b[8]{};  // Q3_K and Q6_K leave mins and dmin unset
         for (int r = 0; r < 8; ++r) views[r].block_scales(s, b[r]);
         group_scales<View>(b, g);
         k_decode(views.data(), s, codes.data());
@@ -814,7 +792,7 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
     dispatch_packed(kind, [&](auto kind_constant) {
       constexpr int KIND = decltype(kind_constant)::value;
       if constexpr (KIND == Q8_0) {
-        rows_dot<PackedView<KIND>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+        rows_dot_q8(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
       } else {
         rows_dot_interleaved<KIND>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
       }
