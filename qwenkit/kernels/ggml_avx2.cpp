@@ -188,6 +188,35 @@ inline __m256i reduce8(const __m256i* v) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
+// What every eight-row kernel does around its arithmetic.
+// The views of rows first .. first + 7 (a last group of fewer repeats its last row: its lanes are
+// computed and not stored).
+template <class View>
+inline void group_views(std::vector<View>& views, const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t first, int64_t count) {
+  views.clear();
+  for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
+}
+
+// The next group's rows, each requested into L2 (prefetcht1) as the same row of this group starts.
+struct NextRows {
+  const uint8_t* rows;
+  int64_t row_bytes, count;
+  NextRows(const uint8_t* all, int64_t row_bytes, int64_t first, int64_t end)
+      : rows(all + (first + 8) * row_bytes), row_bytes(row_bytes), count(std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8))) {}
+  void prefetch(int64_t r) const {
+    if (r < count)
+      for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(rows + r * row_bytes + at, 0, 2);
+  }
+};
+
+// The first `count` of eight rows' outputs.
+inline void store_rows(float* y, __m256 v, int64_t count) {
+  if (count == 8) return _mm256_storeu_ps(y, v);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  std::memcpy(y, lanes, count * sizeof(float));
+}
+
 // The tokens from which eight K-quant rows are decoded into an interleaved buffer (fewer go row
 // by row): measured on Zen 3, 1 thread, both ways giving equal bits, Q4_K is faster interleaved
 // from 3 tokens (1.12x there, 0.78x at 1), Q6_K from 4 (0.92x at 3). The 32-value types go row
@@ -226,14 +255,13 @@ struct InterleavedRows {
   InterleavedRows(int64_t k, bool interleaved) : codes(interleaved ? k / 32 * 8 : 0), by_row(k / 32 * 8), scales(k / 32 + 8), offsets(k / 32 + 8) {}
 
   // The rows are unpacked one after the other, each read as one stream (the next group's row r is
-  // prefetched into L2 as row r starts: `next` rows of `row_bytes`, `next_count` of them), then
-  // transposed from the buffer. Unpacking the eight rows side by side made eight streams at once,
-  // and the default model's LM head (94 MB of Q5_0 rows, read from memory) ran 1.5x slower.
-  void decode_codes(const PackedView<KIND>* views, int64_t k, const uint8_t* next, int64_t row_bytes, int64_t next_count) {
+  // prefetched as row r starts), then transposed from the buffer. Unpacking the eight rows side
+  // by side made eight streams at once, and the default model's LM head (94 MB of Q5_0 rows, read
+  // from memory) ran 1.5x slower.
+  void decode_codes(const PackedView<KIND>* views, int64_t k, const NextRows& next) {
     const int64_t steps = k / 64;
     for (int r = 0; r < 8; ++r) {
-      if (r < next_count)
-        for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(next + r * row_bytes + at, 0, 2);
+      next.prefetch(r);
       for (int64_t c = 0; c < steps; ++c) {
         const Codes64 q = views[r].codes64(c);
         _mm256_store_si256(&by_row[r * 2 * steps + 2 * c], q.lo);
@@ -320,12 +348,11 @@ inline void interleaved_tile(const InterleavedRows<KIND>& w, const int8_t* xq, c
 // parts: 8 vectors per block.
 template <int KIND>
 inline __m256 one_token_by_row(const PackedView<KIND>* views, const InterleavedRows<KIND>& w, const int8_t* x, const float* xs32,
-                               const float* xsum32, int64_t k, __m256i* parts, const uint8_t* next, int64_t row_bytes, int64_t next_count) {
+                               const float* xsum32, int64_t k, __m256i* parts, const NextRows& next) {
   const int64_t blocks = k / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int r = 0; r < 8; ++r) {
-    if (r < next_count)
-      for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(next + r * row_bytes + at, 0, 2);
+    next.prefetch(r);
     for (int64_t c = 0; c < k / 64; ++c) {
       const Codes64 q = views[r].codes64(c);
       parts[16 * c + r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q.lo, load32(x + 64 * c)), ones);
@@ -352,33 +379,22 @@ void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t k, con
   views.reserve(8);
   for (int64_t first = begin; first < end; first += 8) {
     const int64_t count = std::min<int64_t>(8, end - first);
-    views.clear();
-    for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
-    const uint8_t* next = rows + (first + 8) * row_bytes;
-    const int64_t next_count = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8));
+    const NextRows next(rows, row_bytes, first, end);
+    group_views(views, rows, row_bytes, k, first, count);
     w.decode_scales(views.data(), k);
-    __m256 result[4];
     if (tokens == 1) {
-      result[0] = one_token_by_row<KIND>(views.data(), w, a.q.data(), a.scale32.data(), a.sum32.data(), k, w.by_row.data(), next, row_bytes,
-                                         next_count);
-    } else {
-      w.decode_codes(views.data(), k, next, row_bytes, next_count);
+      const __m256 y = one_token_by_row<KIND>(views.data(), w, a.q.data(), a.scale32.data(), a.sum32.data(), k, w.by_row.data(), next);
+      store_rows(out + first, y, count);
+      continue;
     }
+    w.decode_codes(views.data(), k, next);
+    __m256 result[4];
     for (int64_t t0 = 0; t0 < tokens;) {
-      const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const int8_t* xq = a.q.data() + t0 * k;
-      const float *xs = a.scale32.data() + t0 * blocks, *xsum = a.sum32.data() + t0 * blocks;
-      if (tokens > 1) with_tile_size(nt, [&](auto NT) { interleaved_tile<KIND, NT>(w, xq, xs, xsum, k, result); });
-      for (int64_t j = 0; j < nt; ++j) {
-        float* y = out + (t0 + j) * n + first;
-        if (count == 8) {
-          _mm256_storeu_ps(y, result[j]);
-        } else {
-          alignas(32) float lanes[8];
-          _mm256_store_ps(lanes, result[j]);
-          std::memcpy(y, lanes, count * sizeof(float));
-        }
-      }
+      const int64_t nt = tile_tokens(tokens - t0);
+      with_tile_size(nt, [&](auto NT) {
+        interleaved_tile<KIND, NT>(w, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, a.sum32.data() + t0 * blocks, k, result);
+      });
+      for (int64_t j = 0; j < nt; ++j) store_rows(out + (t0 + j) * n + first, result[j], count);
       t0 += nt;
     }
   }
@@ -704,7 +720,6 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
   std::vector<__m256i> codes(interleaved ? 64 : 0);
   // Row by row: each row's partial sums per super-block and token of a tile, [super][token][row].
   std::vector<__m256i> parts(interleaved ? 0 : supers * 4 * 8), min_parts(interleaved || !View::HAS_MIN ? 0 : supers * 4 * 8);
-  std::vector<BlockScales> row_scales(interleaved ? 0 : supers);
   std::vector<float> d(interleaved ? 0 : 16 * supers);  // [super][d of 8 rows, dmin of 8 rows]
   std::vector<__m256> acc(2 * tokens);
   std::vector<View> views;
@@ -712,26 +727,19 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
   GroupScales g;
   for (int64_t first = begin; first < end; first += 8) {
     const int64_t count = std::min<int64_t>(8, end - first);
-    // The next group's row r goes into L2 as this group's row r starts (interleaved: all eight
-    // rows by super-block, so a group ahead)
-    const uint8_t* next = rows + (first + 8) * row_bytes;
-    const int64_t next_count = std::max<int64_t>(0, std::min<int64_t>(8, end - first - 8));
-    auto prefetch_next = [&](int64_t r) {
-      if (r < next_count)
-        for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(next + r * row_bytes + at, 0, 2);
-    };
-    views.clear();
-    for (int64_t r = 0; r < 8; ++r) views.emplace_back(rows + (first + std::min(r, count - 1)) * row_bytes, k);
+    const NextRows next(rows, row_bytes, first, end);
+    group_views(views, rows, row_bytes, k, first, count);
     std::fill(acc.begin(), acc.end(), _mm256_setzero_ps());
     if (interleaved) {
-      for (int64_t r = 0; r < 8; ++r) prefetch_next(r);
+      // all eight rows are read by super-block, so the whole next group is requested now
+      for (int64_t r = 0; r < 8; ++r) next.prefetch(r);
       for (int64_t s = 0; s < supers; ++s) {
         BlockScales b[8]{};  // Q3_K and Q6_K leave mins and dmin unset
         for (int r = 0; r < 8; ++r) views[r].block_scales(s, b[r]);
         group_scales<View>(b, g);
         k_decode(views.data(), s, codes.data());
         for (int64_t t0 = 0; t0 < tokens;) {
-          const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+          const int64_t nt = tile_tokens(tokens - t0);
           with_tile_size(nt, [&](auto NT) {
             __m256i sum[NT], min[NT];
             k_interleaved<View, NT>(codes.data(), g, a.q.data() + t0 * k + 256 * s, k, xcodes + t0 * groups + per_block * s, groups, sum, min);
@@ -746,15 +754,15 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
     } else {
       // Each row streams through its super-blocks as the file stores them (one read stream).
       for (int64_t t0 = 0; t0 < tokens;) {
-        const int64_t left = tokens - t0, nt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const int64_t nt = tile_tokens(tokens - t0);
         with_tile_size(nt, [&](auto NT) {
           for (int r = 0; r < 8; ++r) {
-            if (t0 == 0) prefetch_next(r);
+            if (t0 == 0) next.prefetch(r);
             for (int64_t s = 0; s < supers; ++s) {
-              BlockScales& b = row_scales[s];
+              BlockScales b;
               views[r].block_scales(s, b);
               d[16 * s + r] = b.d;
-              d[16 * s + 8 + r] = b.dmin;
+              if constexpr (View::HAS_MIN) d[16 * s + 8 + r] = b.dmin;
               __m256i sum[NT], min[NT];
               k_row_partials<View, NT>(views[r], b, a.q.data() + t0 * k, xcodes + t0 * groups, k, s, sum, min);
               for (int j = 0; j < NT; ++j) {
@@ -775,12 +783,8 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
         t0 += nt;
       }
     }
-    for (int64_t t = 0; t < tokens; ++t) {
-      const __m256 y = View::HAS_MIN ? _mm256_sub_ps(acc[2 * t], acc[2 * t + 1]) : acc[2 * t];
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, y);
-      std::memcpy(out + t * n + first, lanes, count * sizeof(float));
-    }
+    for (int64_t t = 0; t < tokens; ++t)
+      store_rows(out + t * n + first, View::HAS_MIN ? _mm256_sub_ps(acc[2 * t], acc[2 * t + 1]) : acc[2 * t], count);
   }
 }
 

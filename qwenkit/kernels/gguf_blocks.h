@@ -523,6 +523,12 @@ void scratch_row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 // runs ahead of it. Which ROWS and AHEAD stream best depends on the core, so each build picks
 // them by measurement (ggml_cpu.cpp, ggml_avx2.cpp); an AHEAD shorter than a group reaches the
 // next group instead (rows of the group being computed are already on their way).
+// How many of the `left` tokens the next tile takes: MAX_NT, then 4, 2, 1.
+template <int MAX_NT = 4>
+inline int64_t tile_tokens(int64_t left) {
+  return left >= MAX_NT ? MAX_NT : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
+
 template <int MAX_NT, int64_t ROWS, int64_t AHEAD, class Prepare, class Tile>
 inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t begin, int64_t end, int64_t tokens, Prepare prepare,
                                 Tile tile) {
@@ -535,7 +541,7 @@ inline void row_and_token_tiles(const uint8_t* rows, int64_t row_bytes, int64_t 
     prepare(first, count);
     for (int64_t t0 = 0; t0 < tokens;) {
       const int64_t left = tokens - t0;
-      const int64_t nt = left >= MAX_NT ? MAX_NT : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const int64_t nt = tile_tokens<MAX_NT>(left);
       for (int64_t r = 0; r < count; ++r) tile(r, first + r, t0, nt);
       t0 += nt;
     }
