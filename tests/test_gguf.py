@@ -57,3 +57,45 @@ def test_tiny_gguf_blocks_in_place(arch, tmp_path, monkeypatch):
     assert (qwenkit_logits_full(model, PROMPT) - expected).abs().max().item() < TOL
     monkeypatch.setattr(gguf_linear, "dense_dtype", lambda: torch.bfloat16)  # what AVX512-BF16 CPUs take
     assert (qwenkit_logits_full(model, PROMPT) - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_native_decode_stack_gives_the_layers_bits(arch, tmp_path, monkeypatch):
+    """A decode step's layers in one native call (model/native_decode.py) give the logits of the
+    layers run one by one, bit for bit: Qwen2's q/k/v biases, Qwen3's q/k norms, a paged cache of
+    many small blocks and a second sequence in every step. A hook on a layer's module sends the
+    step down the layer-by-layer path, where the hook runs."""
+    from gguf import GGMLQuantizationType
+
+    from qwenkit.kernels import cpu_kernels
+    from qwenkit.model import qwen
+
+    if cpu_kernels() is None:
+        pytest.skip("native GGUF kernels need a compiler")
+    ref = reference_model(tiny_config(arch))
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(ref, path, tiny_tokenizer(), embedding_type=GGMLQuantizationType.Q8_0)
+    model = load_model(str(path), quantize="gguf").model
+    native, taken = qwen.native_decode_layers, []
+
+    def spy(*args):
+        out = native(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(qwen, "native_decode_layers", spy)
+    stacked = qwenkit_logits_stepwise(model, PROMPT, 9)
+    assert taken == [False] + [True] * (len(PROMPT) - 9)  # the prefill goes layer by layer
+    monkeypatch.setattr(qwen, "native_decode_layers", lambda *args: None)
+    assert torch.equal(stacked, qwenkit_logits_stepwise(model, PROMPT, 9))
+
+    monkeypatch.setattr(qwen, "native_decode_layers", spy)
+    taken.clear()
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    try:
+        hooked = qwenkit_logits_stepwise(model, PROMPT, 9)
+    finally:
+        handle.remove()
+    assert not any(taken) and len(seen) == len(taken)
+    assert torch.equal(hooked, stacked)

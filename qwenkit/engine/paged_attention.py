@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.kernels import cpu_kernels
-from qwenkit.model.attention import causal_attention
+from qwenkit.model.attention import PagedDecode, causal_attention
 
 
 class PagedKVCache:
@@ -69,6 +69,13 @@ class BatchAttention:
             span = torch.arange(decode_slots.shape[1])
             self.decode_valid = span[None, :] < decode_lengths[:, None]
             self.decode_span = span
+
+    def paged_decode(self) -> PagedDecode | None:
+        """This step's caches and slots for a native decode of all layers at once, when every row
+        decodes from a CPU cache (else None: the model attends layer by layer through attend)."""
+        if len(self.decode_rows) != len(self.slot_mapping) or not self.cache.k.is_cpu:
+            return None
+        return PagedDecode(self.cache.k, self.cache.v, self.slot_mapping, self.decode_slots, self.decode_lengths)
 
     def attend(self, layer, q, k, v, scale, window):
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]

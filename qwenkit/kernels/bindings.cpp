@@ -1,5 +1,6 @@
 // The Python module of qwenkit's CPU kernels: GGUF blocks in place (gguf_matmul.cpp over each
-// build's ggml_*.cpp) and the small operations of a decode step (decode_cpu.cpp).
+// build's ggml_*.cpp), the small operations of a decode step (decode_cpu.cpp) and a dense decoder's
+// layers for one decode step (decode_layers.cpp).
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 with torch's Tensor casters, without the C++ frontend
 
@@ -19,6 +20,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      torch::Tensor lengths, double scale, int64_t window);
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> weights,
+                            std::vector<int64_t> kinds, std::vector<bool> packed, torch::Tensor k_cache, torch::Tensor v_cache,
+                            std::vector<int64_t> windows, torch::Tensor slot_mapping, torch::Tensor slots, torch::Tensor lengths,
+                            int64_t heads, int64_t kv_heads, double eps, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
@@ -33,5 +38,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
         "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");
   m.def("kernel_threads", &qwenkit::kernel_threads, "how many threads the kernels use on this thread");
+  m.def("decode_layers", &decode_layers, "a dense decoder's layers on GGUF blocks for one decode step, in one call");
   m.def("paged_decode_attention", &paged_decode_attention, "one new token per sequence attending over its paged K/V");
 }

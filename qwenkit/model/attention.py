@@ -7,10 +7,24 @@ absent, one contiguous buffer, or paged blocks shared across a batch. That keeps
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PagedDecode:
+    """A step where every token decodes (one new token per sequence) over a paged K/V cache, as a
+    native call reads it: caches [layers, slots, kv_heads, head_dim]; slot_mapping [T] the new
+    tokens' slots; slots [T, Lmax] and lengths [T] each sequence's context (its new token included)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    slots: torch.Tensor
+    lengths: torch.Tensor
 
 
 class AttentionBackend(Protocol):

@@ -16,6 +16,7 @@ from qwenkit.model.adapters import LoraRouting, routing_scope
 from qwenkit.model.attention import AttentionBackend
 from qwenkit.model.layers import MLP, Attention, RMSNorm
 from qwenkit.model.moe import SparseMoeBlock
+from qwenkit.model.native_decode import native_decode_layers
 from qwenkit.model.rope import RotaryEmbedding
 
 
@@ -77,6 +78,10 @@ class QwenForCausalLM(nn.Module):
         `positions` are the rotary positions: [T], or [3, T] for M-RoPE models.
         """
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        if lora is None:
+            stacked = native_decode_layers(self.model.layers, x, cos, sin, attention, self.config.rms_norm_eps)
+            if stacked is not None:
+                return self.model.norm(stacked)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
             x = checkpoint(layer, x, cos, sin, attention, lora, use_reentrant=False) if recompute else layer(x, cos, sin, attention, lora)

@@ -204,6 +204,14 @@ class GGUFLinear(nn.Module):
         biases = [_NO_BIAS if layer.bias is None else layer.bias for layer in (gate, up)]
         return native_kernels().matmul_group(x, blocks, kinds, packed, biases, True)[0]
 
+    def native_decode_weight(self, tokens: int) -> tuple[torch.Tensor, int, bool, torch.Tensor] | None:
+        """(blocks, kind id, packed, bias or an empty tensor) for a native call that runs this layer
+        on `tokens` rows as forward would (the model's decode_layers), or None where forward
+        would do otherwise: too many tokens for the kernel, hooks, a subclass."""
+        if type(self) is not GGUFLinear or self._forward_hooks or self._forward_pre_hooks or not takes_kernel(tokens):
+            return None
+        return self.blocks, self.kind_id, self.packed, _NO_BIAS if self.bias is None else self.bias
+
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.blocks, self.kind, self.in_features, self.packed)
 
