@@ -210,7 +210,8 @@ class GGUFLinear(nn.Module):
         would do otherwise: too many tokens for the kernel, hooks, a subclass."""
         if type(self) is not GGUFLinear or self._forward_hooks or self._forward_pre_hooks or not takes_kernel(tokens):
             return None
-        return self.blocks, self.kind_id, self.packed, _NO_BIAS if self.bias is None else self.bias
+        bias = self._buffers["bias"]  # not through nn.Module's __getattr__: a decode step asks 168 layers
+        return self._buffers["blocks"], self.kind_id, self.packed, _NO_BIAS if bias is None else bias
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_rows(self.blocks, self.kind, self.in_features, self.packed)
