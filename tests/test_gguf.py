@@ -59,11 +59,12 @@ def test_tiny_gguf_blocks_in_place(arch, tmp_path, monkeypatch):
     assert (qwenkit_logits_full(model, PROMPT) - expected).abs().max() < 0.02 * expected.abs().max()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_native_decode_stack_gives_the_layers_bits(arch, tmp_path, monkeypatch):
     """A decode step's layers in one native call (model/native_decode.py) give the logits of the
-    layers run one by one, bit for bit: Qwen2's q/k/v biases, Qwen3's q/k norms, a paged cache of
-    many small blocks and a second sequence in every step. A hook on a layer's module sends the
+    layers run one by one, bit for bit: Qwen2's q/k/v biases, Qwen3's q/k norms, the MoE blocks'
+    routing, experts and Qwen2-MoE's gated shared expert, a paged cache of many small blocks and a
+    second sequence in every step. A hook on a layer's module sends the
     step down the layer-by-layer path, where the hook runs."""
     from gguf import GGMLQuantizationType
 

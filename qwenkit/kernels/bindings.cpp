@@ -21,8 +21,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> weights,
-                            std::vector<int64_t> kinds, std::vector<bool> packed, torch::Tensor k_cache, torch::Tensor v_cache,
-                            std::vector<int64_t> windows, torch::Tensor slot_mapping, torch::Tensor slots, torch::Tensor lengths,
+                            std::vector<int64_t> kinds, std::vector<bool> packed, std::vector<int64_t> moe, torch::Tensor k_cache,
+                            torch::Tensor v_cache, std::vector<int64_t> windows, torch::Tensor slot_mapping, torch::Tensor slots,
+                            torch::Tensor lengths,
                             int64_t heads, int64_t kv_heads, double eps, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,6 +39,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
         "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");
   m.def("kernel_threads", &qwenkit::kernel_threads, "how many threads the kernels use on this thread");
-  m.def("decode_layers", &decode_layers, "a dense decoder's layers on GGUF blocks for one decode step, in one call");
+  m.def("decode_layers", &decode_layers, "a decoder's layers (dense or MoE) on GGUF blocks for one decode step, in one call");
   m.def("paged_decode_attention", &paged_decode_attention, "one new token per sequence attending over its paged K/V");
 }

@@ -10,6 +10,8 @@ else `native_decode_layers` answers None and the layers run one by one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
@@ -18,8 +20,23 @@ from qwenkit.kernels import cpu_kernels
 from qwenkit.model.adapters import active_routing
 from qwenkit.model.attention import AttentionBackend
 from qwenkit.model.layers import MLP
+from qwenkit.model.moe import SparseMoeBlock
 
 _NONE = torch.empty(0)
+_NO_BLOCKS = (_NONE, 0, False, _NONE)  # (blocks, kind, packed, bias) of a weight a layer lacks
+
+
+@dataclass
+class _StackInputs:
+    """decode_layers' per-layer lists (kernels/decode_layers.cpp: the Weight and Block orders)."""
+
+    tokens: int
+    eps: float
+    weights: list[torch.Tensor] = field(default_factory=list)
+    kinds: list[int] = field(default_factory=list)
+    packed: list[bool] = field(default_factory=list)
+    moe: list[int] = field(default_factory=list)  # (top_k, norm_topk_prob) per layer; top_k 0: dense
+    windows: list[int] = field(default_factory=list)
 
 
 def native_decode_layers(
@@ -34,53 +51,91 @@ def native_decode_layers(
     kernels = cpu_kernels()
     if step is None or kernels is None or active_routing() is not None or _global_hooks():
         return None
-    tokens = x.shape[0]
-    weights: list[torch.Tensor] = []
-    kinds: list[int] = []
-    packed: list[bool] = []
-    windows: list[int] = []
+    inputs = _StackInputs(x.shape[0], eps)
     for layer in layers:
-        if not _plain(layer, tokens, eps, weights, kinds, packed, windows):
+        if not _add_layer(layer, inputs):
             return None
     attn = layers[0].self_attn
     return kernels.decode_layers(
-        x, cos, sin, weights, kinds, packed, step.k_cache, step.v_cache, windows, step.slot_mapping, step.slots,
-        step.lengths, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
+        x, cos, sin, inputs.weights, inputs.kinds, inputs.packed, inputs.moe, step.k_cache, step.v_cache, inputs.windows,
+        step.slot_mapping, step.slots, step.lengths, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
     )
 
 
-def _plain(layer: nn.Module, tokens: int, eps: float, weights: list, kinds: list, packed: list, windows: list) -> bool:
-    """Appends the layer's tensors (kernels/decode_layers.cpp's order) and window if it is a dense decoder
-    layer whose every part the native stack runs as its forward would. Submodules are read from
+def _add_layer(layer: nn.Module, inputs: _StackInputs) -> bool:
+    """Appends the layer's tensors if it is a decoder layer whose every part the native stack runs
+    as its forward would; False (and the lists are to be dropped) if not. Submodules are read from
     `_modules` (nn.Module's __getattr__ costs ~1 us a lookup, and a step makes ~400)."""
     parts = layer._modules
     attn, mlp = parts.get("self_attn"), parts.get("mlp")
-    if type(mlp) is not MLP or attn is None or _hooked(layer) or _hooked(attn) or _hooked(mlp):
+    if attn is None or mlp is None or _hooked(layer) or _hooked(attn) or _hooked(mlp):
         return False
-    linears, mlp_parts = attn._modules, mlp._modules
+    linears = attn._modules
     norms = [parts["input_layernorm"], parts["post_attention_layernorm"]]
     if linears.get("q_norm") is not None:
         norms += [linears["q_norm"], linears["k_norm"]]
-    if any(_hooked(n) or n.eps != eps or n._parameters["weight"].dtype != torch.float32 for n in norms):
+    if any(_hooked(n) or n.eps != inputs.eps or n._parameters["weight"].dtype != torch.float32 for n in norms):
         return False
-    blocks = []
-    for linear in (linears["q_proj"], linears["k_proj"], linears["v_proj"], linears["o_proj"],
-                   mlp_parts["gate_proj"], mlp_parts["up_proj"], mlp_parts["down_proj"]):
-        native = getattr(type(linear), "native_decode_weight", None)
-        weight = native(linear, tokens) if native is not None else None
-        if weight is None:
-            return False
-        blocks.append(weight)
-    (q, k, v, o, gate, up, down) = blocks
-    if any(part[3].numel() for part in (o, gate, up, down)):  # the stack adds biases to q, k and v only
+    attention = [_gguf(linears[name], inputs.tokens) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if type(mlp) is MLP:
+        swiglu, moe = _swiglu(mlp, inputs.tokens), (None, None, 0, False, None)
+    elif type(mlp) is SparseMoeBlock:
+        moe = _sparse_moe(mlp, inputs.tokens)
+        shared = mlp._modules.get("shared_expert")
+        swiglu = (_NO_BLOCKS,) * 3 if shared is None else _swiglu(shared, inputs.tokens)
+    else:
         return False
-    weights += [norms[0]._parameters["weight"], q[0], k[0], v[0], o[0], norms[1]._parameters["weight"], gate[0], up[0], down[0],
-                q[3], k[3], v[3]]
-    weights += [norms[2]._parameters["weight"], norms[3]._parameters["weight"]] if len(norms) == 4 else [_NONE, _NONE]
-    kinds += [part[1] for part in blocks]
-    packed += [part[2] for part in blocks]
-    windows.append(attn.window or 0)
+    if None in attention or swiglu is None or moe is None or attention[3][3].numel():  # o_proj's bias: the stack has none
+        return False
+    router, experts, top_k, norm_topk_prob, shared_gate = moe
+    q, k, v, o = attention
+    norm_weights = [n._parameters["weight"] for n in norms] + [_NONE, _NONE][: 4 - len(norms)]
+    expert_blocks = experts[:3] if experts else (_NONE,) * 3
+    inputs.weights += [norm_weights[0], q[0], k[0], v[0], o[0], norm_weights[1], *(part[0] for part in swiglu), q[3], k[3], v[3],
+                       norm_weights[2], norm_weights[3], _NONE if router is None else router, *expert_blocks,
+                       _NONE if shared_gate is None else shared_gate]
+    inputs.kinds += [part[1] for part in (*attention, *swiglu)] + (list(experts[3]) if experts else [0, 0, 0])
+    inputs.packed += [part[2] for part in (*attention, *swiglu)] + (list(experts[4]) if experts else [False, False, False])
+    inputs.moe += [top_k, int(norm_topk_prob)]
+    inputs.windows.append(attn.window or 0)
     return True
+
+
+def _gguf(linear: nn.Module, tokens: int) -> tuple | None:
+    """(blocks, kind, packed, bias) of a GGUF block layer the kernel runs on `tokens` rows, else None."""
+    native = getattr(type(linear), "native_decode_weight", None)
+    return native(linear, tokens) if native is not None else None
+
+
+def _swiglu(mlp: nn.Module, tokens: int) -> tuple | None:
+    """gate's, up's and down's (blocks, kind, packed, bias) of a SwiGLU MLP of GGUF layers without biases."""
+    if type(mlp) is not MLP or _hooked(mlp):
+        return None
+    parts = tuple(_gguf(mlp._modules[name], tokens) for name in ("gate_proj", "up_proj", "down_proj"))
+    if None in parts or any(part[3].numel() for part in parts):
+        return None
+    return parts
+
+
+def _float_linear(linear: nn.Module | None) -> torch.Tensor | None:
+    """The weight of a plain float32 nn.Linear without bias (a router, a shared expert's gate)."""
+    if type(linear) is not nn.Linear or _hooked(linear) or linear._parameters["bias"] is not None:
+        return None
+    weight = linear._parameters["weight"]
+    return weight if weight.dtype == torch.float32 else None
+
+
+def _sparse_moe(block: SparseMoeBlock, tokens: int) -> tuple | None:
+    """(router weight, experts' (gate, up, down, kinds, packed), top_k, norm_topk_prob, shared gate
+    weight or None) of a MoE block with GGUF experts, else None."""
+    parts = block._modules
+    router, experts = _float_linear(parts["gate"]), parts["experts"]
+    native = getattr(type(experts), "native_decode_experts", None)
+    stacked = native(experts, tokens) if native is not None else None
+    shared_gate = _float_linear(parts.get("shared_expert_gate")) if parts.get("shared_expert") is not None else None
+    if router is None or stacked is None or (parts.get("shared_expert") is not None and shared_gate is None):
+        return None
+    return router, stacked, block.top_k, block.norm_topk_prob, shared_gate
 
 
 def _hooked(module: nn.Module) -> bool:

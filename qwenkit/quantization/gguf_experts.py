@@ -80,6 +80,18 @@ class GGUFExperts(nn.Module):
         return native_kernels().experts_mlp(x, counts, self.gate_blocks, self.up_blocks, self.down_blocks,
                                             [kind for kind, _, _ in kinds], [packed for _, _, packed in kinds])
 
+    def native_decode_experts(self, tokens: int) -> tuple | None:
+        """(gate, up, down blocks, their kinds, their packed flags) for a native call that runs the
+        experts of `tokens` routed tokens as grouped would (the model's decode_layers), or None
+        where grouped would do otherwise: an expert could get too many rows for the kernel, hooks,
+        a subclass."""
+        if type(self) is not GGUFExperts or self._forward_hooks or self._forward_pre_hooks or not takes_kernel(tokens):
+            return None
+        kinds = (self.gate_kind, self.up_kind, self.down_kind)
+        blocks = self._buffers
+        return (blocks["gate_blocks"], blocks["up_blocks"], blocks["down_blocks"], tuple(kind for kind, _, _ in kinds),
+                tuple(packed for _, _, packed in kinds))
+
     @property
     def column_unit(self) -> int:
         """The intermediate features split in runs of this many (whole blocks of down's rows)."""
