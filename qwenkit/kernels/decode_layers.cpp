@@ -80,6 +80,7 @@ torch::Tensor sparse_moe(const torch::Tensor& h, const torch::Tensor* w, const i
 
 // x += y (float32, same shape): the residual add, elementwise as torch's.
 void add_into(torch::Tensor& x, const torch::Tensor& y) {
+  TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous(), "a layer's output must be [tokens, hidden] like its input");
   float* xs = x.data_ptr<float>();
   const float* ys = y.data_ptr<float>();
   const int64_t n = x.numel();
@@ -88,13 +89,13 @@ void add_into(torch::Tensor& x, const torch::Tensor& y) {
 
 }  // namespace
 
-// The hidden states after every layer (before the final norm) for x [T, hidden] float32, T decode
-// tokens each of its own sequence. cos, sin [T, head_dim]; per layer WEIGHTS_PER_LAYER tensors
-// (GGUF blocks as GGUFLinear and GGUFExperts hold them, float32 norms, biases and routers),
-// BLOCKS_PER_LAYER kinds and packed flags, and (top_k, norm_topk_prob), top_k 0 for a dense layer;
-// each layer's sliding window (0: none); the K and V caches [layers, slots, kv heads,
-// head_dim]; slot_mapping [T] (the new
-// tokens' slots), slots [T, Lmax] and lengths [T] (each sequence's context), as BatchAttention.
+// The hidden states after every layer (before the final norm) for x [T, hidden] float32: T decode
+// rows (a sequence's next token, or a drafted token being verified; each row its own context).
+// cos, sin [T, head_dim]. Per layer: WEIGHTS_PER_LAYER tensors (GGUF blocks as GGUFLinear and
+// GGUFExperts hold them; float32 norms, biases and routers), BLOCKS_PER_LAYER kinds and packed
+// flags, (top_k, norm_topk_prob) with top_k 0 for a dense layer, and a sliding window (0: none).
+// The K and V caches [layers, slots, kv heads, head_dim]; slot_mapping [T] (the rows' new slots),
+// slots [T, Lmax] and lengths [T] (each row's context), as BatchAttention holds them.
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> weights,
                             std::vector<int64_t> kinds, std::vector<bool> packed, std::vector<int64_t> moe, torch::Tensor k_cache,
                             torch::Tensor v_cache, std::vector<int64_t> windows, torch::Tensor slot_mapping,

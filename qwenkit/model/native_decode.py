@@ -1,11 +1,12 @@
-"""A dense decoder's layers for one decode step in one native call (kernels/decode_layers.cpp).
+"""A decoder's layers (dense or MoE) for one decode step in one native call (kernels/decode_layers.cpp).
 
 At one token per sequence the 0.5B model's layer does ~0.5 ms of arithmetic, and its Python
 forward (module calls, views, residual adds) added ~0.2 ms on a 2.4 GHz core: a fifth of the
-step. Where every layer would run exactly the kernels the native stack runs (GGUF block
-projections through the kernel, no LoRA, no hooks, no MoE, every row decoding from a CPU paged
-cache), the stack runs them in the same order, so the hidden states are the same bits; anywhere
-else `native_decode_layers` answers None and the layers run one by one.
+step. Where every layer would run exactly what the native stack runs (the stock Attention, MLP
+or SparseMoeBlock and RMSNorm modules, GGUF block projections and experts through the kernels,
+float routers, no LoRA, no hooks, every row decoding from a CPU paged cache), the stack runs the
+same kernels and ops in the same order, so the hidden states are the same bits; anywhere else
+`native_decode_layers` answers None and the layers run one by one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.nn.modules import module as torch_module
 from qwenkit.kernels import cpu_kernels
 from qwenkit.model.adapters import active_routing
 from qwenkit.model.attention import AttentionBackend
-from qwenkit.model.layers import MLP
+from qwenkit.model.layers import MLP, Attention, RMSNorm
 from qwenkit.model.moe import SparseMoeBlock
 
 _NONE = torch.empty(0)
@@ -32,6 +33,7 @@ class _StackInputs:
 
     tokens: int
     eps: float
+    heads: tuple | None = None  # (num_heads, num_kv_heads, scale), which every layer must share
     weights: list[torch.Tensor] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     packed: list[bool] = field(default_factory=list)
@@ -55,10 +57,12 @@ def native_decode_layers(
     for layer in layers:
         if not _add_layer(layer, inputs):
             return None
-    attn = layers[0].self_attn
+    if inputs.heads is None:
+        return None
+    heads, kv_heads, scale = inputs.heads
     return kernels.decode_layers(
         x, cos, sin, inputs.weights, inputs.kinds, inputs.packed, inputs.moe, step.k_cache, step.v_cache, inputs.windows,
-        step.slot_mapping, step.slots, step.lengths, attn.num_heads, attn.num_kv_heads, eps, attn.scale,
+        step.slot_mapping, step.slots, step.lengths, heads, kv_heads, eps, scale,
     )
 
 
@@ -68,13 +72,19 @@ def _add_layer(layer: nn.Module, inputs: _StackInputs) -> bool:
     `_modules` (nn.Module's __getattr__ costs ~1 us a lookup, and a step makes ~400)."""
     parts = layer._modules
     attn, mlp = parts.get("self_attn"), parts.get("mlp")
-    if attn is None or mlp is None or _hooked(layer) or _hooked(attn) or _hooked(mlp):
+    if type(attn) is not Attention or mlp is None or _hooked(layer) or _hooked(attn) or _hooked(mlp) or "forward" in vars(layer):
         return False
+    # the stack reads layer l's cache at l, and one head layout for all layers
+    heads = (attn.num_heads, attn.num_kv_heads, attn.scale)
+    if attn.layer != len(inputs.windows) or inputs.heads not in (None, heads):
+        return False
+    inputs.heads = heads
     linears = attn._modules
-    norms = [parts["input_layernorm"], parts["post_attention_layernorm"]]
+    norms = [parts.get("input_layernorm"), parts.get("post_attention_layernorm")]
     if linears.get("q_norm") is not None:
         norms += [linears["q_norm"], linears["k_norm"]]
-    if any(_hooked(n) or n.eps != inputs.eps or n._parameters["weight"].dtype != torch.float32 for n in norms):
+    norm_weights = [None if type(n) is not RMSNorm else n._parameters.get("weight") for n in norms]  # None: not a plain RMSNorm
+    if any(w is None or w.dtype != torch.float32 or _hooked(n) or n.eps != inputs.eps for n, w in zip(norms, norm_weights)):
         return False
     attention = [_gguf(linears[name], inputs.tokens) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     if type(mlp) is MLP:
@@ -89,7 +99,7 @@ def _add_layer(layer: nn.Module, inputs: _StackInputs) -> bool:
         return False
     router, experts, top_k, norm_topk_prob, shared_gate = moe
     q, k, v, o = attention
-    norm_weights = [n._parameters["weight"] for n in norms] + [_NONE, _NONE][: 4 - len(norms)]
+    norm_weights += [_NONE, _NONE][: 4 - len(norms)]
     expert_blocks = experts[:3] if experts else (_NONE,) * 3
     inputs.weights += [norm_weights[0], q[0], k[0], v[0], o[0], norm_weights[1], *(part[0] for part in swiglu), q[3], k[3], v[3],
                        norm_weights[2], norm_weights[3], _NONE if router is None else router, *expert_blocks,
