@@ -64,6 +64,7 @@ def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf
 
     FEW_TOKENS = 64
     monkeypatch.setattr(step_threads, "FEW_TOKENS", FEW_TOKENS)
+    monkeypatch.setattr(step_threads, "FEW_TOKENS_ON_TWO_THREADS", FEW_TOKENS)
 
     seen = []  # (tokens in the step, torch threads, kernel threads) at the output head
     hook = gguf_model.model.lm_head.register_forward_pre_hook(

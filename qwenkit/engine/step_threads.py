@@ -7,10 +7,13 @@ those operations start OpenMP regions whose workers then spin for a while after 
 very cores the kernels' workers need next: on 2 cores that costs ~20% of batch-1 decode
 (measured: 21 -> 25-27 tok/s, the same as running with OMP_WAIT_POLICY=PASSIVE, which a library
 cannot set for its users). So such a step runs torch on the calling thread alone while the
-kernels keep every thread; a step with many tokens (a prompt) gives torch its threads back: its
-attention and elementwise work grow with the tokens, and past a few hundred the spinning no longer
-matters (measured on 2 cores: a 1000-token prefill in 512-token kernel steps ran as fast with
-torch on 1 thread as on 2; on more cores attention wants them all).
+kernels keep every thread; a step with many tokens (a prompt) gives torch its threads back, as
+its attention and elementwise work grow with the tokens. Where that starts depends on the cores:
+on 2 (AMD EPYC Zen 3), a 1000-token prefill in 512-token steps ran 1.13x faster with torch on
+the calling thread alone (242-250 vs 215-221 tok/s, alternating in one process), so with at
+most 2 threads every step up to 1024 tokens keeps torch on one thread; with more threads, a
+prompt step's attention on one thread would cost more than the spinning (not measured here), and
+steps past 256 tokens give torch its threads back.
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ import torch
 from qwenkit.kernels import set_kernel_threads
 from qwenkit.quantization.gguf_linear import GGUFLinear
 
-# Steps of at most this many tokens run torch on the calling thread alone.
+# Steps of at most this many tokens run torch on the calling thread alone (with at most 2
+# threads, FEW_TOKENS_ON_TWO_THREADS).
 FEW_TOKENS = 256
+FEW_TOKENS_ON_TWO_THREADS = 1024
+
+
+def few_tokens(threads: int) -> int:
+    return FEW_TOKENS_ON_TWO_THREADS if threads <= 2 else FEW_TOKENS
 
 
 class StepThreads:
@@ -36,7 +45,7 @@ class StepThreads:
 
     @contextmanager
     def step(self, num_tokens: int) -> Iterator[None]:
-        if not self.native or num_tokens > FEW_TOKENS:
+        if not self.native or num_tokens > few_tokens(self.threads):
             yield
             return
         torch.set_num_threads(1)

@@ -30,7 +30,7 @@ _K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's type for a K-quant
 # The tokenizer plus the GGUF header's vocabulary arrays for Qwen's 151,936 tokens, measured here
 # (RSS after Tokenizer.from_gguf minus RSS before opening the file, embedded default model).
 TOKENIZER_BYTES = 130 << 20
-PREFILL_CHUNK = 512  # the engine's max_num_batched_tokens
+PREFILL_CHUNK = 256  # the engine's max_num_batched_tokens
 FAULT_AROUND = 64 << 10  # bytes a page fault on a file mapping maps at once (Linux's fault_around_bytes)
 
 
