@@ -92,3 +92,27 @@ def test_store_kv_writes_the_slots_as_index_put(dtype):
     assert torch.equal(k_pool, expected_k) and torch.equal(v_pool, expected_v)
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.store_kv(k, v, k_pool, v_pool, torch.tensor([3, 17, 0, 40, 8]))
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_prompt_attention_split_over_two_threads_gives_the_same_bits(window, monkeypatch):
+    """With torch on one thread and 2 kernel threads (a GGUF model's prompt step), a prefill chunk's
+    attention runs half its KV heads on a helper thread: each head as the single call computes it."""
+    from qwenkit.engine import paged_attention
+    from qwenkit.model.attention import causal_attention
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu_kernels().set_kernel_threads(2)
+    calls = []
+    monkeypatch.setattr(paged_attention, "causal_attention", lambda q, *args: calls.append(q.shape[1]) or causal_attention(q, *args))
+    try:
+        torch.manual_seed(0)
+        q, k, v = torch.randn(256, 14, 64), torch.randn(1000, 2, 64), torch.randn(1000, 2, 64)
+        q_positions, k_positions = torch.arange(744, 1000), torch.arange(1000)
+        split = paged_attention._prefill_attention(q, k, v, q_positions, k_positions, 0.125, window)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels().set_kernel_threads(0)
+    assert sorted(calls) == [7, 7]  # two halves of the 14 query heads
+    assert torch.equal(split, causal_attention(q, k, v, q_positions, k_positions, 0.125, window))

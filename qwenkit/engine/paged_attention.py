@@ -7,6 +7,7 @@ attends, so a sequence may read blocks that another sequence of the same batch j
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,7 @@ class BatchAttention:
         if len(self.decode_rows):
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool, scale, window)
         for p in self.prefills:
-            out[p.rows] = causal_attention(
+            out[p.rows] = _prefill_attention(
                 q[p.rows], k_pool[p.context_slots].to(q.dtype), v_pool[p.context_slots].to(q.dtype),
                 p.q_positions, torch.arange(len(p.context_slots)), scale, window,
             )
@@ -112,3 +113,26 @@ class BatchAttention:
             enable_gqa=heads != keys.shape[1],
         )
         return out.reshape(b, heads * dim)
+
+
+# A prompt chunk's attention on a GGUF model with 2 kernel threads runs with torch on the calling
+# thread alone (engine/step_threads.py: torch's OpenMP workers would spin on the kernels' cores),
+# which left one core idle through attention, a fifth of a 1000-token prefill. Half the KV heads
+# (with their query heads) then go to a helper thread, itself one torch thread, so both cores
+# attend; each head's attention is computed as it would be in one call (same kernel, same bits).
+_helper: ThreadPoolExecutor | None = None
+
+
+def _prefill_attention(q, k, v, q_positions, k_positions, scale, window):
+    kv_heads = k.shape[1]
+    kernels = cpu_kernels()
+    if kv_heads < 2 or torch.get_num_threads() != 1 or kernels is None or kernels.kernel_threads() < 2 or q.shape[0] < 2:
+        return causal_attention(q, k, v, q_positions, k_positions, scale, window)
+    global _helper
+    if _helper is None:
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="qwenkit-attention", initializer=torch.set_num_threads, initargs=(1,))
+    kv_half = kv_heads // 2
+    q_half = q.shape[1] // kv_heads * kv_half
+    second = _helper.submit(causal_attention, q[:, q_half:], k[:, kv_half:], v[:, kv_half:], q_positions, k_positions, scale, window)
+    first = causal_attention(q[:, :q_half], k[:, :kv_half], v[:, :kv_half], q_positions, k_positions, scale, window)
+    return torch.cat([first, second.result()], dim=1)
