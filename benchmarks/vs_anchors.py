@@ -4,8 +4,9 @@ For each runtime, in its own process (so peak RSS is its own): load time, decode
 (batch 1, 128 greedy tokens), prefill tokens/s (a 1000-token prompt), peak RSS, and perplexity on
 benchmarks/data/perplexity.txt. Prints a table with ratios to llama.cpp. Peak RSS is read before
 the perplexity pass, whose logits for every position ([tokens, 151936] floats) would dominate it.
-Then batch-1 decode of llama.cpp and qwenkit default alternating in one process for a few rounds:
-the per-round ratio, which the machine's drift between separate runs does not blur.
+Then batch-1 decode and prefill of llama.cpp and qwenkit default alternating in one process for a
+few rounds (`--rounds`): the per-round ratio, which the machine's drift between separate runs does
+not blur.
 
     pip install -e ".[bench]"          # llama-cpp-python compiles llama.cpp (~10 minutes)
     python benchmarks/vs_anchors.py [--skip-transformers] [--modes default,float32,int4]
@@ -152,10 +153,11 @@ def run_transformers(ids) -> dict:
     return {"load": load, "decode": decode, "prefill": prefill_rate, "rss": rss, "ppl": nll_to_ppl(logits, text_ids)}
 
 
-def alternating_decode(ids, rounds: int) -> list[tuple[float, float]]:
-    """(llama.cpp, qwenkit default) batch-1 decode tok/s, `rounds` times, the two alternating in
-    one process: on a shared machine whose speed drifts 10-30% within minutes, the ratio of
-    neighbouring runs is what compares the two; runs minutes apart in separate processes do not."""
+def alternating(ids, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(llama.cpp, qwenkit default) batch-1 decode and prefill tok/s, `rounds` times, the two
+    alternating in one process: on a shared machine whose speed drifts 10-30% within minutes, the
+    ratio of neighbouring runs is what compares the two; runs minutes apart in separate processes
+    do not."""
     import torch
     from llama_cpp import Llama
 
@@ -165,12 +167,13 @@ def alternating_decode(ids, rounds: int) -> list[tuple[float, float]]:
     from qwenkit.weights.loader import load_model
 
     torch.set_num_threads(THREADS)
-    chat = ids[2]
+    _, prefill, chat = ids
     llama = Llama(str(ensure_assembled()), n_ctx=KV_CONTEXT, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)
     loaded = load_model(None)
     cfg = loaded.config
     per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, loaded.plan.kv_cache_dtype)
-    llm = LLM(loaded, engine_config=EngineConfig(kv_cache_memory=KV_CONTEXT * per_token))
+    # no prefix cache: each prefill round computes the whole prompt again, as llama.cpp's after reset()
+    llm = LLM(loaded, engine_config=EngineConfig(kv_cache_memory=KV_CONTEXT * per_token, enable_prefix_caching=False))
     params = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
 
     def llama_cpp() -> float:
@@ -185,14 +188,26 @@ def alternating_decode(ids, rounds: int) -> list[tuple[float, float]]:
         times = llm.generate(chat, params)[0].token_times[0]
         return DECODE_TOKENS / (times[-1] - times[0])
 
-    llama_cpp(), qwenkit()  # warm both
-    results = []
-    for _ in range(rounds):
-        pair = []
-        for run in (llama_cpp, qwenkit):
-            time.sleep(0.2)  # the other runtime's worker threads stop spinning
-            pair.append(run())
-        results.append((pair[0], pair[1]))
+    def llama_cpp_prefill() -> float:
+        llama.reset()
+        start = time.monotonic()
+        llama.eval(prefill)
+        return PREFILL_TOKENS / (time.monotonic() - start)
+
+    def qwenkit_prefill() -> float:  # as run_qwenkit measures it
+        out = llm.generate(prefill, SamplingParams(max_tokens=1, temperature=0))[0]
+        return PREFILL_TOKENS / out.metrics.time_to_first_token
+
+    results: dict[str, list[tuple[float, float]]] = {"decode": [], "prefill": []}
+    for kind, runs in (("decode", (llama_cpp, qwenkit)), ("prefill", (llama_cpp_prefill, qwenkit_prefill))):
+        for run in runs:
+            run()  # warm both
+        for _ in range(rounds):
+            pair = []
+            for run in runs:
+                time.sleep(0.2)  # the other runtime's worker threads stop spinning
+                pair.append(run())
+            results[kind].append((pair[0], pair[1]))
     return results
 
 
@@ -205,8 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="default,float32,int4", help="qwenkit modes: default, float32, int8, int4")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--decode-rounds", type=int, default=5,
-                    help="batch-1 decode of llama.cpp and qwenkit default alternating in one process, this many rounds (0: none)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="decode and prefill of llama.cpp and qwenkit default alternating in one process, this many rounds (0: none)")
     args = ap.parse_args()
     ids = token_ids()  # here, so that no runtime's peak RSS holds the benchmark's tokenizer
     rows = {"llama.cpp": isolated(run_llama_cpp, ids)}
@@ -221,13 +236,14 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:20}{r['decode']:>9.1f} ({r['decode'] / anchor['decode']:4.2f}x){r['prefill']:>10.1f} ({r['prefill'] / anchor['prefill']:4.2f}x)"
               f"{r['load']:>9.1f}{r['rss'] / 2**30:>14.2f}{r['rss'] / gguf_size:>10.2f}{r['ppl']:>8.2f} ({(r['ppl'] / anchor['ppl'] - 1) * 100:+.1f}%)")
-    if args.decode_rounds:
-        pairs = isolated(alternating_decode, ids, args.decode_rounds)
-        ratios = sorted(q / l for l, q in pairs)
-        print(f"\nbatch-1 decode, llama.cpp and qwenkit default alternating in one process ({len(pairs)} rounds of {DECODE_TOKENS} tokens):")
-        print("  llama.cpp tok/s " + " ".join(f"{l:5.1f}" for l, _ in pairs))
-        print("  qwenkit   tok/s " + " ".join(f"{q:5.1f}" for _, q in pairs))
-        print(f"  qwenkit / llama.cpp per round: median {ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+    if args.rounds:
+        for kind, pairs in isolated(alternating, ids, args.rounds).items():
+            ratios = sorted(q / l for l, q in pairs)
+            what = f"batch-1 decode of {DECODE_TOKENS} tokens" if kind == "decode" else f"prefill of {PREFILL_TOKENS} tokens"
+            print(f"\n{what}, llama.cpp and qwenkit default alternating in one process ({len(pairs)} rounds):")
+            print("  llama.cpp tok/s " + " ".join(f"{l:6.1f}" for l, _ in pairs))
+            print("  qwenkit   tok/s " + " ".join(f"{q:6.1f}" for _, q in pairs))
+            print(f"  qwenkit / llama.cpp per round: median {ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
     for name, r in rows.items():
         if "kernel_ppl" in r:
             print(f"\n{name}: perplexity with every token through the int8-activation decode kernel: "
