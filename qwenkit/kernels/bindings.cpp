@@ -1,6 +1,6 @@
 // The Python module of qwenkit's CPU kernels: GGUF blocks in place (gguf_matmul.cpp over each
-// build's ggml_*.cpp), the small operations of a decode step (decode_cpu.cpp) and a dense decoder's
-// layers for one decode step (decode_layers.cpp).
+// build's ggml_*.cpp), the small operations of a decode step (decode_cpu.cpp) and a decoder's
+// layers (dense or MoE) for one decode step (decode_layers.cpp).
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 with torch's Tensor casters, without the C++ frontend
 

@@ -116,8 +116,8 @@ struct PackedView {
 // thread where a plain read of it goes at 20 and the same kernel on rows in cache at 11.5; with a
 // line requested 4 KB ahead it ran 1.6x faster at 1 thread and 1.8x at 2 (2 KB ahead: 0.8x of
 // 4 KB; 8 KB: 0.96x). The distance must be a constant: read from memory, the gain was gone.
-// Rows read one after the other are one stream (`ahead`); eight rows read side by side (the
-// interleaved K path) request the same place in the next group's rows (`line`).
+// Rows read one after the other are one stream (a line READ_AHEAD past each step's); eight rows
+// read side by side (the interleaved K path) request the same place in the next group's rows.
 constexpr int64_t READ_AHEAD = 4096;
 struct ReadAhead {
   const uint8_t* end;
@@ -785,8 +785,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
           for (int r = 0; r < 8; ++r) {
             const uint8_t* row = group_row(rows, row_bytes, first, count, r);
             for (int64_t s = 0; s < supers; ++s) {
-              if (t0 == 0)
-                for (int64_t at = 0; at < super_bytes; at += 64) read.ahead(row + s * super_bytes + at);
+              if (t0 == 0) read.lines(row + s * super_bytes + READ_AHEAD, super_bytes);
               BlockScales b;
               views[r].block_scales(s, b);
               d[16 * s + r] = b.d;

@@ -208,7 +208,7 @@ class GGUFLinear(nn.Module):
         """(blocks, kind id, packed, bias or an empty tensor) for a native call that runs this layer
         on `tokens` rows as forward would (the model's decode_layers), or None where forward
         would do otherwise: too many tokens for the kernel, hooks, a subclass."""
-        if type(self) is not GGUFLinear or self._forward_hooks or self._forward_pre_hooks or not takes_kernel(tokens):
+        if not (_plain(self) and takes_kernel(tokens)):
             return None
         bias = self._buffers["bias"]  # not through nn.Module's __getattr__: a decode step asks 168 layers
         return self._buffers["blocks"], self.kind_id, self.packed, _NO_BIAS if bias is None else bias
@@ -243,8 +243,13 @@ def _groupable(x: torch.Tensor, layers: "list[GGUFLinear]") -> bool:
     subclass) reading a flat float32 input of few enough tokens for the kernel."""
     return (
         x.dim() == 2 and x.dtype == torch.float32 and takes_kernel(x.shape[0])
-        and all(type(layer) is GGUFLinear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)
+        and all(_plain(layer) for layer in layers)
     )
+
+
+def _plain(layer: "GGUFLinear") -> bool:
+    """A GGUFLinear itself (no subclass) without hooks: its forward is the kernel call and nothing else."""
+    return type(layer) is GGUFLinear and not (layer._forward_hooks or layer._forward_pre_hooks)
 
 
 class GGUFEmbedding(nn.Module):
