@@ -116,3 +116,12 @@ def test_prompt_attention_split_over_two_threads_gives_the_same_bits(window, mon
         cpu_kernels().set_kernel_threads(0)
     assert sorted(calls) == [7, 7]  # two halves of the 14 query heads
     assert torch.equal(split, causal_attention(q, k, v, q_positions, k_positions, 0.125, window))
+    # by hand, in float64: each query sees the keys at or before its position (and within the window)
+    seen = k_positions[None, :] <= q_positions[:, None]
+    if window is not None:
+        seen &= k_positions[None, :] > q_positions[:, None] - window
+    keys, values = k.double().repeat_interleave(7, 1), v.double().repeat_interleave(7, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), keys) * 0.125
+    weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+    exact = torch.einsum("hqk,khd->qhd", weights, values).reshape(256, -1)
+    torch.testing.assert_close(split.double(), exact, rtol=1e-4, atol=1e-5)

@@ -87,6 +87,12 @@ def test_native_decode_stack_gives_the_layers_bits(arch, tmp_path, monkeypatch):
     monkeypatch.setattr(qwen, "native_decode_layers", spy)
     stacked = qwenkit_logits_stepwise(model, PROMPT, 9)
     assert taken == [False] + [True] * (len(PROMPT) - 9)  # the prefill goes layer by layer
+    # and both are transformers' logits (on the file's dequantized weights) within what int8
+    # activations cost, as test_tiny_gguf_blocks_in_place checks the layer-by-layer path
+    with torch.inference_mode():
+        expected = ref(PROMPT[None]).logits[0]
+    errors = (stacked - expected[8:]).abs().amax(-1) / expected.abs().max()
+    assert errors.median() < 0.02
     monkeypatch.setattr(qwen, "native_decode_layers", lambda *args: None)
     assert torch.equal(stacked, qwenkit_logits_stepwise(model, PROMPT, 9))
 
