@@ -225,24 +225,27 @@ def test_largest_codes_against_largest_activations_do_not_saturate(kernels, kind
 @pytest.mark.parametrize("kind", ALL_TYPES)
 @pytest.mark.parametrize("cols", [96, 512])
 def test_every_instruction_set_gives_the_same_values(kernels, kind, cols):
-    """Forced AVX2 / portable builds: the same packed bytes and bit-equal dequantization as the
+    """Forced AVX2 / portable builds: the same packed bytes where they pack the same layout (the
+    AVX2 build packs the unsigned 32-value types in groups of 8 rows, with a tail of the row
+    layout: 46 rows are 5 groups and 6 rows), bit-equal dequantization to the
     gguf package; products equal to the best build's up to float summation order."""
     if kind not in SMALL_TYPES and cols % 256:
         pytest.skip("K-quant rows are whole 256-value blocks")
     best = cpu_kernels(ISAS[0])
-    blocks, weight = any_blocks(kind, 40, cols, seed=9)
+    blocks, weight = any_blocks(kind, 46, cols, seed=9)
     packed = kind in SMALL_TYPES and cols % 64 == 0
     rows = kernels.pack(blocks, int(kind), cols) if packed else blocks
-    if packed:
-        assert torch.equal(rows, best.pack(blocks, int(kind), cols))
-    values = torch.empty(40, cols)
+    best_rows = best.pack(blocks, int(kind), cols) if packed else blocks
+    if packed and kernels.packed_group_rows(int(kind)) == best.packed_group_rows(int(kind)):
+        assert torch.equal(rows, best_rows)  # one layout, the same bytes
+    values = torch.empty(46, cols)
     kernels.dequantize_into(rows, int(kind), values, packed)
     assert torch.equal(values, weight)
-    rounded = torch.empty(40, cols, dtype=torch.bfloat16)
+    rounded = torch.empty(46, cols, dtype=torch.bfloat16)
     kernels.dequantize_into(rows, int(kind), rounded, packed)
     assert torch.equal(rounded, weight.bfloat16())
     x = torch.randn(5, cols)
-    y, reference = kernels.matmul(x, rows, int(kind), packed), best.matmul(x, rows, int(kind), packed)
+    y, reference = kernels.matmul(x, rows, int(kind), packed), best.matmul(x, best_rows, int(kind), packed)
     assert (y - reference).abs().max() <= 1e-5 * reference.abs().max()
     check_product(y, x, weight, kind)
 
@@ -331,13 +334,13 @@ def test_forced_instruction_sets_give_the_same_logits(tmp_path, monkeypatch):
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(reference_model(tiny_config("qwen2", tied=True)), path, tiny_tokenizer(), embedding_type=Q.Q8_0)
-    model = load_model(str(path), quantize="gguf").model
     logits = {}
     for isa in ISAS:
         monkeypatch.setenv("QWENKIT_ISA", isa)
         kernel_builds.kernel_isa.cache_clear()
         kernel_builds.cpu_kernels.cache_clear()
         assert kernel_builds.cpu_kernels() is cpu_kernels(isa)
+        model = load_model(str(path), quantize="gguf").model  # packed by this build, in its layout
         logits[isa] = qwenkit_logits_stepwise(model, PROMPT, 9)
     kernel_builds.kernel_isa.cache_clear()
     kernel_builds.cpu_kernels.cache_clear()
@@ -364,3 +367,33 @@ def test_an_unknown_instruction_set_is_refused(monkeypatch):
     finally:
         monkeypatch.delenv("QWENKIT_ISA")
         kernel_builds.kernel_isa.cache_clear()
+
+
+@pytest.mark.parametrize("kind", SMALL_TYPES)
+def test_tensor_parallel_cuts_of_packed_rows_keep_their_values(kind):
+    """GGUFLinear.narrow and GGUFExperts.narrow_intermediate on packed weights of 70 rows (on the
+    AVX2 build: 8 groups of 8 rows and 6 rows in the row layout): each cut holds exactly the gguf
+    package's values of its rows or columns, and its product is that of those values; a row cut
+    that would split a group is refused."""
+    from qwenkit.quantization.gguf_experts import GGUFExperts
+
+    blocks, weight = gguf_blocks(kind, 70, 512, seed=31)
+    layer = GGUFLinear(blocks, kind, 512)
+    x = torch.randn(3, 512)
+    for dim, start, length in ((1, 64, 256), (1, 448, 64), (0, 16, 32), (0, 64, 6), (0, 0, 70)):
+        cut = layer.narrow(dim, start, length)
+        expected = weight.narrow(dim, start, length)
+        assert torch.equal(cut.dequantized_weight(), expected), (dim, start, length)
+        inputs = x[:, start : start + length] if dim == 1 else x
+        check_product(cut(inputs), inputs, expected, kind)
+    if gguf_linear.group_rows(kind, layer.packed) > 1:
+        with pytest.raises(ValueError, match="groups of 8 rows"):
+            layer.narrow(0, 4, 16)
+    # Two experts of 128 intermediate features (gate, up: 128 rows of 512; down: 512 rows of 128)
+    gate, gate_w = gguf_blocks(kind, 256, 512, seed=32)
+    down, down_w = gguf_blocks(kind, 1024, 128, seed=33)
+    experts = GGUFExperts(gate.view(2, 128, -1), gate.view(2, 128, -1), down.view(2, 512, -1), (kind, kind, kind), 512)
+    shard = experts.narrow_intermediate(64, 64)
+    for e in range(2):
+        assert torch.equal(gguf_linear.dequantize_rows(shard.gate_blocks[e], kind, 512, shard.gate_kind[2]), gate_w.view(2, 128, 512)[e, 64:])
+        assert torch.equal(gguf_linear.dequantize_rows(shard.down_blocks[e], kind, 64, shard.down_kind[2]), down_w.view(2, 512, 128)[e, :, 64:])

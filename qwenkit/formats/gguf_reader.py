@@ -106,9 +106,13 @@ class GGUFFile:
         except (OSError, ValueError) as exc:
             raise QwenkitError(f"{path} cannot be read as a GGUF file ({exc})") from exc
         try:
-            return self._parse(memoryview(self._maps[-1]), path, part)
+            parsed = self._parse(memoryview(self._maps[-1]), path, part)
         except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
             raise QwenkitError(f"{path} is not a valid GGUF file (truncated or corrupt: {exc})") from exc
+        # The header (for Qwen, ~12 MB of vocabulary and merges) is now Python objects: its pages
+        # would otherwise stay in this process's RSS for as long as the tensors are mapped.
+        self._drop_pages(part, 0, min(tensor.offset for tensor in parsed[1].values()) if parsed[1] else len(self._maps[-1]))
+        return parsed
 
     def _open_split(self, paths: list[Path]) -> None:
         count = len(paths)
@@ -172,11 +176,14 @@ class GGUFFile:
     def release(self, tensor: GGUFTensor) -> None:
         """Drop the tensor's pages from this process's memory once they have been copied or
         converted (the map stays valid: a later read faults them in again from the file)."""
-        mapping = getattr(self._maps[tensor.part], "_mmap", None)
-        if mapping is None or not hasattr(mapping, "madvise"):
+        self._drop_pages(tensor.part, tensor.offset, tensor.offset + tensor.n_bytes)
+
+    def _drop_pages(self, part: int, start: int, end: int) -> None:
+        mapping = getattr(self._maps[part], "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise") or end <= start:
             return
-        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.n_bytes - start)
+        start = start // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def raw(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as uint8 [rows..., bytes per row], as `gguf.quants.dequantize` expects."""

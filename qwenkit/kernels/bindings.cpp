@@ -8,6 +8,10 @@
 
 #include "thread_pool.h"
 
+namespace qwenkit {
+int64_t packed_group_rows(int64_t kind);
+}
+
 torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k);
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t kind, bool packed);
 std::vector<torch::Tensor> matmul_group(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> kinds,
@@ -28,6 +32,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
+  m.def("packed_group_rows", &qwenkit::packed_group_rows, "how many rows the packed layout of a GGUF type stores together (8 or 1)");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
   m.def("matmul_group", &matmul_group,
         "x @ w.T (+ bias) for several GGUF weights in one pass (silu_mul: silu(x @ gate.T) * (x @ up.T))");

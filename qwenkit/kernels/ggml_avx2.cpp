@@ -29,6 +29,7 @@
 #include <immintrin.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "gguf_blocks.h"
 #include "vec_math.h"
@@ -391,17 +392,138 @@ inline __m256 one_token_by_row(const PackedView<KIND>* views, const InterleavedR
   return _mm256_sub_ps(acc, sub);
 }
 
+// ---- The same types in groups of eight rows (gguf_blocks.h's GroupLayout) ---------------------
+// A group is stored as interleaved_tile reads it: a step's 16 vectors come from 8 loads split
+// into nibbles, plus (Q5_0, Q5_1) a shift and a mask each for the fifth bits, where a row at a
+// time spends a broadcast, two shuffles and a compare per 32 values, then a transpose (or, for
+// one token, a reduction of eight rows' partial sums). The integers and the float steps are
+// interleaved_tile's, so a group gives the bits that the same rows give in the row layout.
+
+// Fifth bits in place for the vectors 0..7 of a step's half: bit J of each byte to bit 4.
+template <int J>
+inline __m256i fifth_bit(__m256i bits) {
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  if constexpr (J < 4) return _mm256_and_si256(_mm256_slli_epi16(bits, 4 - J), bit4);
+  else return _mm256_and_si256(_mm256_srli_epi16(bits, J - 4), bit4);
+}
+template <size_t... J>
+inline void add_fifth_bits8(__m256i* v, __m256i bits, std::index_sequence<J...>) {
+  ((v[J] = _mm256_or_si256(v[J], fifth_bit<J>(bits))), ...);
+}
+
+template <int KIND>
+struct GroupView {
+  const uint8_t* group;
+  GroupLayout layout;
+  GroupView(const uint8_t* group, int64_t k) : group(group), layout(KIND, k) {}
+
+  // The eight rows' scales of block b, and their offsets (scale * zero - min).
+  __m256 scales8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 * b))); }
+  __m256 offsets8(int64_t b, __m256 scales) const {
+    const __m256 offsets = _mm256_mul_ps(scales, _mm256_set1_ps(static_cast<float>(format_of(KIND).zero)));
+    if constexpr (!has_min(KIND)) return offsets;
+    return _mm256_sub_ps(offsets, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + layout.mins_at + 16 * b))));
+  }
+  const uint8_t* step(int64_t c) const { return group + layout.steps_at + c * layout.step_bytes; }
+
+  // V[0..15] of step c.
+  void codes(int64_t c, __m256i* v) const {
+    const uint8_t* s = step(c);
+    const uint8_t* slots = s + (has_fifth(KIND) ? 64 : 0);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 8; ++j) {
+      const __m256i bytes = load32(slots + 32 * j);
+      v[j] = _mm256_and_si256(bytes, low);
+      v[8 + j] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+    }
+    if constexpr (has_fifth(KIND)) {
+      add_fifth_bits8(v, load32(s), std::make_index_sequence<8>{});
+      add_fifth_bits8(v + 8, load32(s + 32), std::make_index_sequence<8>{});
+    }
+  }
+};
+
+// One token against a group: interleaved_tile<KIND, 1>'s arithmetic on each step as it is decoded.
+template <int KIND>
+inline __m256 group_one_token(const GroupView<KIND>& w, const int8_t* x, const float* xs32, const float* xsum32, int64_t k,
+                              const ReadAhead& read) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps(), sub = _mm256_setzero_ps();
+  read.lines(w.group + READ_AHEAD, w.layout.steps_at);
+  for (int64_t c = 0; c < k / 64; ++c) {
+    read.lines(w.step(c) + READ_AHEAD, w.layout.step_bytes);
+    __m256i v[16];
+    w.codes(c, v);
+    for (int half_step = 0; half_step < 2; ++half_step) {
+      const int64_t b = 2 * c + half_step;
+      const __m256i* codes = v + 8 * half_step;
+      __m256i sum = _mm256_setzero_si256();
+      for (int half = 0; half < 2; ++half) {
+        const int8_t* xb = x + 32 * b + 16 * half;
+        __m256i s16 = _mm256_maddubs_epi16(codes[4 * half], broadcast4(xb));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[4 * half + 1], broadcast4(xb + 4)));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[4 * half + 2], broadcast4(xb + 8)));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[4 * half + 3], broadcast4(xb + 12)));
+        const __m256i part = _mm256_madd_epi16(s16, ones);
+        sum = half ? _mm256_add_epi32(sum, part) : part;
+      }
+      const __m256 scales = w.scales8(b);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(scales, _mm256_broadcast_ss(xs32 + b)), acc);
+      sub = _mm256_fmadd_ps(w.offsets8(b, scales), _mm256_broadcast_ss(xsum32 + b), sub);
+    }
+  }
+  return _mm256_sub_ps(acc, sub);
+}
+
+// Lanes [lo, hi) of v to y + lo.
+inline void store_lanes(float* y, __m256 v, int64_t lo, int64_t hi) {
+  if (lo == 0 && hi == 8) return _mm256_storeu_ps(y, v);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  std::memcpy(y + lo, lanes + lo, (hi - lo) * sizeof(float));
+}
+
 // y[t, row] for packed rows [begin, end) of an unsigned 32-value type, eight rows at a time (a
 // last group of fewer repeats its last row in the unused lanes), tokens 4 at a time.
 template <int KIND>
-void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens,
-                          int64_t begin, int64_t end, float* out, int64_t n) {
-  const int64_t blocks = k / 32;
+void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
+                          int64_t tokens, int64_t begin, int64_t end, float* out, int64_t n) {
+  const int64_t blocks = k / 32, grouped = n_rows / GROUP_ROWS * GROUP_ROWS;
   InterleavedRows<KIND> w(k, tokens > 1);
-  const ReadAhead read{rows + end * row_bytes};
+  const ReadAhead read{rows + std::min(n_rows, (end + GROUP_ROWS - 1) / GROUP_ROWS * GROUP_ROWS) * row_bytes};
+  __m256 result[4];
+  // NT tokens at a time against the eight rows in w, lanes [lo, hi) stored at column `first`.
+  auto tiles = [&](int64_t first, int64_t lo, int64_t hi) {
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t nt = tile_tokens(tokens - t0);
+      with_tile_size(nt, [&](auto NT) {
+        interleaved_tile<KIND, NT>(w, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, a.sum32.data() + t0 * blocks, k, result);
+      });
+      for (int64_t j = 0; j < nt; ++j) store_lanes(out + (t0 + j) * n + first, result[j], lo, hi);
+      t0 += nt;
+    }
+  };
+  // The groups that hold rows of [begin, end): a group split between two calls (threads) is
+  // computed by both, each storing its own rows.
+  for (int64_t first = begin / GROUP_ROWS * GROUP_ROWS; first < std::min(end, grouped); first += GROUP_ROWS) {
+    const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + GROUP_ROWS) - first;
+    const GroupView<KIND> group(rows + first * row_bytes, k);
+    if (tokens == 1) {
+      store_lanes(out + first, group_one_token<KIND>(group, a.q.data(), a.scale32.data(), a.sum32.data(), k, read), lo, hi);
+      continue;
+    }
+    read.lines(group.group + READ_AHEAD, GROUP_ROWS * row_bytes);
+    for (int64_t b = 0; b < blocks; ++b) {
+      w.scales[b] = group.scales8(b);
+      w.offsets[b] = group.offsets8(b, w.scales[b]);
+    }
+    for (int64_t c = 0; c < k / 64; ++c) group.codes(c, &w.codes[16 * c]);
+    tiles(first, lo, hi);
+  }
+  // The last n_rows % 8 rows, in the row layout.
   std::vector<PackedView<KIND>> views;
   views.reserve(8);
-  for (int64_t first = begin; first < end; first += 8) {
+  for (int64_t first = std::max(begin, grouped); first < end; first += 8) {
     const int64_t count = std::min<int64_t>(8, end - first);
     const RowStream stream{read, rows, row_bytes, first, count, (row_bytes + k / 64 - 1) / (k / 64)};
     group_views(views, rows, row_bytes, k, first, count);
@@ -412,15 +534,7 @@ void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t k, con
       continue;
     }
     w.decode_codes(views.data(), k, stream);
-    __m256 result[4];
-    for (int64_t t0 = 0; t0 < tokens;) {
-      const int64_t nt = tile_tokens(tokens - t0);
-      with_tile_size(nt, [&](auto NT) {
-        interleaved_tile<KIND, NT>(w, a.q.data() + t0 * k, a.scale32.data() + t0 * blocks, a.sum32.data() + t0 * blocks, k, result);
-      });
-      for (int64_t j = 0; j < nt; ++j) store_rows(out + (t0 + j) * n + first, result[j], count);
-      t0 += nt;
-    }
+    tiles(first, 0, count);
   }
 }
 
@@ -817,7 +931,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
 
 }  // namespace
 
-void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   if (packed) {
     dispatch_packed(kind, [&](auto kind_constant) {
@@ -825,7 +939,7 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
       if constexpr (KIND == Q8_0) {
         rows_dot_q8(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
       } else {
-        rows_dot_interleaved<KIND>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+        rows_dot_interleaved<KIND>(rows, row_bytes, n_rows, k, a, tokens, begin, end, out, ldo);
       }
     });
   } else if (kind == Q2_K) {
@@ -847,8 +961,17 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
 // out[N, K] = values of GGUF block rows w: in float32 equal to ggml's dequantize_row_*, in
 // bfloat16 those values rounded to nearest even (the generic path: not on the decode path).
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
-  dequantize_rows(w, kind, out, [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(static_cast<int>(kind), packed, row, k, r); },
-                  [](const RowScratch& r, int zero, int64_t k, auto* values) { scratch_row_values(r, zero, k, values); });
+  w = w.contiguous();
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1), n = w.size(0), group = qwenkit::packed_group_rows(kind);
+  dequantize_rows(
+      w, kind, out,
+      [&](const uint8_t* row, int64_t k, RowScratch& r) {
+        unpack_stored_row(static_cast<int>(kind), packed, group, rows, row_bytes, n, (row - rows) / row_bytes, k, r);
+      },
+      [](const RowScratch& r, int zero, int64_t k, auto* values) { scratch_row_values(r, zero, k, values); });
 }
 
-torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }
+int64_t qwenkit::packed_group_rows(int64_t kind) { return groupable(static_cast<int>(kind)) ? GROUP_ROWS : 1; }
+
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k, qwenkit::packed_group_rows(kind)); }

@@ -418,7 +418,7 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 
 }  // namespace
 
-void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t /*n_rows*/, int64_t k, const QuantizedActivations& a,
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   if (packed) {
     dispatch_packed(kind, [&](auto kind_constant) {
@@ -452,4 +452,6 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
   dequantize_rows(w, kind, out, unpack, [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
 }
 
-torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }
+int64_t qwenkit::packed_group_rows(int64_t) { return 1; }
+
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k, 1); }

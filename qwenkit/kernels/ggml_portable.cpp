@@ -15,7 +15,7 @@
 
 using namespace qwenkit;
 
-void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t /*n_rows*/, int64_t k, const QuantizedActivations& a,
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   unpacked_rows_dot(rows, row_bytes, begin, end, k, format_of(kind).zero, a, tokens, out, ldo,
                     [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_any_row(kind, packed, row, k, r); }, scratch_row_dot);
@@ -28,4 +28,6 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
                   [](const RowScratch& r, int zero, int64_t k, auto* values) { scratch_row_values(r, zero, k, values); });
 }
 
-torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k); }
+int64_t qwenkit::packed_group_rows(int64_t) { return 1; }
+
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k, 1); }

@@ -336,22 +336,6 @@ void dispatch_packed(int kind, F&& f) {
   }
 }
 
-// The packed layout of GGUF block rows of a 32-value type (see PackedRow), same shape.
-inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k) {
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
-  const Format f = format_of(static_cast<int>(kind));
-  TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0 && w.size(1) == k / f.block_values * f.block_bytes,
-              "no packed layout for GGUF type ", kind, " with rows of ", k);
-  w = w.contiguous();
-  auto packed = torch::empty_like(w);
-  const int64_t row_bytes = w.size(1);
-  const uint8_t* src = w.data_ptr<uint8_t>();
-  uint8_t* dst = packed.data_ptr<uint8_t>();
-  parallel_for(0, w.size(0), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) pack_row(static_cast<int>(kind), src + row * row_bytes, k, dst + row * row_bytes);
-  });
-  return packed;
-}
 
 // ---- What every build's matmul and dequantize_into share: argument checks and row loops ------
 
@@ -385,8 +369,14 @@ void unpacked_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t begin, in
 // row_bytes; packed: in the packed layout), written to out[t * ldo + row], on the calling thread.
 // Each build (ggml_cpu.cpp, ggml_avx2.cpp, ggml_portable.cpp) defines it with its kernels;
 // gguf_matmul.cpp spreads the rows of one or several weights over the threads.
-void rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a,
+// n_rows: all the rows of the weight `rows` starts (a packed weight's last n_rows % 8 rows stay
+// in the row layout where the build packs groups of eight).
+void rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                  int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo);
+
+// How many rows the build's packed layout of `kind` stores together: 8 (the AVX2 build's groups
+// for the unsigned 32-value types, see GroupLayout) or 1 (rows as PackedRow reads them).
+int64_t packed_group_rows(int64_t kind);
 
 // out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
 // above; values(scratch, zero, k, out row) writes one row in out's dtype (a generic lambda).
@@ -486,6 +476,118 @@ inline void unpack_any_row(int kind, bool packed, const uint8_t* row, int64_t k,
   } else {
     unpack_file_row(kind, row, k, r);
   }
+}
+
+// ---- The packed layout in groups of eight rows (the AVX2 build's, for Q4_0, Q4_1, Q5_0, Q5_1) --
+// Eight rows' codes stored as the eight-row kernels multiply them, so that one token meets eight
+// rows with no transpose and no horizontal sums (ggml's repacked Q4_0x8 serves the same end). The
+// same bytes as eight packed rows:
+//   [K/32 blocks x 8 rows fp16 scales][the same for minimums: Q4_1, Q5_1]
+//   then per 64 values (a step c): [64 bytes of fifth bits: Q5_0, Q5_1][256 bytes of codes]
+// A step is 16 vectors of 32 codes V[v], v = 8x + 4h + q: byte 4r + i of V[v] is row r's value
+// 64c + 32x + 16h + 4q + i (block 2c + x, its 16 values h, their 4 values q). The codes' 32-byte
+// slot j holds V[j] in its low nibbles and V[8 + j] in its high nibbles; bit j of byte m of the
+// x-th 32 bytes of fifth bits is the fifth bit of byte m of V[8x + j] (one shift and one mask
+// put it in place). A weight's last rows % 8 rows keep the row layout (PackedRow).
+constexpr int64_t GROUP_ROWS = 8;
+inline bool groupable(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q5_0 || kind == Q5_1; }
+
+struct GroupLayout {
+  int64_t mins_at, steps_at, fifth_bytes, step_bytes;
+  GroupLayout(int kind, int64_t k)
+      : mins_at(k / 32 * 16),
+        steps_at(mins_at + (has_min(kind) ? k / 32 * 16 : 0)),
+        fifth_bytes(has_fifth(kind) ? 64 : 0),
+        step_bytes(fifth_bytes + 256) {}
+};
+
+// Eight file rows (row_bytes apart) in the group layout.
+inline void pack_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t k, uint8_t* dst) {
+  const Format f = format_of(kind);
+  const GroupLayout g(kind, k);
+  const int at = codes_at(kind);
+  std::vector<uint8_t> codes(GROUP_ROWS * k);  // [row][value], 0..31
+  for (int64_t row = 0; row < GROUP_ROWS; ++row) {
+    for (int64_t b = 0; b < k / 32; ++b) {
+      const uint8_t* block = src + row * row_bytes + b * f.block_bytes;
+      std::memcpy(dst + 16 * b + 2 * row, block, 2);
+      if (has_min(kind)) std::memcpy(dst + g.mins_at + 16 * b + 2 * row, block + 2, 2);
+      split_nibbles_32(block + at, codes.data() + row * k + 32 * b);
+      if (has_fifth(kind)) or_fifth_bits_32(block + at - 4, codes.data() + row * k + 32 * b);
+    }
+  }
+  for (int64_t c = 0; c < k / 64; ++c) {
+    uint8_t* step = dst + g.steps_at + c * g.step_bytes;
+    std::memset(step, 0, g.step_bytes);
+    for (int v = 0; v < 16; ++v) {
+      const int x = v / 8, j = v % 8;
+      for (int m = 0; m < 32; ++m) {
+        const uint8_t code = codes[(m / 4) * k + 64 * c + 4 * v + m % 4];
+        step[g.fifth_bytes + 32 * j + m] |= static_cast<uint8_t>((code & 0x0F) << (4 * x));
+        if (has_fifth(kind)) step[32 * x + m] |= static_cast<uint8_t>(((code >> 4) & 1) << j);
+      }
+    }
+  }
+}
+
+// Row `lane` of a group into RowScratch (dequantize_into).
+inline void unpack_group_row(int kind, const uint8_t* group, int lane, int64_t k, RowScratch& r) {
+  const GroupLayout g(kind, k);
+  for (int64_t b = 0; b < k / 32; ++b)
+    set_scale(r, 2 * b, f16(group + 16 * b + 2 * lane), has_min(kind) ? -f16(group + g.mins_at + 16 * b + 2 * lane) : 0.0f);
+  for (int64_t c = 0; c < k / 64; ++c) {
+    const uint8_t* step = group + g.steps_at + c * g.step_bytes;
+    for (int v = 0; v < 16; ++v) {
+      const int x = v / 8, j = v % 8;
+      for (int i = 0; i < 4; ++i) {
+        const int m = 4 * lane + i;
+        int code = (step[g.fifth_bytes + 32 * j + m] >> (4 * x)) & 0x0F;
+        if (has_fifth(kind)) code |= ((step[32 * x + m] >> j) & 1) << 4;
+        r.codes[64 * c + 4 * v + i] = static_cast<uint8_t>(code);
+      }
+    }
+  }
+}
+
+// Row `row` of the n rows at `rows` as stored: the file's blocks, packed rows, or (group_rows 8)
+// packed groups with the last n % 8 rows packed row by row.
+inline void unpack_stored_row(int kind, bool packed, int64_t group_rows, const uint8_t* rows, int64_t row_bytes, int64_t n, int64_t row,
+                              int64_t k, RowScratch& r) {
+  if (packed && group_rows > 1 && row < n / group_rows * group_rows)
+    return unpack_group_row(kind, rows + row / group_rows * group_rows * row_bytes, static_cast<int>(row % group_rows), k, r);
+  unpack_any_row(kind, packed, rows + row * row_bytes, k, r);
+}
+
+// GGUF block rows of a 32-value type ([rows, bytes per row], or [matrices, rows, bytes per row]:
+// each matrix's rows on their own) in the packed layout, same shape: row by row (PackedRow), or
+// in groups of group_rows = 8 (GroupLayout) with each matrix's last rows % 8 row by row.
+inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k, int64_t group_rows) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && (w.dim() == 2 || w.dim() == 3), "w must be uint8 [(matrices,) rows, bytes per row]");
+  const Format f = format_of(static_cast<int>(kind));
+  const int64_t rows = w.size(w.dim() - 2), row_bytes = w.size(w.dim() - 1);
+  TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0 && row_bytes == k / f.block_values * f.block_bytes,
+              "no packed layout for GGUF type ", kind, " with rows of ", k);
+  TORCH_CHECK(group_rows == 1 || (group_rows == GROUP_ROWS && groupable(static_cast<int>(kind))), "no packed groups of ", group_rows,
+              " rows for GGUF type ", kind);
+  w = w.contiguous();
+  auto packed = torch::empty_like(w);
+  if (w.numel() == 0) return packed;
+  const int64_t matrices = w.numel() / (rows * row_bytes), groups = rows / group_rows * (group_rows > 1);
+  const int64_t units = groups + rows - groups * group_rows;  // per matrix: its groups, then single rows
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  parallel_for(0, matrices * units, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t matrix = (u / units) * rows * row_bytes, i = u % units;
+      if (i < groups) {
+        pack_group(static_cast<int>(kind), src + matrix + i * group_rows * row_bytes, row_bytes, k, dst + matrix + i * group_rows * row_bytes);
+      } else {
+        const int64_t at = matrix + (groups * group_rows + i - groups) * row_bytes;
+        pack_row(static_cast<int>(kind), src + at, k, dst + at);
+      }
+    }
+  });
+  return packed;
 }
 
 // sum_i w_i * x_i for one unpacked row and one quantized token: an integer dot product per 16

@@ -30,7 +30,7 @@ struct Part {
 
   // Rows [begin, end) for every token, bias included.
   void run(int64_t k, int64_t tokens, int64_t begin, int64_t end) const {
-    rows_matmul(kind, packed, rows, row_bytes, k, *a, tokens, begin, end, out, ldo);
+    rows_matmul(kind, packed, rows, row_bytes, n, k, *a, tokens, begin, end, out, ldo);
     if (bias)
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t r = begin; r < end; ++r) out[t * ldo + r] += bias[r];

@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from qwenkit.quantization.gguf_linear import (
-    KERNEL_TYPES, block_matmul, bytes_per_row, column_unit, narrow_columns, native_kernels, pack_if_packable, takes_kernel,
+    KERNEL_TYPES, block_matmul, bytes_per_row, check_row_slice, column_unit, narrow_columns, native_kernels, pack_if_packable,
+    takes_kernel,
 )
 
 
@@ -102,6 +103,8 @@ class GGUFExperts(nn.Module):
         down input columns, a tensor-parallel shard whose output is a partial sum."""
         down = narrow_columns(self.down_blocks, self.kinds[2], self.intermediate_size, self.down_kind[2], start, length)
         packed = (self.gate_kind[2], self.up_kind[2], self.down_kind[2])
+        for kind, was_packed in zip(self.kinds[:2], packed[:2]):
+            check_row_slice(kind, was_packed, start, length, self.intermediate_size)
         rows = slice(start, start + length)  # each expert's rows, copied to one run per expert as the kernels read them
         return GGUFExperts(self.gate_blocks[:, rows].contiguous(), self.up_blocks[:, rows].contiguous(), down,
                            self.kinds, self.hidden_size, prepacked=packed)

@@ -85,7 +85,7 @@ def dense_block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind_id: int, in_f
     dtype = dense_dtype()
     x = x.to(dtype)
     out_features = blocks.shape[0]
-    rows_per_chunk = max(16, DENSE_CHUNK_VALUES // in_features)
+    rows_per_chunk = max(16, DENSE_CHUNK_VALUES // in_features) // 8 * 8  # whole groups of packed rows
     if out_features <= rows_per_chunk:
         return (x @ _dequantized_chunk(blocks, kind_id, in_features, packed, dtype).T).float()
     y = torch.empty(x.shape[0], out_features)
@@ -104,10 +104,24 @@ def _dequantized_chunk(blocks: torch.Tensor, kind_id: int, in_features: int, pac
 def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int) -> tuple[torch.Tensor, bool]:
     """(blocks in the layout the kernels read, whether that is the packed layout): 32-value types
     with rows of a multiple of 64 values are repacked (a same-size copy); the rest stay as given.
-    Rows pack independently, so [..., rows, bytes] stacks (experts) pack as one tensor."""
+    A stack [experts, rows, bytes] packs each expert's rows on their own."""
     if kind not in PACKED_TYPES or in_features % 64:
         return blocks, False
-    return native_kernels().pack(blocks.reshape(-1, blocks.shape[-1]), int(kind), in_features).view(blocks.shape), True
+    return native_kernels().pack(blocks, int(kind), in_features), True
+
+
+def group_rows(kind: GGMLQuantizationType, packed: bool) -> int:
+    """How many rows the packed layout stores side by side (8: the AVX2 build's groups, whose
+    slices must start on a group and hold whole groups unless they end the weight), else 1."""
+    return native_kernels().packed_group_rows(int(kind)) if packed else 1
+
+
+def check_row_slice(kind: GGMLQuantizationType, packed: bool, start: int, length: int, rows: int) -> None:
+    """Rows [start, start + length) of `rows` must be a valid weight of their own in the layout."""
+    group = group_rows(kind, packed)
+    if start % group or (length % group and start + length != rows):
+        raise ValueError(f"rows [{start}, {start + length}) of a packed {kind.name} weight of {rows} rows "
+                         f"split its groups of {group} rows")
 
 
 def bytes_per_row(kind: GGMLQuantizationType, row_length: int) -> int:
@@ -129,14 +143,29 @@ def narrow_columns(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features
     if start % unit or length % unit:
         raise ValueError(f"{kind.name} rows of {in_features} values split into [{start}, {start + length}), "
                          f"not on the {unit}-value blocks they are stored in")
-    return torch.cat([blocks[..., offset + start // unit * size : offset + (start + length) // unit * size]
-                      for offset, size in _row_planes(kind, in_features, packed)], dim=-1)
+
+    def cut(stored: torch.Tensor, planes: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.cat([stored[..., offset + start // unit * size : offset + (start + length) // unit * size]
+                          for offset, size in planes], dim=-1)
+
+    group = group_rows(kind, packed)
+    rows = blocks.shape[-2]
+    grouped = rows // group * group if group > 1 else 0
+    if not grouped:
+        return cut(blocks, _row_planes(kind, in_features, packed))
+    lead = blocks.shape[:-2]
+    groups = blocks[..., :grouped, :].reshape(*lead, grouped // group, group * blocks.shape[-1])
+    out = cut(groups, _row_planes(kind, in_features, packed, group)).reshape(*lead, grouped, -1)
+    if grouped == rows:
+        return out
+    return torch.cat([out, cut(blocks[..., grouped:, :], _row_planes(kind, in_features, packed))], dim=-2)
 
 
-def _row_planes(kind: GGMLQuantizationType, in_features: int, packed: bool) -> list[tuple[int, int]]:
+def _row_planes(kind: GGMLQuantizationType, in_features: int, packed: bool, group: int = 1) -> list[tuple[int, int]]:
     """(byte offset in a row, bytes per column unit) of each plane of a row: one plane for the
     file's interleaved blocks; scales, minimums, fifth bits and codes in the packed layout
-    (kernels/gguf_blocks.h, PackedRow)."""
+    (kernels/gguf_blocks.h, PackedRow); in a group of 8 packed rows (GroupLayout), 8 times each
+    plane with the fifth bits and codes of each 64 values side by side, one plane."""
     if not packed:
         return [(0, GGML_QUANT_SIZES[kind][1])]
     name = kind.name
@@ -144,6 +173,10 @@ def _row_planes(kind: GGMLQuantizationType, in_features: int, packed: bool) -> l
     sizes += [4] if name in ("Q4_1", "Q5_1") else []  # fp16 minimum per 32 values
     sizes += [8] if name in ("Q5_0", "Q5_1") else []  # fifth bits, one per value
     sizes += [64 if name == "Q8_0" else 32]  # codes: a byte, or a nibble, per value
+    if group > 1:  # a group: every plane 8 times, a step's fifth bits and codes side by side
+        sizes = [group * size for size in sizes]
+        if name in ("Q5_0", "Q5_1"):
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
     planes, offset = [], 0
     for size in sizes:
         planes.append((offset, size))
@@ -221,6 +254,7 @@ class GGUFLinear(nn.Module):
         one's weight, as torch.narrow: a tensor-parallel shard. Rows are whole GGUF rows; columns
         must start and end on block boundaries (`column_unit`), since a block's values share one scale. The bias goes with the rows, and stays whole for a column cut."""
         if dim == 0:
+            check_row_slice(self.kind, self.packed, start, length, self.out_features)
             bias = None if self.bias is None else self.bias[start : start + length]
             return GGUFLinear(self.blocks[start : start + length], self.kind, self.in_features, bias, prepacked=self.packed)
         cut = narrow_columns(self.blocks, self.kind, self.in_features, self.packed, start, length)
