@@ -167,6 +167,15 @@ def any_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tens
     return k_quant_blocks(kind, rows, cols, seed) if kind in K_QUANTS else gguf_blocks(kind, rows, cols, seed)
 
 
+def stored(kernels, blocks: torch.Tensor, kind: Q, cols: int) -> tuple[torch.Tensor, bool]:
+    """(rows, packed) as `kernels` reads them (as pack_if_packable does for the default build): the
+    32-value types packed (in groups of 8 rows where the build packs them so), any type a build
+    packs in groups of rows too; the rest as the file stores them."""
+    if (kind in SMALL_TYPES and cols % 64 == 0) or (kind not in SMALL_TYPES and kernels.packed_group_rows(int(kind)) > 1):
+        return kernels.pack(blocks, int(kind), cols), True
+    return blocks, False
+
+
 @pytest.fixture(scope="module", params=ISAS)
 def kernels(request):
     module = cpu_kernels(request.param)
@@ -185,8 +194,7 @@ def test_batched_product_is_each_token_alone(kernels, kind, cols):
     if kind in K_QUANTS and cols % 256:
         cols = 768
     blocks, weight = any_blocks(kind, 70, cols, seed=5)
-    packed = kind in SMALL_TYPES
-    rows = kernels.pack(blocks, int(kind), cols) if packed else blocks
+    rows, packed = stored(kernels, blocks, kind, cols)
     for tokens in (2, 3, 7, 16, 48):
         x = torch.randn(tokens, cols)
         y = kernels.matmul(x, rows, int(kind), packed)
@@ -213,8 +221,7 @@ def test_largest_codes_against_largest_activations_do_not_saturate(kernels, kind
     raw[..., list(CODE_BYTES[kind])] = 0xFF
     raw = raw.reshape(24, -1)
     weight = torch.from_numpy(dequantize(raw, kind))
-    packed = kind in SMALL_TYPES
-    rows = kernels.pack(torch.from_numpy(raw), int(kind), cols) if packed else torch.from_numpy(raw)
+    rows, packed = stored(kernels, torch.from_numpy(raw), kind, cols)
     for sign in (1.0, -1.0):
         x = torch.full((8, cols), 3.0 * sign)
         y = kernels.matmul(x, rows, int(kind), packed)
@@ -233,10 +240,9 @@ def test_every_instruction_set_gives_the_same_values(kernels, kind, cols):
         pytest.skip("K-quant rows are whole 256-value blocks")
     best = cpu_kernels(ISAS[0])
     blocks, weight = any_blocks(kind, 46, cols, seed=9)
-    packed = kind in SMALL_TYPES and cols % 64 == 0
-    rows = kernels.pack(blocks, int(kind), cols) if packed else blocks
-    best_rows = best.pack(blocks, int(kind), cols) if packed else blocks
-    if packed and kernels.packed_group_rows(int(kind)) == best.packed_group_rows(int(kind)):
+    rows, packed = stored(kernels, blocks, kind, cols)
+    best_rows, best_packed = stored(best, blocks, kind, cols)
+    if packed and best_packed and kernels.packed_group_rows(int(kind)) == best.packed_group_rows(int(kind)):
         assert torch.equal(rows, best_rows)  # one layout, the same bytes
     values = torch.empty(46, cols)
     kernels.dequantize_into(rows, int(kind), values, packed)
@@ -245,7 +251,7 @@ def test_every_instruction_set_gives_the_same_values(kernels, kind, cols):
     kernels.dequantize_into(rows, int(kind), rounded, packed)
     assert torch.equal(rounded, weight.bfloat16())
     x = torch.randn(5, cols)
-    y, reference = kernels.matmul(x, rows, int(kind), packed), best.matmul(x, best_rows, int(kind), packed)
+    y, reference = kernels.matmul(x, rows, int(kind), packed), best.matmul(x, best_rows, int(kind), best_packed)
     assert (y - reference).abs().max() <= 1e-5 * reference.abs().max()
     check_product(y, x, weight, kind)
 
@@ -258,8 +264,7 @@ def test_grouped_product_is_each_weight_alone(kernels):
     cols = 512
     kinds = [Q.Q5_0, Q.Q5_0, Q.Q8_0, Q.Q4_K]
     weights = [any_blocks(kind, rows, cols, seed=20 + i)[0] for i, (kind, rows) in enumerate(zip(kinds, [70, 33, 33, 40]))]
-    layers = [kernels.pack(w, int(kind), cols) if kind in SMALL_TYPES else w for w, kind in zip(weights, kinds)]
-    packed = [kind in SMALL_TYPES for kind in kinds]
+    layers, packed = map(list, zip(*(stored(kernels, w, kind, cols) for w, kind in zip(weights, kinds))))
     biases = [torch.randn(70), torch.empty(0), torch.randn(33), torch.empty(0)]
     for tokens in (1, 3, 17):
         x = torch.randn(tokens, cols)
@@ -369,18 +374,19 @@ def test_an_unknown_instruction_set_is_refused(monkeypatch):
         kernel_builds.kernel_isa.cache_clear()
 
 
-@pytest.mark.parametrize("kind", SMALL_TYPES)
+@pytest.mark.parametrize("kind", [*SMALL_TYPES, Q.Q4_K])
 def test_tensor_parallel_cuts_of_packed_rows_keep_their_values(kind):
-    """GGUFLinear.narrow and GGUFExperts.narrow_intermediate on packed weights of 70 rows (on the
-    AVX2 build: 8 groups of 8 rows and 6 rows in the row layout): each cut holds exactly the gguf
-    package's values of its rows or columns, and its product is that of those values; a row cut
-    that would split a group is refused."""
+    """GGUFLinear.narrow and GGUFExperts.narrow_intermediate on weights of 70 rows, packed (on the
+    AVX2 build: 8 groups of 8 rows and 6 rows in the row layout) or the file's (Q4_K): each cut
+    holds exactly the gguf package's values of its rows or columns, and its product is that of
+    those values; a row cut that would split a group is refused."""
     from qwenkit.quantization.gguf_experts import GGUFExperts
 
-    blocks, weight = gguf_blocks(kind, 70, 512, seed=31)
+    blocks, weight = any_blocks(kind, 70, 512, seed=31)
     layer = GGUFLinear(blocks, kind, 512)
     x = torch.randn(3, 512)
-    for dim, start, length in ((1, 64, 256), (1, 448, 64), (0, 16, 32), (0, 64, 6), (0, 0, 70)):
+    columns = ((1, 256, 256),) if kind in K_QUANTS else ((1, 64, 256), (1, 448, 64))
+    for dim, start, length in (*columns, (0, 16, 32), (0, 64, 6), (0, 0, 70)):
         cut = layer.narrow(dim, start, length)
         expected = weight.narrow(dim, start, length)
         assert torch.equal(cut.dequantized_weight(), expected), (dim, start, length)
@@ -389,11 +395,16 @@ def test_tensor_parallel_cuts_of_packed_rows_keep_their_values(kind):
     if gguf_linear.group_rows(kind, layer.packed) > 1:
         with pytest.raises(ValueError, match="groups of 8 rows"):
             layer.narrow(0, 4, 16)
-    # Two experts of 128 intermediate features (gate, up: 128 rows of 512; down: 512 rows of 128)
-    gate, gate_w = gguf_blocks(kind, 256, 512, seed=32)
-    down, down_w = gguf_blocks(kind, 1024, 128, seed=33)
-    experts = GGUFExperts(gate.view(2, 128, -1), gate.view(2, 128, -1), down.view(2, 512, -1), (kind, kind, kind), 512)
-    shard = experts.narrow_intermediate(64, 64)
+    # Two experts of 2 units of intermediate features (gate, up: 2 units of rows of 512; down: 512
+    # rows of 2 units), the second unit of each kept
+    unit = 256 if kind in K_QUANTS else 64
+    gate, gate_w = any_blocks(kind, 4 * unit, 512, seed=32)
+    down, down_w = any_blocks(kind, 1024, 2 * unit, seed=33)
+    experts = GGUFExperts(gate.view(2, 2 * unit, -1), gate.view(2, 2 * unit, -1), down.view(2, 512, -1), (kind, kind, kind), 512)
+    assert experts.column_unit == unit
+    shard = experts.narrow_intermediate(unit, unit)
     for e in range(2):
-        assert torch.equal(gguf_linear.dequantize_rows(shard.gate_blocks[e], kind, 512, shard.gate_kind[2]), gate_w.view(2, 128, 512)[e, 64:])
-        assert torch.equal(gguf_linear.dequantize_rows(shard.down_blocks[e], kind, 64, shard.down_kind[2]), down_w.view(2, 512, 128)[e, :, 64:])
+        got = gguf_linear.dequantize_rows(shard.gate_blocks[e], kind, 512, shard.gate_kind[2])
+        assert torch.equal(got, gate_w.view(2, 2 * unit, 512)[e, unit:])
+        got = gguf_linear.dequantize_rows(shard.down_blocks[e], kind, unit, shard.down_kind[2])
+        assert torch.equal(got, down_w.view(2, 512, 2 * unit)[e, :, unit:])
