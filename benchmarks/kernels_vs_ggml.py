@@ -94,7 +94,7 @@ def main() -> None:
             tensor = tensors[name]
             kind, cols = tensor.tensor_type, int(tensor.shape[0])
             raw = np.ascontiguousarray(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)[:keep_rows].copy()
-            blocks, packed = pack_if_packable(torch.from_numpy(raw), kind, cols)
+            blocks, packed = pack_if_packable(torch.from_numpy(raw), kind, cols, kernels)  # the layout of the build that multiplies
             x = torch.randn(1, cols)
             ours = best_of(lambda: kernels.matmul(x, blocks, int(kind), packed), args.runs)
             out, xq, xs = np.zeros(raw.shape[0], np.float32), np.zeros(cols * 2, np.uint8), x.numpy()

@@ -408,3 +408,11 @@ def test_tensor_parallel_cuts_of_packed_rows_keep_their_values(kind):
         assert torch.equal(got, gate_w.view(2, 2 * unit, 512)[e, unit:])
         got = gguf_linear.dequantize_rows(shard.down_blocks[e], kind, unit, shard.down_kind[2])
         assert torch.equal(got, down_w.view(2, 512, 2 * unit)[e, :, unit:])
+
+
+@pytest.mark.parametrize("kind", [Q.Q5_0, Q.Q8_0, Q.Q4_K])
+def test_no_tokens_give_an_empty_product(kernels, kind):
+    """A product of no tokens is [0, rows] (the eight-row paths must not decode rows for nobody)."""
+    blocks, _ = any_blocks(kind, 24, 512, seed=41)
+    rows, packed = stored(kernels, blocks, kind, 512)
+    assert kernels.matmul(torch.empty(0, 512), rows, int(kind), packed).shape == (0, 24)

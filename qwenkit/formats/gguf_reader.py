@@ -109,7 +109,7 @@ class GGUFFile:
             parsed = self._parse(memoryview(self._maps[-1]), path, part)
         except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
             raise QwenkitError(f"{path} is not a valid GGUF file (truncated or corrupt: {exc})") from exc
-        # The header (for Qwen, ~12 MB of vocabulary and merges) is now Python objects: its pages
+        # The header (for Qwen, ~6 MB of vocabulary and merges) is now Python objects: its pages
         # would otherwise stay in this process's RSS for as long as the tensors are mapped.
         self._drop_pages(part, 0, min(tensor.offset for tensor in parsed[1].values()) if parsed[1] else len(self._maps[-1]))
         return parsed

@@ -10,11 +10,12 @@
 // or with the K-quants' integer sub-block scales, into int32 lanes. VPMADDUBSW saturates at 32767,
 // which 4-, 5- and 6-bit codes cannot reach (2 * 63 * 127); Q8_0's 8-bit codes could, so they are
 // multiplied as signed values with their signs moved onto the activations (|w| * sign(x, w)).
-//   Q4_0, Q4_1, Q5_0, Q5_1 (packed layout) and the K-quants (the file's blocks): eight rows at a
-//   time, their values interleaved in a buffer (one vector: four values of each of the eight
+//   Q4_0, Q4_1, Q5_0, Q5_1 (packed in groups of eight rows) and the K-quants (the file's blocks):
+//   eight rows at a time, their values interleaved (one vector: four values of each of the eight
 //   rows) so that int16 sums, one VPMADDWD and one float multiply-add serve eight rows at once,
-//   for the lanes of one vector are the eight rows' outputs; with few tokens the rows are read one
-//   by one and eight rows' integer sums reduced into one vector, which gives the same bits.
+//   for the lanes of one vector are the eight rows' outputs. The groups are stored interleaved;
+//   the K-quants (and a weight's last rows % 8 rows) are transposed into a buffer, or with few
+//   tokens read row by row with eight rows' integer sums reduced into one vector: the same bits.
 //   The K-quants' sub-block scales, and the zero's share, are applied in integers; float work
 //   once per 256 values, token and eight rows.
 //   Q8_0 (packed): one row at a time, one float multiply-add per 32 values and token.
@@ -187,16 +188,17 @@ void rows_dot_q8(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quanti
 }
 
 // ---- The unsigned 32-value types (Q4_0, Q4_1, Q5_0, Q5_1), eight rows interleaved -------------
-// With two tokens or more, eight rows at a time are decoded and transposed into a buffer (8 bytes
-// per value of a row: 7 KB for 896-value rows) where one 32-byte vector holds four consecutive
+// Eight rows at a time are held (packed in groups at load time, or for a weight's last rows % 8
+// rows decoded and transposed into a buffer: 8 bytes per value of a row, 7 KB for 896-value rows)
+// where one 32-byte vector holds four consecutive
 // values of each of the eight rows: a token's four activation codes, broadcast, meet all eight
 // rows in one VPMADDUBSW. A block's eight such products add up in int16 four at a time (codes <
 // 32 and |x| <= 127: 4 * 2 * 31 * 127 < 32767), so one VPMADDWD per four, one convert and one
 // multiply-add per block give each of the eight rows its block sum: per token and 256
 // multiply-adds, 8 VPMADDUBSW + 6 adds + 2 VPMADDWD + an add + a convert + 3 float ops, where one
 // row at a time (as Q8_0 goes) needs 8 VPMADDUBSW, 8 VPMADDWD, 8 converts and 8 multiply-adds.
-// Eight sums are eight rows' outputs: no horizontal sums. One token alone goes row by row
-// (one_token_by_row) to the same integers and the same float steps. A token's result is the same
+// Eight sums are eight rows' outputs: no horizontal sums. One token alone on the last rows % 8
+// rows goes row by row (one_token_by_row) to the same integers and the same float steps. A token's result is the same
 // whether it comes alone or in a batch, so batched decoding, speculative verification and
 // prefill give each token the bits of a batch of one.
 
@@ -244,8 +246,9 @@ inline void store_rows(float* y, __m256 v, int64_t count) {
 
 // The tokens from which eight K-quant rows are decoded into an interleaved buffer (fewer go row
 // by row): measured on Zen 3, 1 thread, both ways giving equal bits, Q4_K is faster interleaved
-// from 3 tokens (1.12x there, 0.78x at 1), Q6_K from 4 (0.92x at 3). The 32-value types go row
-// by row only alone (one_token_by_row): at two tokens that form ran 0.85-0.9x the interleaved one.
+// from 3 tokens (1.12x there, 0.78x at 1), Q6_K from 4 (0.92x at 3). The 32-value types' last
+// rows % 8 rows go row by row only alone (one_token_by_row): at two tokens that form ran
+// 0.85-0.9x the interleaved one.
 template <class View>
 constexpr int64_t interleave_tokens() { return View::MAX_CODE > 31 ? 4 : 3; }
 
@@ -395,7 +398,7 @@ inline __m256 one_token_by_row(const PackedView<KIND>* views, const InterleavedR
 // ---- The same types in groups of eight rows (gguf_blocks.h's GroupLayout) ---------------------
 // A group is stored as interleaved_tile reads it: a step's 16 vectors come from 8 loads split
 // into nibbles, plus (Q5_0, Q5_1) a shift and a mask each for the fifth bits, where a row at a
-// time spends a broadcast, two shuffles and a compare per 32 values, then a transpose (or, for
+// time spends a broadcast, two shuffles and two compares per 64 values, then a transpose (or, for
 // one token, a reduction of eight rows' partial sums). The integers and the float steps are
 // interleaved_tile's, so a group gives the bits that the same rows give in the row layout.
 
@@ -938,6 +941,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
 
 void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
+  if (tokens == 0) return;  // no output to write (the eight-row paths would still decode rows)
   if (packed) {
     dispatch_packed(kind, [&](auto kind_constant) {
       constexpr int KIND = decltype(kind_constant)::value;

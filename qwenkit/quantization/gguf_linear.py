@@ -101,13 +101,14 @@ def _dequantized_chunk(blocks: torch.Tensor, kind_id: int, in_features: int, pac
     return out
 
 
-def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int) -> tuple[torch.Tensor, bool]:
+def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, kernels=None) -> tuple[torch.Tensor, bool]:
     """(blocks in the layout the kernels read, whether that is the packed layout): 32-value types
     with rows of a multiple of 64 values are repacked (a same-size copy); the rest stay as given.
-    A stack [experts, rows, bytes] packs each expert's rows on their own."""
+    A stack [experts, rows, bytes] packs each expert's rows on their own. Each build has its own
+    layout: `kernels` (default: this process's build) must be the build that will read them."""
     if kind not in PACKED_TYPES or in_features % 64:
         return blocks, False
-    return native_kernels().pack(blocks, int(kind), in_features), True
+    return (kernels or native_kernels()).pack(blocks, int(kind), in_features), True
 
 
 def group_rows(kind: GGMLQuantizationType, packed: bool) -> int:
