@@ -190,17 +190,17 @@ void rows_dot_q8(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quanti
 // ---- The unsigned 32-value types (Q4_0, Q4_1, Q5_0, Q5_1), eight rows interleaved -------------
 // Eight rows at a time are held (packed in groups at load time, or for a weight's last rows % 8
 // rows decoded and transposed into a buffer: 8 bytes per value of a row, 7 KB for 896-value rows)
-// where one 32-byte vector holds four consecutive
-// values of each of the eight rows: a token's four activation codes, broadcast, meet all eight
+// where one 32-byte vector holds four consecutive values of each of the eight rows: a token's
+// four activation codes, broadcast, meet all eight
 // rows in one VPMADDUBSW. A block's eight such products add up in int16 four at a time (codes <
 // 32 and |x| <= 127: 4 * 2 * 31 * 127 < 32767), so one VPMADDWD per four, one convert and one
 // multiply-add per block give each of the eight rows its block sum: per token and 256
 // multiply-adds, 8 VPMADDUBSW + 6 adds + 2 VPMADDWD + an add + a convert + 3 float ops, where one
 // row at a time (as Q8_0 goes) needs 8 VPMADDUBSW, 8 VPMADDWD, 8 converts and 8 multiply-adds.
 // Eight sums are eight rows' outputs: no horizontal sums. One token alone on the last rows % 8
-// rows goes row by row (one_token_by_row) to the same integers and the same float steps. A token's result is the same
-// whether it comes alone or in a batch, so batched decoding, speculative verification and
-// prefill give each token the bits of a batch of one.
+// rows goes row by row (one_token_by_row) to the same integers and the same float steps. A
+// token's result is the same whether it comes alone or in a batch, so batched decoding,
+// speculative verification and prefill give each token the bits of a batch of one.
 
 // lane r = the sum of v[r]'s eight lanes.
 inline __m256i reduce8(const __m256i* v) {
@@ -236,12 +236,12 @@ struct RowStream {
   void step(int64_t r, int64_t c) const { read.ahead(group_row(rows, row_bytes, first, count, r) + c * stride); }
 };
 
-// The first `count` of eight rows' outputs.
-inline void store_rows(float* y, __m256 v, int64_t count) {
-  if (count == 8) return _mm256_storeu_ps(y, v);
+// Lanes [lo, hi) of eight rows' outputs v to y + lo.
+inline void store_lanes(float* y, __m256 v, int64_t lo, int64_t hi) {
+  if (lo == 0 && hi == 8) return _mm256_storeu_ps(y, v);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, v);
-  std::memcpy(y, lanes, count * sizeof(float));
+  std::memcpy(y + lo, lanes + lo, (hi - lo) * sizeof(float));
 }
 
 // The tokens from which eight K-quant rows are decoded into an interleaved buffer (fewer go row
@@ -306,11 +306,17 @@ struct InterleavedRows {
     }
   }
 
+  // A block's eight offsets, scale * zero - min (the minimums: Q4_1, Q5_1), both layouts' way.
+  static __m256 block_offsets(__m256 scales, __m256 mins) {
+    const __m256 offsets = _mm256_mul_ps(scales, _mm256_set1_ps(static_cast<float>(format_of(KIND).zero)));
+    if constexpr (!has_min(KIND)) return offsets;
+    return _mm256_sub_ps(offsets, mins);
+  }
+
   void decode_scales(const PackedView<KIND>* views, int64_t k) {
     // Eight blocks' scales of each row, transposed into eight blocks' scales of all rows (past
     // the row's last block, the lanes read the next plane: their blocks are never used).
     // The offsets, scale * zero - min, from the transposed values (the same products).
-    const __m256 zero = _mm256_set1_ps(static_cast<float>(format_of(KIND).zero));
     __m256i s[8], m[8], mins[8];
     for (int64_t b = 0; b < k / 32; b += 8) {
       for (int r = 0; r < 8; ++r) {
@@ -319,10 +325,7 @@ struct InterleavedRows {
       }
       transpose8x32(s, reinterpret_cast<__m256i*>(&scales[b]));
       if constexpr (has_min(KIND)) transpose8x32(m, mins);
-      for (int i = 0; i < 8; ++i) {
-        offsets[b + i] = _mm256_mul_ps(scales[b + i], zero);
-        if constexpr (has_min(KIND)) offsets[b + i] = _mm256_sub_ps(offsets[b + i], _mm256_castsi256_ps(mins[i]));
-      }
+      for (int i = 0; i < 8; ++i) offsets[b + i] = block_offsets(scales[b + i], _mm256_castsi256_ps(mins[i]));
     }
   }
 };
@@ -333,6 +336,16 @@ inline __m256i broadcast4(const int8_t* x) {
   return _mm256_set1_epi32(v);
 }
 
+// Lane r: the int32 sum over 16 values of row r (codes[0..3]: four values of each of eight rows)
+// times one token's 16 activation codes at x; the four products add up in int16 first.
+inline __m256i sum16_of_eight_rows(const __m256i* codes, const int8_t* x) {
+  __m256i s16 = _mm256_maddubs_epi16(codes[0], broadcast4(x));
+  s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[1], broadcast4(x + 4)));
+  s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[2], broadcast4(x + 8)));
+  s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[3], broadcast4(x + 12)));
+  return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
 // NT tokens against eight decoded rows: result[j] lane r is token j's dot product with row r.
 // Four code vectors at a time stay in registers for all NT tokens; the offsets' share goes to an
 // accumulator of its own, in a loop of its own.
@@ -340,7 +353,6 @@ template <int KIND, int NT>
 inline void interleaved_tile(const InterleavedRows<KIND>& w, const int8_t* xq, const float* xs32, const float* xsum32, int64_t k,
                              __m256* result) {
   const int64_t blocks = k / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[NT], sub[NT];
   for (int j = 0; j < NT; ++j) acc[j] = sub[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b)
@@ -351,12 +363,7 @@ inline void interleaved_tile(const InterleavedRows<KIND>& w, const int8_t* xq, c
       __m256i codes[4];
       for (int q = 0; q < 4; ++q) codes[q] = _mm256_load_si256(&w.codes[8 * b + 4 * half + q]);
       for (int j = 0; j < NT; ++j) {
-        const int8_t* x = xq + j * k + 32 * b + 16 * half;
-        __m256i s16 = _mm256_maddubs_epi16(codes[0], broadcast4(x));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[1], broadcast4(x + 4)));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[2], broadcast4(x + 8)));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[3], broadcast4(x + 12)));
-        const __m256i part = _mm256_madd_epi16(s16, ones);
+        const __m256i part = sum16_of_eight_rows(codes, xq + j * k + 32 * b + 16 * half);
         sum[j] = half ? _mm256_add_epi32(sum[j], part) : part;
       }
     }
@@ -423,9 +430,9 @@ struct GroupView {
   // The eight rows' scales of block b, and their offsets (scale * zero - min).
   __m256 scales8(int64_t b) const { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 * b))); }
   __m256 offsets8(int64_t b, __m256 scales) const {
-    const __m256 offsets = _mm256_mul_ps(scales, _mm256_set1_ps(static_cast<float>(format_of(KIND).zero)));
-    if constexpr (!has_min(KIND)) return offsets;
-    return _mm256_sub_ps(offsets, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + layout.mins_at + 16 * b))));
+    if constexpr (!has_min(KIND)) return InterleavedRows<KIND>::block_offsets(scales, scales);
+    const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + layout.mins_at + 16 * b)));
+    return InterleavedRows<KIND>::block_offsets(scales, mins);
   }
   const uint8_t* step(int64_t c) const { return group + layout.steps_at + c * layout.step_bytes; }
 
@@ -450,7 +457,6 @@ struct GroupView {
 template <int KIND>
 inline __m256 group_one_token(const GroupView<KIND>& w, const int8_t* x, const float* xs32, const float* xsum32, int64_t k,
                               const ReadAhead& read) {
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps(), sub = _mm256_setzero_ps();
   read.lines(w.group + READ_AHEAD, w.layout.steps_at);
   for (int64_t c = 0; c < k / 64; ++c) {
@@ -462,12 +468,7 @@ inline __m256 group_one_token(const GroupView<KIND>& w, const int8_t* x, const f
       const __m256i* codes = v + 8 * half_step;
       __m256i sum = _mm256_setzero_si256();
       for (int half = 0; half < 2; ++half) {
-        const int8_t* xb = x + 32 * b + 16 * half;
-        __m256i s16 = _mm256_maddubs_epi16(codes[4 * half], broadcast4(xb));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[4 * half + 1], broadcast4(xb + 4)));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[4 * half + 2], broadcast4(xb + 8)));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(codes[4 * half + 3], broadcast4(xb + 12)));
-        const __m256i part = _mm256_madd_epi16(s16, ones);
+        const __m256i part = sum16_of_eight_rows(codes + 4 * half, x + 32 * b + 16 * half);
         sum = half ? _mm256_add_epi32(sum, part) : part;
       }
       const __m256 scales = w.scales8(b);
@@ -476,14 +477,6 @@ inline __m256 group_one_token(const GroupView<KIND>& w, const int8_t* x, const f
     }
   }
   return _mm256_sub_ps(acc, sub);
-}
-
-// Lanes [lo, hi) of v to y + lo.
-inline void store_lanes(float* y, __m256 v, int64_t lo, int64_t hi) {
-  if (lo == 0 && hi == 8) return _mm256_storeu_ps(y, v);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  std::memcpy(y + lo, lanes + lo, (hi - lo) * sizeof(float));
 }
 
 // y[t, row] for packed rows [begin, end) of an unsigned 32-value type, eight rows at a time (a
@@ -538,7 +531,7 @@ void rows_dot_interleaved(const uint8_t* rows, int64_t row_bytes, int64_t n_rows
     w.decode_scales(views.data(), k);
     if (tokens == 1) {
       const __m256 y = one_token_by_row<KIND>(views.data(), w, a.q.data(), a.scale32.data(), a.sum32.data(), k, w.by_row.data(), stream);
-      store_rows(out + first, y, count);
+      store_lanes(out + first, y, 0, count);
       continue;
     }
     w.decode_codes(views.data(), k, stream);
@@ -933,7 +926,7 @@ void rows_dot_k(const uint8_t* rows, int64_t row_bytes, int64_t k, const Quantiz
       }
     }
     for (int64_t t = 0; t < tokens; ++t)
-      store_rows(out + t * n + first, View::HAS_MIN ? _mm256_sub_ps(acc[2 * t], acc[2 * t + 1]) : acc[2 * t], count);
+      store_lanes(out + t * n + first, View::HAS_MIN ? _mm256_sub_ps(acc[2 * t], acc[2 * t + 1]) : acc[2 * t], 0, count);
   }
 }
 

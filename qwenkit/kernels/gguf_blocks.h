@@ -336,7 +336,6 @@ void dispatch_packed(int kind, F&& f) {
   }
 }
 
-
 // ---- What every build's matmul and dequantize_into share: argument checks and row loops ------
 
 // matmul's arguments: float32 x [T, K] and GGUF rows w [N, bytes per row] whose rows hold K values.
