@@ -377,7 +377,8 @@ def test_an_unknown_instruction_set_is_refused(monkeypatch):
 @pytest.mark.parametrize("kind", [*SMALL_TYPES, Q.Q4_K])
 def test_tensor_parallel_cuts_of_packed_rows_keep_their_values(kind):
     """GGUFLinear.narrow and GGUFExperts.narrow_intermediate on weights of 70 rows, packed (on the
-    AVX2 build: 8 groups of 8 rows and 6 rows in the row layout) or the file's (Q4_K): each cut
+    AVX2 build: 8 groups of 8 rows and 6 rows in the row layout; on the AVX-512 builds: 4 tile
+    groups of 16 rows and 6 rows) or the file's (Q4_K): each cut
     holds exactly the gguf package's values of its rows or columns, and its product is that of
     those values; a row cut that would split a group is refused."""
     from qwenkit.quantization.gguf_experts import GGUFExperts
@@ -393,7 +394,7 @@ def test_tensor_parallel_cuts_of_packed_rows_keep_their_values(kind):
         inputs = x[:, start : start + length] if dim == 1 else x
         check_product(cut(inputs), inputs, expected, kind)
     if gguf_linear.group_rows(kind, layer.packed) > 1:
-        with pytest.raises(ValueError, match="groups of 8 rows"):
+        with pytest.raises(ValueError, match=f"groups of {gguf_linear.group_rows(kind, layer.packed)} rows"):
             layer.narrow(0, 4, 16)
     # Two experts of 2 units of intermediate features (gate, up: 2 units of rows of 512; down: 512
     # rows of 2 units), the second unit of each kept

@@ -19,6 +19,11 @@
 
 #include <type_traits>
 
+#ifdef QWENKIT_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "gguf_blocks.h"
 #include "vec_math.h"
 
@@ -416,13 +421,273 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
   }
 }
 
+
+// ---- Packed 32-value types in tile groups of sixteen rows (TileLayout) -----------------------
+// A block of 32 values of sixteen rows meets one token in eight VPDPBUSD, the token's four codes
+// broadcast against four values of each of the sixteen rows (no transpose, no horizontal sums);
+// on the AMX build, from AMX_MIN_TOKENS tokens on, sixteen tokens in one tile multiply (TDPBSUD:
+// the tokens' int8 codes times the rows' unsigned codes, 8192 multiply-adds). Both give the
+// block's exact int32 sum per row and token, and from there every (row, token) takes the same
+// float steps in the same order:
+//     acc = fma(float(sum - zero * token's code sum), row scale * token scale, acc)    per block
+//     acc = fma(row minimum, token's scaled code sum, acc)                  (Q4_1, Q5_1) per block
+// so a token's output has the same bits whatever the batch, whichever unit multiplied it, and on
+// either build.
+constexpr int64_t TILE_TOKENS = 16;
+
+#ifdef QWENKIT_AMX
+// Linux lends a thread the tile registers only once the process has asked (arch_prctl).
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+// Tile shapes: tmm0, tmm1 two blocks' sums [16 tokens][16 rows of int32]; tmm2, tmm3 the tokens'
+// codes [16][32 bytes]; tmm4, tmm5 the rows' codes in tile order [8][64 bytes]. The shapes are
+// per-thread state, loaded at the start of every product (a pool thread may not have them yet).
+// The config lives in static storage: from the stack, a compiler may drop the stores that fill it
+// (llama.cpp's AMX kernels crashed that way).
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void load_tile_shapes() {
+  static const TileConfig config = [] {
+    TileConfig c{};
+    c.palette = 1;
+    for (int t = 0; t < 2; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    for (int t = 2; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = 32;
+    for (int t = 4; t < 6; ++t) c.rows[t] = 8, c.colsb[t] = 64;
+    return c;
+  }();
+  _tile_loadconfig(&config);
+}
+
+// From this many tokens the tile multiply is faster than VPDPBUSD (measured on a 2-core Xeon
+// with AMX: equal at 16 tokens, 1.1-1.3x from 32).
+constexpr int64_t AMX_MIN_TOKENS = 32;
+#endif
+
+// Block b's 512 codes of a tile group in tile order, as 8 vectors (one per tile row).
+template <int KIND>
+inline void tile_block_codes(const uint8_t* step, __m512i* v) {
+  if constexpr (KIND == Q8_0) {
+    for (int p = 0; p < 8; ++p) v[p] = _mm512_loadu_si512(step + 64 * p);
+  } else {
+    constexpr int FIFTH = has_fifth(KIND) ? 64 : 0;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i bytes = _mm512_loadu_si512(step + FIFTH + 64 * p);
+      v[p] = _mm512_and_si512(bytes, m4);
+      v[p + 4] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
+    }
+    if constexpr (has_fifth(KIND)) {
+      const __m512i sixteen = _mm512_set1_epi8(0x10);
+      for (int p = 0; p < 8; ++p) {
+        uint64_t bits;
+        std::memcpy(&bits, step + 8 * p, 8);
+        v[p] = _mm512_mask_add_epi8(v[p], _cvtu64_mask64(bits), v[p], sixteen);
+      }
+    }
+  }
+}
+
+// Per-call token data by [token][block]: zero * the block's code sum (exact int32), the block's
+// scale and its scaled code sum.
+struct TokenBlocks {
+  std::vector<int32_t> zero_sums;
+  const float* scale;
+  const float* sum;
+  TokenBlocks(const QuantizedActivations& a, int64_t tokens, int64_t blocks, int zero)
+      : zero_sums(tokens * blocks), scale(a.scale32.data()), sum(a.sum32.data()) {
+    for (int64_t i = 0; i < tokens * blocks; ++i) zero_sums[i] = zero * static_cast<int32_t>(a.codes32[i]);
+  }
+};
+
+// One block's float steps for one token (see above): the same code for both units.
+template <int KIND>
+inline __m512 block_step(__m512i sums, int64_t tb, const TokenBlocks& x, __m512 ws, __m512 mins, __m512 acc) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(x.zero_sums[tb])));
+  acc = _mm512_fmadd_ps(f, _mm512_mul_ps(ws, _mm512_set1_ps(x.scale[tb])), acc);
+  if constexpr (has_min(KIND)) acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[tb]), acc);
+  return acc;
+}
+
+// Rows [lo, hi) of a tile group's sixteen outputs for tokens [t0, t0 + nt).
+inline void store_group(const __m512* acc, int64_t nt, int64_t t0, int64_t first, int64_t lo, int64_t hi, float* out, int64_t ldo) {
+  const __mmask16 keep = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+  for (int64_t m = 0; m < nt; ++m) _mm512_mask_storeu_ps(out + (t0 + m) * ldo + first, keep, acc[m]);
+}
+
+template <int KIND>
+void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a, int64_t tokens,
+                     int64_t begin, int64_t end, float* out, int64_t ldo) {
+  constexpr int64_t G = TILE_GROUP_ROWS;
+  const int64_t blocks = k / 32, grouped = n_rows / G * G;
+  const TileLayout layout(KIND, k);
+  const TokenBlocks x(a, tokens, blocks, format_of(KIND).zero);
+#ifdef QWENKIT_AMX
+  const bool amx = tokens >= AMX_MIN_TOKENS;
+  thread_local std::vector<uint8_t> codes, padded;
+  alignas(64) int32_t sums[2][TILE_TOKENS * G];
+  if (amx) {
+    TORCH_CHECK(amx_permitted(), "this process may not use AMX's tile registers (arch_prctl refused); run with QWENKIT_ISA=avx512");
+    load_tile_shapes();
+    if (KIND != Q8_0) codes.resize(blocks * 512);
+    if (tokens % TILE_TOKENS) padded.assign(TILE_TOKENS * k, 0);
+  }
+#else
+  constexpr bool amx = false;
+#endif
+  thread_local std::vector<float> ws, mins;
+  ws.resize(blocks * G);
+  mins.resize(has_min(KIND) ? blocks * G : 0);
+  for (int64_t first = begin / G * G; first < std::min(end, grouped); first += G) {
+    const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + G) - first;
+    const uint8_t* group = rows + first * row_bytes;
+    const uint8_t* next = first + G < grouped ? group + G * row_bytes : nullptr;
+    for (int64_t b = 0; b < blocks; b += 16) {  // a row scale, and minimum, per block and row, as float
+      for (int64_t i = 0; i < 16 && b + i < blocks; ++i) {
+        _mm512_storeu_ps(&ws[(b + i) * G], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32 * (b + i)))));
+        if constexpr (has_min(KIND))
+          _mm512_storeu_ps(&mins[(b + i) * G],
+                           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + layout.mins_at + 32 * (b + i)))));
+      }
+    }
+    if (next)  // the next group's scales, and its codes a block at a time below
+      for (int64_t at = 0; at < layout.steps_at; at += 64) __builtin_prefetch(next + at, 0, 2);
+    auto step = [&](int64_t b) { return group + layout.steps_at + b * layout.step_bytes; };
+    auto prefetch_next = [&](int64_t b) {
+      if (next)
+        for (int64_t at = 0; at < layout.step_bytes; at += 64) __builtin_prefetch(next + layout.steps_at + b * layout.step_bytes + at, 0, 2);
+    };
+    __m512 acc[TILE_TOKENS];
+    if (!amx) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
+        const int64_t nt = std::min<int64_t>(TILE_TOKENS, tokens - t0);
+        for (int64_t m = 0; m < nt; ++m) acc[m] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
+          if (t0 == 0) prefetch_next(b);
+          __m512i v[8];
+          tile_block_codes<KIND>(step(b), v);
+          const __m512 w = _mm512_loadu_ps(&ws[b * G]);
+          const __m512 mn = has_min(KIND) ? _mm512_loadu_ps(&mins[b * G]) : _mm512_setzero_ps();
+          for (int64_t m = 0; m < nt; ++m) {
+            const int8_t* xq = a.q.data() + (t0 + m) * k + 32 * b;
+            __m512i s = _mm512_setzero_si512();
+            for (int p = 0; p < 8; ++p) {
+              int32_t four;
+              std::memcpy(&four, xq + 4 * p, 4);
+              s = _mm512_dpbusd_epi32(s, v[p], _mm512_set1_epi32(four));
+            }
+            acc[m] = block_step<KIND>(s, (t0 + m) * blocks + b, x, w, mn, acc[m]);
+          }
+        }
+        store_group(acc, nt, t0, first, lo, hi, out, ldo);
+      }
+      continue;
+    }
+#ifdef QWENKIT_AMX
+    if constexpr (KIND != Q8_0) {  // decode the group's codes once for all its token tiles
+      for (int64_t b = 0; b < blocks; ++b) {
+        prefetch_next(b);
+        __m512i v[8];
+        tile_block_codes<KIND>(step(b), v);
+        for (int p = 0; p < 8; ++p) _mm512_storeu_si512(codes.data() + 512 * b + 64 * p, v[p]);
+      }
+    }
+    auto block_codes_at = [&](int64_t b) -> const uint8_t* { return KIND == Q8_0 ? step(b) : codes.data() + 512 * b; };
+    for (int64_t t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
+      const int64_t nt = std::min<int64_t>(TILE_TOKENS, tokens - t0);
+      const int8_t* xq = a.q.data() + t0 * k;
+      if (nt < TILE_TOKENS) {
+        std::memcpy(padded.data(), xq, nt * k);
+        xq = reinterpret_cast<const int8_t*>(padded.data());
+      }
+      for (int64_t m = 0; m < nt; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; b += 2) {
+        if (KIND == Q8_0) prefetch_next(b), prefetch_next(b + 1);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_loadd(2, xq + 32 * b, k);
+        _tile_loadd(4, block_codes_at(b), 64);
+        _tile_dpbsud(0, 2, 4);
+        _tile_loadd(3, xq + 32 * (b + 1), k);
+        _tile_loadd(5, block_codes_at(b + 1), 64);
+        _tile_dpbsud(1, 3, 5);
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        for (int64_t j = 0; j < 2; ++j) {
+          const __m512 w = _mm512_loadu_ps(&ws[(b + j) * G]);
+          const __m512 mn = has_min(KIND) ? _mm512_loadu_ps(&mins[(b + j) * G]) : _mm512_setzero_ps();
+          for (int64_t m = 0; m < nt; ++m)
+            acc[m] = block_step<KIND>(_mm512_load_si512(sums[j] + 16 * m), (t0 + m) * blocks + b + j, x, w, mn, acc[m]);
+        }
+      }
+      store_group(acc, nt, t0, first, lo, hi, out, ldo);
+    }
+#endif
+  }
+  if (end > grouped) rows_dot<PackedView<KIND>>(rows, row_bytes, k, a, tokens, std::max(begin, grouped), end, out, ldo);
+}
+
+// dequantize_into for a packed weight (tile groups, then rows % 16 packed rows): each block of a
+// group decoded once (tile_block_codes) and its 16 rows' codes copied out of tile order.
+template <int KIND>
+void dequantize_tile_groups(torch::Tensor w, torch::Tensor out) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
+  TORCH_CHECK((out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16) && out.dim() == 2 && out.is_contiguous() &&
+                  out.size(0) == w.size(0),
+              "out must be a contiguous float32 or bfloat16 [rows, row length]");
+  const int64_t n = w.size(0), k = out.size(1), G = TILE_GROUP_ROWS;
+  TORCH_CHECK(k % 64 == 0 && w.size(1) == k / 32 * format_of(KIND).block_bytes, "row length ", k, " does not match ", w.size(1),
+              " bytes per row of GGUF type ", KIND);
+  w = w.contiguous();
+  const uint8_t* rows = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1), groups = n / G, blocks = k / 32, zero = format_of(KIND).zero;
+  const TileLayout layout(KIND, k);
+  auto write = [&](const RowScratch& r, int64_t row) {
+    if (out.dtype() == torch::kBFloat16) {
+      row_values(r, zero, k, out.data_ptr<at::BFloat16>() + row * k);
+    } else {
+      row_values(r, zero, k, out.data_ptr<float>() + row * k);
+    }
+  };
+  parallel_for(0, groups + n - groups * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<RowScratch> scratch(G, RowScratch(k));
+    alignas(64) uint8_t tile[512];
+    for (int64_t u = begin; u < end; ++u) {
+      if (u >= groups) {  // a row of the tail
+        const int64_t row = groups * G + u - groups;
+        unpack_view_row<PackedView<KIND>>(rows + row * row_bytes, k, zero, scratch[0]);
+        write(scratch[0], row);
+        continue;
+      }
+      const uint8_t* group = rows + u * G * row_bytes;
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m512i v[8];
+        tile_block_codes<KIND>(group + layout.steps_at + b * layout.step_bytes, v);
+        for (int q = 0; q < 8; ++q) _mm512_store_si512(tile + 64 * q, v[q]);
+        for (int64_t r = 0; r < G; ++r) {
+          for (int q = 0; q < 8; ++q) std::memcpy(scratch[r].codes.data() + 32 * b + 4 * q, tile + 64 * q + 4 * r, 4);
+          set_scale(scratch[r], 2 * b, f16(group + 32 * b + 2 * r), has_min(KIND) ? -f16(group + layout.mins_at + 32 * b + 2 * r) : 0.0f);
+        }
+      }
+      for (int64_t r = 0; r < G; ++r) write(scratch[r], u * G + r);
+    }
+  });
+}
+
 }  // namespace
 
-void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t /*n_rows*/, int64_t k, const QuantizedActivations& a,
+void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
+  if (tokens == 0) return;
   if (packed) {
     dispatch_packed(kind, [&](auto kind_constant) {
-      rows_dot<PackedView<decltype(kind_constant)::value>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+      tile_groups_dot<decltype(kind_constant)::value>(rows, row_bytes, n_rows, k, a, tokens, begin, end, out, ldo);
     });
   } else if (kind == Q4_K) {
     rows_dot_k<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
@@ -438,6 +703,10 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
 // bfloat16 those values rounded to nearest even.
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
   const int zero = format_of(static_cast<int>(kind)).zero;
+  if (packed) {
+    dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { dequantize_tile_groups<decltype(kind_constant)::value>(w, out); });
+    return;
+  }
   auto unpack = [&](const uint8_t* row, int64_t k, RowScratch& r) {
     if (packed) {
       dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { unpack_view_row<PackedView<decltype(kind_constant)::value>>(row, k, zero, r); });
@@ -452,6 +721,6 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
   dequantize_rows(w, kind, out, unpack, [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
 }
 
-int64_t qwenkit::packed_group_rows(int64_t) { return 1; }
+int64_t qwenkit::packed_group_rows(int64_t kind) { return packable(static_cast<int>(kind)) ? TILE_GROUP_ROWS : 1; }
 
-torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k, 1); }
+torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k, qwenkit::packed_group_rows(kind)); }

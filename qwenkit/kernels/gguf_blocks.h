@@ -477,6 +477,21 @@ inline void unpack_any_row(int kind, bool packed, const uint8_t* row, int64_t k,
   }
 }
 
+// A file row's unsigned codes (0..31, or q + 128 for Q8_0), block by block.
+inline void block_codes(int kind, const uint8_t* row, int64_t k, uint8_t* codes) {
+  const Format f = format_of(kind);
+  const int at = codes_at(kind);
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const uint8_t* block = row + b * f.block_bytes;
+    if (kind == Q8_0) {
+      for (int i = 0; i < 32; ++i) codes[32 * b + i] = block[at + i] ^ 0x80;
+      continue;
+    }
+    split_nibbles_32(block + at, codes + 32 * b);
+    if (has_fifth(kind)) or_fifth_bits_32(block + at - 4, codes + 32 * b);
+  }
+}
+
 // ---- The packed layout in groups of eight rows (the AVX2 build's, for Q4_0, Q4_1, Q5_0, Q5_1) --
 // Eight rows' codes stored as the eight-row kernels multiply them, so that one token meets eight
 // rows with no transpose and no horizontal sums (ggml's repacked Q4_0x8 serves the same end). The
@@ -504,15 +519,13 @@ struct GroupLayout {
 inline void pack_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t k, uint8_t* dst) {
   const Format f = format_of(kind);
   const GroupLayout g(kind, k);
-  const int at = codes_at(kind);
   std::vector<uint8_t> codes(GROUP_ROWS * k);  // [row][value], 0..31
   for (int64_t row = 0; row < GROUP_ROWS; ++row) {
+    block_codes(kind, src + row * row_bytes, k, codes.data() + row * k);
     for (int64_t b = 0; b < k / 32; ++b) {
       const uint8_t* block = src + row * row_bytes + b * f.block_bytes;
       std::memcpy(dst + 16 * b + 2 * row, block, 2);
       if (has_min(kind)) std::memcpy(dst + g.mins_at + 16 * b + 2 * row, block + 2, 2);
-      split_nibbles_32(block + at, codes.data() + row * k + 32 * b);
-      if (has_fifth(kind)) or_fifth_bits_32(block + at - 4, codes.data() + row * k + 32 * b);
     }
   }
   for (int64_t c = 0; c < k / 64; ++c) {
@@ -548,26 +561,99 @@ inline void unpack_group_row(int kind, const uint8_t* group, int lane, int64_t k
   }
 }
 
-// Row `row` of the n rows at `rows` as stored: the file's blocks, packed rows, or (group_rows 8)
-// packed groups with the last n % 8 rows packed row by row.
+// ---- The packed layout in tiles of sixteen rows (the AMX build's, for every packed type) --------
+// Sixteen rows' codes stored per 32-value block in the order in which an AMX tile multiply reads
+// its second operand (and VPDPBUSD meets one token's four codes broadcast), so that a block of
+// sixteen rows is one tile load with no transpose. The same bytes as sixteen packed rows:
+//   [K/32 blocks x 16 rows fp16 scales][the same for minimums: Q4_1, Q5_1]
+//   then per block b: [64 bytes of fifth bits: Q5_0, Q5_1][codes: 256 bytes of nibbles, or 512 for Q8_0]
+// The block's 512 codes C[j], j = 64p + 4n + i, are row n's value 32b + 4p + i (the tile's row p
+// holds four consecutive values of each of the 16 rows). Nibble byte j holds C[j] in its low and
+// C[256 + j] in its high nibble; bit j % 8 of fifth-bit byte j / 8 is C[j]'s fifth bit; Q8_0's
+// codes are q + 128. A weight's last rows % 16 rows keep the row layout (PackedRow).
+constexpr int64_t TILE_GROUP_ROWS = 16;
+
+struct TileLayout {
+  int64_t mins_at, steps_at, fifth_bytes, step_bytes;
+  TileLayout(int kind, int64_t k)
+      : mins_at(k / 32 * 32),
+        steps_at(mins_at + (has_min(kind) ? k / 32 * 32 : 0)),
+        fifth_bytes(has_fifth(kind) ? 64 : 0),
+        step_bytes(fifth_bytes + (kind == Q8_0 ? 512 : 256)) {}
+};
+
+// Sixteen file rows (row_bytes apart) in the tile layout.
+inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t k, uint8_t* dst) {
+  const TileLayout g(kind, k);
+  std::vector<uint8_t> codes(TILE_GROUP_ROWS * k);  // [row][value]
+  for (int64_t n = 0; n < TILE_GROUP_ROWS; ++n) {
+    block_codes(kind, src + n * row_bytes, k, codes.data() + n * k);
+    for (int64_t b = 0; b < k / 32; ++b) {
+      const uint8_t* block = src + n * row_bytes + b * format_of(kind).block_bytes;
+      std::memcpy(dst + 32 * b + 2 * n, block, 2);
+      if (has_min(kind)) std::memcpy(dst + g.mins_at + 32 * b + 2 * n, block + 2, 2);
+    }
+  }
+  for (int64_t b = 0; b < k / 32; ++b) {
+    uint8_t* step = dst + g.steps_at + b * g.step_bytes;
+    std::memset(step, 0, g.step_bytes);
+    for (int j = 0; j < 512; ++j) {
+      const uint8_t code = codes[((j / 4) % 16) * k + 32 * b + 4 * (j / 64) + j % 4];
+      if (kind == Q8_0) {
+        step[j] = code;
+        continue;
+      }
+      step[g.fifth_bytes + j % 256] |= static_cast<uint8_t>((code & 0x0F) << (j < 256 ? 0 : 4));
+      if (has_fifth(kind)) step[j / 8] |= static_cast<uint8_t>(((code >> 4) & 1) << (j % 8));
+    }
+  }
+}
+
+// Row `lane` of a tile group into RowScratch (dequantize_into).
+inline void unpack_tile_group_row(int kind, const uint8_t* group, int lane, int64_t k, RowScratch& r) {
+  const TileLayout g(kind, k);
+  for (int64_t b = 0; b < k / 32; ++b) {
+    set_scale(r, 2 * b, f16(group + 32 * b + 2 * lane), has_min(kind) ? -f16(group + g.mins_at + 32 * b + 2 * lane) : 0.0f);
+    const uint8_t* step = group + g.steps_at + b * g.step_bytes;
+    for (int v = 0; v < 32; ++v) {
+      const int j = 64 * (v / 4) + 4 * lane + v % 4;
+      int code;
+      if (kind == Q8_0) {
+        code = step[j];
+      } else {
+        code = (step[g.fifth_bytes + j % 256] >> (j < 256 ? 0 : 4)) & 0x0F;
+        if (has_fifth(kind)) code |= ((step[j / 8] >> (j % 8)) & 1) << 4;
+      }
+      r.codes[32 * b + v] = static_cast<uint8_t>(code);
+    }
+  }
+}
+
+// Row `row` of the n rows at `rows` as stored: the file's blocks, packed rows, or packed groups
+// of group_rows (8: GroupLayout, 16: TileLayout) with the last n % group_rows rows packed row by row.
 inline void unpack_stored_row(int kind, bool packed, int64_t group_rows, const uint8_t* rows, int64_t row_bytes, int64_t n, int64_t row,
                               int64_t k, RowScratch& r) {
-  if (packed && group_rows > 1 && row < n / group_rows * group_rows)
-    return unpack_group_row(kind, rows + row / group_rows * group_rows * row_bytes, static_cast<int>(row % group_rows), k, r);
+  if (packed && group_rows > 1 && row < n / group_rows * group_rows) {
+    const uint8_t* group = rows + row / group_rows * group_rows * row_bytes;
+    const int lane = static_cast<int>(row % group_rows);
+    if (group_rows == TILE_GROUP_ROWS) return unpack_tile_group_row(kind, group, lane, k, r);
+    return unpack_group_row(kind, group, lane, k, r);
+  }
   unpack_any_row(kind, packed, rows + row * row_bytes, k, r);
 }
 
 // GGUF block rows of a 32-value type ([rows, bytes per row], or [matrices, rows, bytes per row]:
 // each matrix's rows on their own) in the packed layout, same shape: row by row (PackedRow), or
-// in groups of group_rows = 8 (GroupLayout) with each matrix's last rows % 8 row by row.
+// in groups of group_rows = 8 (GroupLayout) or 16 (TileLayout) with each matrix's last
+// rows % group_rows row by row.
 inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k, int64_t group_rows) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && (w.dim() == 2 || w.dim() == 3), "w must be uint8 [(matrices,) rows, bytes per row]");
   const Format f = format_of(static_cast<int>(kind));
   const int64_t rows = w.size(w.dim() - 2), row_bytes = w.size(w.dim() - 1);
   TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0 && row_bytes == k / f.block_values * f.block_bytes,
               "no packed layout for GGUF type ", kind, " with rows of ", k);
-  TORCH_CHECK(group_rows == 1 || (group_rows == GROUP_ROWS && groupable(static_cast<int>(kind))), "no packed groups of ", group_rows,
-              " rows for GGUF type ", kind);
+  TORCH_CHECK(group_rows == 1 || (group_rows == GROUP_ROWS && groupable(static_cast<int>(kind))) || group_rows == TILE_GROUP_ROWS,
+              "no packed groups of ", group_rows, " rows for GGUF type ", kind);
   w = w.contiguous();
   auto packed = torch::empty_like(w);
   if (w.numel() == 0) return packed;
@@ -579,7 +665,12 @@ inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k, int64_t
     for (int64_t u = begin; u < end; ++u) {
       const int64_t matrix = (u / units) * rows * row_bytes, i = u % units;
       if (i < groups) {
-        pack_group(static_cast<int>(kind), src + matrix + i * group_rows * row_bytes, row_bytes, k, dst + matrix + i * group_rows * row_bytes);
+        const int64_t at = matrix + i * group_rows * row_bytes;
+        if (group_rows == TILE_GROUP_ROWS) {
+          pack_tile_group(static_cast<int>(kind), src + at, row_bytes, k, dst + at);
+        } else {
+          pack_group(static_cast<int>(kind), src + at, row_bytes, k, dst + at);
+        }
       } else {
         const int64_t at = matrix + (groups * group_rows + i - groups) * row_bytes;
         pack_row(static_cast<int>(kind), src + at, k, dst + at);

@@ -85,7 +85,7 @@ def dense_block_matmul(x: torch.Tensor, blocks: torch.Tensor, kind_id: int, in_f
     dtype = dense_dtype()
     x = x.to(dtype)
     out_features = blocks.shape[0]
-    rows_per_chunk = max(16, DENSE_CHUNK_VALUES // in_features) // 8 * 8  # whole groups of packed rows
+    rows_per_chunk = max(16, DENSE_CHUNK_VALUES // in_features) // 16 * 16  # whole groups of packed rows (8 or 16)
     if out_features <= rows_per_chunk:
         return (x @ _dequantized_chunk(blocks, kind_id, in_features, packed, dtype).T).float()
     y = torch.empty(x.shape[0], out_features)
