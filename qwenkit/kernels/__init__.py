@@ -2,19 +2,16 @@
 
 One module, `cpu_kernels()`: GGUF blocks used in place and the small operations of a decode step,
 built for the instruction set this CPU has, each build its own cached module:
-  amx       AVX-512 VNNI and AMX-INT8 (ggml_cpu.cpp with QWENKIT_AMX: the 32-value types in
-            tiles of 16 rows, multiplied by AMX's tile unit from 4 tokens on)
   avx512    AVX-512 VNNI (ggml_cpu.cpp: hand-written VPDPBUSD kernels)
   avx2      AVX2 + FMA + F16C (ggml_avx2.cpp: hand-written VPMADDUBSW kernels, as llama.cpp's AVX2 path)
   portable  any other CPU (ggml_portable.cpp, no instruction-set flag)
-QWENKIT_ISA=amx|avx512|avx2|portable forces one (read once; a CPU cannot run a richer set than it
+QWENKIT_ISA=avx512|avx2|portable forces one (read once; a CPU cannot run a richer set than it
 has). `cpu_kernels()` returns None only when no C++ compiler can build them, or with
 QWENKIT_NO_NATIVE=1; callers then take the pure-torch path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import platform
@@ -26,12 +23,10 @@ from types import ModuleType
 from qwenkit.errors import QwenkitError
 
 _COMMON = ("bindings.cpp", "decode_cpu.cpp", "decode_layers.cpp", "gguf_matmul.cpp", "thread_pool.cpp")
-_AVX512 = ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"},
-           ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"])
 _ISAS = {
     # name: (CPU flags needed, GGUF kernel source, compiler flags)
-    "amx": (_AVX512[0] | {"amx_tile", "amx_int8"}, "ggml_cpu.cpp", [*_AVX512[1], "-mamx-tile", "-mamx-int8", "-DQWENKIT_AMX"]),
-    "avx512": (_AVX512[0], "ggml_cpu.cpp", _AVX512[1]),
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}, "ggml_cpu.cpp",
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]),
     "avx2": ({"avx2", "fma", "f16c"}, "ggml_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
     "portable": (set(), "ggml_portable.cpp", []),
 }
@@ -55,24 +50,11 @@ def bf16_matmul_is_fast() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-@functools.cache
-def _amx_permitted() -> bool:
-    """Whether Linux lends this process AMX's tile registers: it must ask first (arch_prctl
-    ARCH_REQ_XCOMP_PERM for XTILEDATA; kernels before 5.16 and some hypervisors refuse)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    except (OSError, AttributeError):
-        return False
-
-
 def supported_isas() -> list[str]:
     """The kernel builds this CPU can run, fastest first."""
     flags = _cpu_flags()
-    machine = platform.machine().lower()
-    x86 = machine in {"x86_64", "amd64", "i686", "i386"}
-    usable = [name for name, (needed, _, _) in _ISAS.items() if name == "portable" or (x86 and needed <= flags)]
-    return [name for name in usable if name != "amx" or (machine in {"x86_64", "amd64"} and _amx_permitted())]
+    x86 = platform.machine().lower() in {"x86_64", "amd64", "i686", "i386"}
+    return [name for name, (needed, _, _) in _ISAS.items() if name == "portable" or (x86 and needed <= flags)]
 
 
 @functools.cache

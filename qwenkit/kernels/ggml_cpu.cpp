@@ -19,11 +19,6 @@
 
 #include <type_traits>
 
-#ifdef QWENKIT_AMX
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include "gguf_blocks.h"
 #include "vec_math.h"
 
@@ -424,51 +419,17 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 
 // ---- Packed 32-value types in tile groups of sixteen rows (TileLayout) -----------------------
 // A block of 32 values of sixteen rows meets one token in eight VPDPBUSD, the token's four codes
-// broadcast against four values of each of the sixteen rows (no transpose, no horizontal sums);
-// on the AMX build, from AMX_MIN_TOKENS tokens on, sixteen tokens in one tile multiply (TDPBSUD:
-// the tokens' int8 codes times the rows' unsigned codes, 8192 multiply-adds). Both give the
-// block's exact int32 sum per row and token, and from there every (row, token) takes the same
-// float steps in the same order:
+// broadcast against four values of each of the sixteen rows: no transpose, no horizontal sums,
+// and the block's exact int32 sum per row. From there every (row, token) takes the same float
+// steps in the same order whatever the batch:
 //     acc = fma(float(sum - zero * token's code sum), row scale * token scale, acc)    per block
 //     acc = fma(row minimum, token's scaled code sum, acc)                  (Q4_1, Q5_1) per block
-// so a token's output has the same bits whatever the batch, whichever unit multiplied it, and on
-// either build.
+// Tokens go 16 at a time (TILE_TOKENS): each block's codes are decoded once per 16 tokens, and
+// the sums stay in registers. The layout is also AMX's (a block of a group is one tile of its
+// second operand); its tile multiply was tried (TDPBSUD, 16 tokens x 16 rows x 32 values) and
+// measured 1.1-1.3x this path from 16 tokens, 0.9x on Q8_0 rows: both are bound by the float
+// steps above (five instructions per token, block and 16 rows), not by the multiplies.
 constexpr int64_t TILE_TOKENS = 16;
-
-#ifdef QWENKIT_AMX
-// Linux lends a thread the tile registers only once the process has asked (arch_prctl).
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-// Tile shapes: tmm0, tmm1 two blocks' sums [16 tokens][16 rows of int32]; tmm2, tmm3 the tokens'
-// codes [16][32 bytes]; tmm4, tmm5 the rows' codes in tile order [8][64 bytes]. The shapes are
-// per-thread state, loaded at the start of every product (a pool thread may not have them yet).
-// The config lives in static storage: from the stack, a compiler may drop the stores that fill it
-// (llama.cpp's AMX kernels crashed that way).
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void load_tile_shapes() {
-  static const TileConfig config = [] {
-    TileConfig c{};
-    c.palette = 1;
-    for (int t = 0; t < 2; ++t) c.rows[t] = 16, c.colsb[t] = 64;
-    for (int t = 2; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = 32;
-    for (int t = 4; t < 6; ++t) c.rows[t] = 8, c.colsb[t] = 64;
-    return c;
-  }();
-  _tile_loadconfig(&config);
-}
-
-// From this many tokens the tile multiply is faster than VPDPBUSD (measured on a 2-core Xeon
-// with AMX: equal at 16 tokens, 1.1-1.3x from 32).
-constexpr int64_t AMX_MIN_TOKENS = 32;
-#endif
 
 // Block b's 512 codes of a tile group in tile order, as 8 vectors (one per tile row).
 template <int KIND>
@@ -506,7 +467,7 @@ struct TokenBlocks {
   }
 };
 
-// One block's float steps for one token (see above): the same code for both units.
+// One block's float steps for one token (see above).
 template <int KIND>
 inline __m512 block_step(__m512i sums, int64_t tb, const TokenBlocks& x, __m512 ws, __m512 mins, __m512 acc) {
   const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(x.zero_sums[tb])));
@@ -515,12 +476,51 @@ inline __m512 block_step(__m512i sums, int64_t tb, const TokenBlocks& x, __m512 
   return acc;
 }
 
+// A tile group as the token loops read it: its blocks' codes (TileLayout steps), and its rows'
+// scales and minimums as float by [block][row].
+struct TileGroup {
+  const uint8_t* steps;
+  int64_t step_bytes, blocks;
+  const float* ws;
+  const float* mins;
+  __m512 scale(int64_t b) const { return _mm512_loadu_ps(ws + 16 * b); }
+  __m512 minimum(int64_t b) const { return mins ? _mm512_loadu_ps(mins + 16 * b) : _mm512_setzero_ps(); }
+};
+
+// Tokens [t0, t0 + NT) of a group through VPDPBUSD, block by block: acc[m] gets token t0 + m's
+// sums of the sixteen rows. `ahead` (or null): the next group's codes, requested into L2 a block
+// at a time.
+template <int KIND, int NT>
+inline void vnni_tokens(const TileGroup& g, const int8_t* xq, int64_t k, const TokenBlocks& x, int64_t t0, const uint8_t* ahead, __m512* acc) {
+  for (int m = 0; m < NT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < g.blocks; ++b) {
+    if (ahead)
+      for (int64_t at = 0; at < g.step_bytes; at += 64) __builtin_prefetch(ahead + b * g.step_bytes + at, 0, 2);
+    __m512i v[8];
+    tile_block_codes<KIND>(g.steps + b * g.step_bytes, v);
+    const __m512 w = g.scale(b), mn = g.minimum(b);
+    for (int m = 0; m < NT; ++m) {
+      const int8_t* xb = xq + m * k + 32 * b;
+      __m512i s = _mm512_setzero_si512();
+      for (int p = 0; p < 8; ++p) {
+        int32_t four;
+        std::memcpy(&four, xb + 4 * p, 4);
+        s = _mm512_dpbusd_epi32(s, v[p], _mm512_set1_epi32(four));
+      }
+      acc[m] = block_step<KIND>(s, (t0 + m) * g.blocks + b, x, w, mn, acc[m]);
+    }
+  }
+}
+
+
 // Rows [lo, hi) of a tile group's sixteen outputs for tokens [t0, t0 + nt).
 inline void store_group(const __m512* acc, int64_t nt, int64_t t0, int64_t first, int64_t lo, int64_t hi, float* out, int64_t ldo) {
   const __mmask16 keep = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
   for (int64_t m = 0; m < nt; ++m) _mm512_mask_storeu_ps(out + (t0 + m) * ldo + first, keep, acc[m]);
 }
 
+// y[t, row] for rows [begin, end) of a packed weight of n_rows rows: its tile groups here, its
+// last n_rows % 16 rows (the row layout) through rows_dot.
 template <int KIND>
 void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a, int64_t tokens,
                      int64_t begin, int64_t end, float* out, int64_t ldo) {
@@ -528,107 +528,37 @@ void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int
   const int64_t blocks = k / 32, grouped = n_rows / G * G;
   const TileLayout layout(KIND, k);
   const TokenBlocks x(a, tokens, blocks, format_of(KIND).zero);
-#ifdef QWENKIT_AMX
-  const bool amx = tokens >= AMX_MIN_TOKENS;
-  thread_local std::vector<uint8_t> codes, padded;
-  alignas(64) int32_t sums[2][TILE_TOKENS * G];
-  if (amx) {
-    TORCH_CHECK(amx_permitted(), "this process may not use AMX's tile registers (arch_prctl refused); run with QWENKIT_ISA=avx512");
-    load_tile_shapes();
-    if (KIND != Q8_0) codes.resize(blocks * 512);
-    if (tokens % TILE_TOKENS) padded.assign(TILE_TOKENS * k, 0);
-  }
-#else
-  constexpr bool amx = false;
-#endif
   thread_local std::vector<float> ws, mins;
   ws.resize(blocks * G);
   mins.resize(has_min(KIND) ? blocks * G : 0);
+  __m512 acc[TILE_TOKENS];
   for (int64_t first = begin / G * G; first < std::min(end, grouped); first += G) {
     const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + G) - first;
     const uint8_t* group = rows + first * row_bytes;
     const uint8_t* next = first + G < grouped ? group + G * row_bytes : nullptr;
-    for (int64_t b = 0; b < blocks; b += 16) {  // a row scale, and minimum, per block and row, as float
-      for (int64_t i = 0; i < 16 && b + i < blocks; ++i) {
-        _mm512_storeu_ps(&ws[(b + i) * G], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32 * (b + i)))));
-        if constexpr (has_min(KIND))
-          _mm512_storeu_ps(&mins[(b + i) * G],
-                           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + layout.mins_at + 32 * (b + i)))));
-      }
+    for (int64_t b = 0; b < blocks; ++b) {
+      _mm512_storeu_ps(&ws[b * G], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32 * b))));
+      if constexpr (has_min(KIND))
+        _mm512_storeu_ps(&mins[b * G], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + layout.mins_at + 32 * b))));
     }
-    if (next)  // the next group's scales, and its codes a block at a time below
+    if (next)  // the next group's scales; its codes a block at a time as this group's are read
       for (int64_t at = 0; at < layout.steps_at; at += 64) __builtin_prefetch(next + at, 0, 2);
-    auto step = [&](int64_t b) { return group + layout.steps_at + b * layout.step_bytes; };
-    auto prefetch_next = [&](int64_t b) {
-      if (next)
-        for (int64_t at = 0; at < layout.step_bytes; at += 64) __builtin_prefetch(next + layout.steps_at + b * layout.step_bytes + at, 0, 2);
-    };
-    __m512 acc[TILE_TOKENS];
-    if (!amx) {
-      for (int64_t t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
-        const int64_t nt = std::min<int64_t>(TILE_TOKENS, tokens - t0);
-        for (int64_t m = 0; m < nt; ++m) acc[m] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < blocks; ++b) {
-          if (t0 == 0) prefetch_next(b);
-          __m512i v[8];
-          tile_block_codes<KIND>(step(b), v);
-          const __m512 w = _mm512_loadu_ps(&ws[b * G]);
-          const __m512 mn = has_min(KIND) ? _mm512_loadu_ps(&mins[b * G]) : _mm512_setzero_ps();
-          for (int64_t m = 0; m < nt; ++m) {
-            const int8_t* xq = a.q.data() + (t0 + m) * k + 32 * b;
-            __m512i s = _mm512_setzero_si512();
-            for (int p = 0; p < 8; ++p) {
-              int32_t four;
-              std::memcpy(&four, xq + 4 * p, 4);
-              s = _mm512_dpbusd_epi32(s, v[p], _mm512_set1_epi32(four));
-            }
-            acc[m] = block_step<KIND>(s, (t0 + m) * blocks + b, x, w, mn, acc[m]);
-          }
-        }
-        store_group(acc, nt, t0, first, lo, hi, out, ldo);
-      }
-      continue;
-    }
-#ifdef QWENKIT_AMX
-    if constexpr (KIND != Q8_0) {  // decode the group's codes once for all its token tiles
-      for (int64_t b = 0; b < blocks; ++b) {
-        prefetch_next(b);
-        __m512i v[8];
-        tile_block_codes<KIND>(step(b), v);
-        for (int p = 0; p < 8; ++p) _mm512_storeu_si512(codes.data() + 512 * b + 64 * p, v[p]);
-      }
-    }
-    auto block_codes_at = [&](int64_t b) -> const uint8_t* { return KIND == Q8_0 ? step(b) : codes.data() + 512 * b; };
-    for (int64_t t0 = 0; t0 < tokens; t0 += TILE_TOKENS) {
-      const int64_t nt = std::min<int64_t>(TILE_TOKENS, tokens - t0);
+    const uint8_t* ahead = next ? next + layout.steps_at : nullptr;
+    const TileGroup g{group + layout.steps_at, layout.step_bytes, blocks, ws.data(), has_min(KIND) ? mins.data() : nullptr};
+    for (int64_t t0 = 0; t0 < tokens;) {
+      const int64_t nt = tokens - t0 >= TILE_TOKENS ? TILE_TOKENS : tile_tokens<8>(tokens - t0);
       const int8_t* xq = a.q.data() + t0 * k;
-      if (nt < TILE_TOKENS) {
-        std::memcpy(padded.data(), xq, nt * k);
-        xq = reinterpret_cast<const int8_t*>(padded.data());
-      }
-      for (int64_t m = 0; m < nt; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; b += 2) {
-        if (KIND == Q8_0) prefetch_next(b), prefetch_next(b + 1);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_loadd(2, xq + 32 * b, k);
-        _tile_loadd(4, block_codes_at(b), 64);
-        _tile_dpbsud(0, 2, 4);
-        _tile_loadd(3, xq + 32 * (b + 1), k);
-        _tile_loadd(5, block_codes_at(b + 1), 64);
-        _tile_dpbsud(1, 3, 5);
-        _tile_stored(0, sums[0], 64);
-        _tile_stored(1, sums[1], 64);
-        for (int64_t j = 0; j < 2; ++j) {
-          const __m512 w = _mm512_loadu_ps(&ws[(b + j) * G]);
-          const __m512 mn = has_min(KIND) ? _mm512_loadu_ps(&mins[(b + j) * G]) : _mm512_setzero_ps();
-          for (int64_t m = 0; m < nt; ++m)
-            acc[m] = block_step<KIND>(_mm512_load_si512(sums[j] + 16 * m), (t0 + m) * blocks + b + j, x, w, mn, acc[m]);
-        }
+      const uint8_t* prefetch = t0 == 0 ? ahead : nullptr;
+      switch (nt) {
+        case 16: vnni_tokens<KIND, 16>(g, xq, k, x, t0, prefetch, acc); break;
+        case 8: vnni_tokens<KIND, 8>(g, xq, k, x, t0, prefetch, acc); break;
+        case 4: vnni_tokens<KIND, 4>(g, xq, k, x, t0, prefetch, acc); break;
+        case 2: vnni_tokens<KIND, 2>(g, xq, k, x, t0, prefetch, acc); break;
+        default: vnni_tokens<KIND, 1>(g, xq, k, x, t0, prefetch, acc); break;
       }
       store_group(acc, nt, t0, first, lo, hi, out, ldo);
+      t0 += nt;
     }
-#endif
   }
   if (end > grouped) rows_dot<PackedView<KIND>>(rows, row_bytes, k, a, tokens, std::max(begin, grouped), end, out, ldo);
 }
