@@ -169,7 +169,7 @@ def any_blocks(kind: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tens
 
 def stored(kernels, blocks: torch.Tensor, kind: Q, cols: int) -> tuple[torch.Tensor, bool]:
     """(rows, packed) as `kernels` reads them (as pack_if_packable does for the default build): the
-    32-value types packed (in groups of 8 rows where the build packs them so), any type a build
+    32-value types packed (in groups of 8 or 16 rows where the build packs them so), any type a build
     packs in groups of rows too; the rest as the file stores them."""
     if (kind in SMALL_TYPES and cols % 64 == 0) or (kind not in SMALL_TYPES and kernels.packed_group_rows(int(kind)) > 1):
         return kernels.pack(blocks, int(kind), cols), True

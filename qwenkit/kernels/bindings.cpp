@@ -32,7 +32,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
-  m.def("packed_group_rows", &qwenkit::packed_group_rows, "how many rows the packed layout of a GGUF type stores together (8 or 1)");
+  m.def("packed_group_rows", &qwenkit::packed_group_rows, "how many rows the packed layout of a GGUF type stores together (8, 16 or 1)");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
   m.def("matmul_group", &matmul_group,
         "x @ w.T (+ bias) for several GGUF weights in one pass (silu_mul: silu(x @ gate.T) * (x @ up.T))");

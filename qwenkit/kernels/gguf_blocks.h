@@ -368,13 +368,14 @@ void unpacked_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t begin, in
 // row_bytes; packed: in the packed layout), written to out[t * ldo + row], on the calling thread.
 // Each build (ggml_cpu.cpp, ggml_avx2.cpp, ggml_portable.cpp) defines it with its kernels;
 // gguf_matmul.cpp spreads the rows of one or several weights over the threads.
-// n_rows: all the rows of the weight `rows` starts (a packed weight's last n_rows % 8 rows stay
-// in the row layout where the build packs groups of eight).
+// n_rows: all the rows of the weight `rows` starts (a packed weight's last n_rows % g rows stay
+// in the row layout where the build packs groups of g = packed_group_rows rows).
 void rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                  int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo);
 
 // How many rows the build's packed layout of `kind` stores together: 8 (the AVX2 build's groups
-// for the unsigned 32-value types, see GroupLayout) or 1 (rows as PackedRow reads them).
+// for the unsigned 32-value types, GroupLayout), 16 (the AVX-512 build's tile groups for every
+// packed type, TileLayout) or 1 (rows as PackedRow reads them: the portable build).
 int64_t packed_group_rows(int64_t kind);
 
 // out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
@@ -596,16 +597,20 @@ inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int
   }
   for (int64_t b = 0; b < k / 32; ++b) {
     uint8_t* step = dst + g.steps_at + b * g.step_bytes;
-    std::memset(step, 0, g.step_bytes);
-    for (int j = 0; j < 512; ++j) {
-      const uint8_t code = codes[((j / 4) % 16) * k + 32 * b + 4 * (j / 64) + j % 4];
-      if (kind == Q8_0) {
-        step[j] = code;
-        continue;
-      }
-      step[g.fifth_bytes + j % 256] |= static_cast<uint8_t>((code & 0x0F) << (j < 256 ? 0 : 4));
-      if (has_fifth(kind)) step[j / 8] |= static_cast<uint8_t>(((code >> 4) & 1) << (j % 8));
+    uint8_t tile[512];  // C[j] as above
+    for (int n = 0; n < TILE_GROUP_ROWS; ++n)
+      for (int p = 0; p < 8; ++p) std::memcpy(tile + 64 * p + 4 * n, codes.data() + n * k + 32 * b + 4 * p, 4);
+    if (kind == Q8_0) {
+      std::memcpy(step, tile, 512);
+      continue;
     }
+    for (int j = 0; j < 256; ++j) step[g.fifth_bytes + j] = static_cast<uint8_t>((tile[j] & 0x0F) | (tile[256 + j] << 4));
+    if (has_fifth(kind))
+      for (int m = 0; m < 64; ++m) {
+        uint8_t bits = 0;
+        for (int i = 0; i < 8; ++i) bits |= static_cast<uint8_t>(((tile[8 * m + i] >> 4) & 1) << i);
+        step[m] = bits;
+      }
   }
 }
 

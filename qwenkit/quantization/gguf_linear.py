@@ -25,8 +25,9 @@ KERNEL_TYPES = frozenset(
 # The 32-value types are repacked at load time into planes (same size) that decode 2-3x faster.
 PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
 # Up to this many tokens the kernel wins (benchmarks/gguf_gemm.py picks it). Where the CPU has
-# bfloat16 arithmetic the dense path is a bf16 matmul: on the AVX-512 BF16 machine the kernel was
-# 3x faster at 32 tokens, 1.3x at 64, so the switch sits below 64. Elsewhere the dense path is a
+# bfloat16 arithmetic the dense path is a bf16 matmul: on the AVX-512 BF16 machine (Zen 4) the
+# kernel was 3x faster at 32 tokens, 1.3x at 64; on a Xeon with AMX (whose tiles oneDNN's bf16
+# matmul uses) the tile-group kernel was 1.0x at 32 tokens and 0.84x at 48. So the switch sits at 48. Elsewhere the dense path is a
 # float32 matmul, slower per multiply-add than the int8 kernels that decode eight rows at a time:
 # on the AVX2 machine (Zen 3, 2 threads) the default model's layers ran through the kernel 8.9x
 # faster at 16 tokens, 3.5x at 128, 1.6x at 512, 1.4x at 1024 and 1.1x at 2048 (a prefill chunk
@@ -112,8 +113,9 @@ def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_featur
 
 
 def group_rows(kind: GGMLQuantizationType, packed: bool) -> int:
-    """How many rows the packed layout stores side by side (8: the AVX2 build's groups, whose
-    slices must start on a group and hold whole groups unless they end the weight), else 1."""
+    """How many rows the packed layout stores side by side (8: the AVX2 build's groups; 16: the
+    AVX-512 build's tile groups), whose slices must start on a group and hold whole groups unless
+    they end the weight; else 1."""
     return native_kernels().packed_group_rows(int(kind)) if packed else 1
 
 
