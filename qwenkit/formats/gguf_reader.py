@@ -173,10 +173,12 @@ class GGUFFile:
             tensors[name] = t
         return meta, tensors
 
-    def release(self, tensor: GGUFTensor) -> None:
-        """Drop the tensor's pages from this process's memory once they have been copied or
-        converted (the map stays valid: a later read faults them in again from the file)."""
-        self._drop_pages(tensor.part, tensor.offset, tensor.offset + tensor.n_bytes)
+    def release(self, tensor: GGUFTensor, start: int = 0, end: int | None = None) -> None:
+        """Drop the tensor's pages (or those of its bytes [start, end)) from this process's memory
+        once they have been copied or converted (the map stays valid: a later read faults them in
+        again from the file)."""
+        end = tensor.n_bytes if end is None else end
+        self._drop_pages(tensor.part, tensor.offset + start, tensor.offset + end)
 
     def _drop_pages(self, part: int, start: int, end: int) -> None:
         mapping = getattr(self._maps[part], "_mmap", None)

@@ -431,16 +431,22 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 // steps above (five instructions per token, block and 16 rows), not by the multiplies.
 constexpr int64_t TILE_TOKENS = 16;
 
-// Block b's 512 codes of a tile group in tile order, as 8 vectors (one per tile row).
+// What the float steps of a tile group's type need: whether it has minimums, and how many values
+// share a weight scale (Q6_K: 16; the rest 32). Q4_K is Q4_1's arithmetic with scales from its
+// super-blocks: value = (d * sc) * q - (dmin * m) per 32 values.
+constexpr bool tile_min(int kind) { return has_min(kind) || kind == Q4_K; }
+constexpr int tile_sub(int kind) { return kind == Q6_K ? 16 : 32; }
+
+// Step b's 512 codes of a tile group in tile order, as 8 vectors (one per four values).
 template <int KIND>
 inline void tile_block_codes(const uint8_t* step, __m512i* v) {
   if constexpr (KIND == Q8_0) {
     for (int p = 0; p < 8; ++p) v[p] = _mm512_loadu_si512(step + 64 * p);
   } else {
-    constexpr int FIFTH = has_fifth(KIND) ? 64 : 0;
+    constexpr int HIGH = has_fifth(KIND) ? 64 : KIND == Q6_K ? 128 : 0;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 4; ++p) {
-      const __m512i bytes = _mm512_loadu_si512(step + FIFTH + 64 * p);
+      const __m512i bytes = _mm512_loadu_si512(step + HIGH + 64 * p);
       v[p] = _mm512_and_si512(bytes, m4);
       v[p + 4] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4);
     }
@@ -451,33 +457,88 @@ inline void tile_block_codes(const uint8_t* step, __m512i* v) {
         std::memcpy(&bits, step + 8 * p, 8);
         v[p] = _mm512_mask_add_epi8(v[p], _cvtu64_mask64(bits), v[p], sixteen);
       }
+    } else if constexpr (KIND == Q6_K) {
+      const __m512i sixteen = _mm512_set1_epi8(0x10), thirty_two = _mm512_set1_epi8(0x20);
+      for (int p = 0; p < 8; ++p) {
+        uint64_t bit4, bit5;
+        std::memcpy(&bit4, step + 16 * p, 8);
+        std::memcpy(&bit5, step + 16 * p + 8, 8);
+        v[p] = _mm512_mask_add_epi8(v[p], _cvtu64_mask64(bit4), v[p], sixteen);
+        v[p] = _mm512_mask_add_epi8(v[p], _cvtu64_mask64(bit5), v[p], thirty_two);
+      }
     }
   }
 }
 
-// Per-call token data by [token][block]: zero * the block's code sum (exact int32), the block's
-// scale and its scaled code sum.
+// A tile group's weight scales (and minimums) as float by [scale group][row]: 32-value blocks,
+// Q4_K's 32-value sub-blocks (d * sc, -dmin * m), Q6_K's 16-value sub-blocks (d * sc).
+template <int KIND>
+inline void tile_group_scales(const uint8_t* group, const TileLayout& layout, int64_t k, float* ws, float* mins) {
+  auto f16x16 = [](const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
+  if constexpr (KIND == Q4_K) {
+    const __m128i low6 = _mm_set1_epi8(63), low4 = _mm_set1_epi8(0x0F);
+    for (int64_t s = 0; s < k / 256; ++s) {
+      const __m512 d = f16x16(group + 32 * s), dmin = f16x16(group + layout.mins_at + 32 * s);
+      __m128i q[12];
+      for (int i = 0; i < 12; ++i) q[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + layout.scales_at + 192 * s + 16 * i));
+      auto top2 = [&](__m128i x) { return _mm_and_si128(_mm_srli_epi16(x, 6), _mm_set1_epi8(3)); };  // bits 6-7 of each byte
+      for (int j = 0; j < 8; ++j) {  // ggml's get_scale_min_k4, sixteen rows at once
+        __m128i sc, m;
+        if (j < 4) {
+          sc = _mm_and_si128(q[j], low6);
+          m = _mm_and_si128(q[j + 4], low6);
+        } else {
+          sc = _mm_or_si128(_mm_and_si128(q[j + 4], low4), _mm_slli_epi16(top2(q[j - 4]), 4));
+          m = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q[j + 4], 4), low4), _mm_slli_epi16(top2(q[j]), 4));
+        }
+        _mm512_storeu_ps(ws + 16 * (8 * s + j), _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc))));
+        _mm512_storeu_ps(mins + 16 * (8 * s + j), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m)))));
+      }
+    }
+  } else if constexpr (KIND == Q6_K) {
+    for (int64_t s = 0; s < k / 256; ++s) {
+      const __m512 d = f16x16(group + 32 * s);
+      for (int i = 0; i < 16; ++i) {
+        const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + layout.scales_at + 256 * s + 16 * i));
+        _mm512_storeu_ps(ws + 16 * (16 * s + i), _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc))));
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < k / 32; ++b) {
+      _mm512_storeu_ps(ws + 16 * b, f16x16(group + 32 * b));
+      if constexpr (has_min(KIND)) _mm512_storeu_ps(mins + 16 * b, f16x16(group + layout.mins_at + 32 * b));
+    }
+  }
+}
+
+// Per-call token data by [token][scale group]: zero * the group's code sum (exact int32), the
+// activations' scale and their scaled code sum.
+template <int KIND>
 struct TokenBlocks {
   std::vector<int32_t> zero_sums;
   const float* scale;
   const float* sum;
-  TokenBlocks(const QuantizedActivations& a, int64_t tokens, int64_t blocks, int zero)
-      : zero_sums(tokens * blocks), scale(a.scale32.data()), sum(a.sum32.data()) {
-    for (int64_t i = 0; i < tokens * blocks; ++i) zero_sums[i] = zero * static_cast<int32_t>(a.codes32[i]);
+  TokenBlocks(const QuantizedActivations& a, int64_t tokens, int64_t k)
+      : zero_sums(tokens * (k / tile_sub(KIND))),
+        scale(tile_sub(KIND) == 16 ? a.scale16.data() : a.scale32.data()),
+        sum(tile_sub(KIND) == 16 ? a.sum16.data() : a.sum32.data()) {
+    const int zero = format_of(KIND).zero;
+    const int16_t* codes = tile_sub(KIND) == 16 ? a.codes16.data() : a.codes32.data();
+    for (size_t i = 0; i < zero_sums.size(); ++i) zero_sums[i] = zero * static_cast<int32_t>(codes[i]);
   }
 };
 
-// One block's float steps for one token (see above).
+// One scale group's float steps for one token (see above).
 template <int KIND>
-inline __m512 block_step(__m512i sums, int64_t tb, const TokenBlocks& x, __m512 ws, __m512 mins, __m512 acc) {
+inline __m512 block_step(__m512i sums, int64_t tb, const TokenBlocks<KIND>& x, __m512 ws, __m512 mins, __m512 acc) {
   const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(x.zero_sums[tb])));
   acc = _mm512_fmadd_ps(f, _mm512_mul_ps(ws, _mm512_set1_ps(x.scale[tb])), acc);
-  if constexpr (has_min(KIND)) acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[tb]), acc);
+  if constexpr (tile_min(KIND)) acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.sum[tb]), acc);
   return acc;
 }
 
-// A tile group as the token loops read it: its blocks' codes (TileLayout steps), and its rows'
-// scales and minimums as float by [block][row].
+// A tile group as the token loops read it: its steps' codes (TileLayout), and its rows' scales
+// and minimums as float by [scale group][row].
 struct TileGroup {
   const uint8_t* steps;
   int64_t step_bytes, blocks;
@@ -487,31 +548,36 @@ struct TileGroup {
   __m512 minimum(int64_t b) const { return mins ? _mm512_loadu_ps(mins + 16 * b) : _mm512_setzero_ps(); }
 };
 
-// Tokens [t0, t0 + NT) of a group through VPDPBUSD, block by block: acc[m] gets token t0 + m's
-// sums of the sixteen rows. `ahead` (or null): the next group's codes, requested into L2 a block
+// Tokens [t0, t0 + NT) of a group through VPDPBUSD, step by step: acc[m] gets token t0 + m's
+// sums of the sixteen rows. `ahead` (or null): the next group's codes, requested into L2 a step
 // at a time.
 template <int KIND, int NT>
-inline void vnni_tokens(const TileGroup& g, const int8_t* xq, int64_t k, const TokenBlocks& x, int64_t t0, const uint8_t* ahead, __m512* acc) {
+inline void vnni_tokens(const TileGroup& g, const int8_t* xq, int64_t k, const TokenBlocks<KIND>& x, int64_t t0, const uint8_t* ahead,
+                        __m512* acc) {
+  constexpr int SUBS = 32 / tile_sub(KIND);  // scale groups per step
+  const int64_t groups = g.blocks * SUBS;
   for (int m = 0; m < NT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < g.blocks; ++b) {
     if (ahead)
       for (int64_t at = 0; at < g.step_bytes; at += 64) __builtin_prefetch(ahead + b * g.step_bytes + at, 0, 2);
     __m512i v[8];
     tile_block_codes<KIND>(g.steps + b * g.step_bytes, v);
-    const __m512 w = g.scale(b), mn = g.minimum(b);
-    for (int m = 0; m < NT; ++m) {
-      const int8_t* xb = xq + m * k + 32 * b;
-      __m512i s = _mm512_setzero_si512();
-      for (int p = 0; p < 8; ++p) {
-        int32_t four;
-        std::memcpy(&four, xb + 4 * p, 4);
-        s = _mm512_dpbusd_epi32(s, v[p], _mm512_set1_epi32(four));
+    for (int sub = 0; sub < SUBS; ++sub) {
+      const int64_t scale_group = b * SUBS + sub;
+      const __m512 w = g.scale(scale_group), mn = g.minimum(scale_group);
+      for (int m = 0; m < NT; ++m) {
+        const int8_t* xb = xq + m * k + 32 * b;
+        __m512i s = _mm512_setzero_si512();
+        for (int p = sub * 8 / SUBS; p < (sub + 1) * 8 / SUBS; ++p) {
+          int32_t four;
+          std::memcpy(&four, xb + 4 * p, 4);
+          s = _mm512_dpbusd_epi32(s, v[p], _mm512_set1_epi32(four));
+        }
+        acc[m] = block_step<KIND>(s, (t0 + m) * groups + scale_group, x, w, mn, acc[m]);
       }
-      acc[m] = block_step<KIND>(s, (t0 + m) * g.blocks + b, x, w, mn, acc[m]);
     }
   }
 }
-
 
 // Rows [lo, hi) of a tile group's sixteen outputs for tokens [t0, t0 + nt).
 inline void store_group(const __m512* acc, int64_t nt, int64_t t0, int64_t first, int64_t lo, int64_t hi, float* out, int64_t ldo) {
@@ -519,32 +585,41 @@ inline void store_group(const __m512* acc, int64_t nt, int64_t t0, int64_t first
   for (int64_t m = 0; m < nt; ++m) _mm512_mask_storeu_ps(out + (t0 + m) * ldo + first, keep, acc[m]);
 }
 
+// The rows outside a weight's tile groups: packed rows, or a K-quant's file blocks.
+template <int KIND>
+void tail_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t k, const QuantizedActivations& a, int64_t tokens, int64_t begin,
+                   int64_t end, float* out, int64_t ldo) {
+  if constexpr (KIND == Q4_K) {
+    rows_dot_k<Q4KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+  } else if constexpr (KIND == Q6_K) {
+    rows_dot_k<Q6KView>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+  } else {
+    rows_dot<PackedView<KIND>>(rows, row_bytes, k, a, tokens, begin, end, out, ldo);
+  }
+}
+
 // y[t, row] for rows [begin, end) of a packed weight of n_rows rows: its tile groups here, its
-// last n_rows % 16 rows (the row layout) through rows_dot.
+// last n_rows % 16 rows through the row kernels.
 template <int KIND>
 void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a, int64_t tokens,
                      int64_t begin, int64_t end, float* out, int64_t ldo) {
   constexpr int64_t G = TILE_GROUP_ROWS;
-  const int64_t blocks = k / 32, grouped = n_rows / G * G;
+  const int64_t blocks = k / 32, grouped = n_rows / G * G, scale_groups = k / tile_sub(KIND);
   const TileLayout layout(KIND, k);
-  const TokenBlocks x(a, tokens, blocks, format_of(KIND).zero);
+  const TokenBlocks<KIND> x(a, tokens, k);
   thread_local std::vector<float> ws, mins;
-  ws.resize(blocks * G);
-  mins.resize(has_min(KIND) ? blocks * G : 0);
+  ws.resize(scale_groups * G);
+  mins.resize(tile_min(KIND) ? scale_groups * G : 0);
   __m512 acc[TILE_TOKENS];
   for (int64_t first = begin / G * G; first < std::min(end, grouped); first += G) {
     const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + G) - first;
     const uint8_t* group = rows + first * row_bytes;
     const uint8_t* next = first + G < grouped ? group + G * row_bytes : nullptr;
-    for (int64_t b = 0; b < blocks; ++b) {
-      _mm512_storeu_ps(&ws[b * G], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32 * b))));
-      if constexpr (has_min(KIND))
-        _mm512_storeu_ps(&mins[b * G], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + layout.mins_at + 32 * b))));
-    }
-    if (next)  // the next group's scales; its codes a block at a time as this group's are read
+    tile_group_scales<KIND>(group, layout, k, ws.data(), mins.data());
+    if (next)  // the next group's scales; its codes a step at a time as this group's are read
       for (int64_t at = 0; at < layout.steps_at; at += 64) __builtin_prefetch(next + at, 0, 2);
     const uint8_t* ahead = next ? next + layout.steps_at : nullptr;
-    const TileGroup g{group + layout.steps_at, layout.step_bytes, blocks, ws.data(), has_min(KIND) ? mins.data() : nullptr};
+    const TileGroup g{group + layout.steps_at, layout.step_bytes, blocks, ws.data(), tile_min(KIND) ? mins.data() : nullptr};
     for (int64_t t0 = 0; t0 < tokens;) {
       const int64_t nt = tokens - t0 >= TILE_TOKENS ? TILE_TOKENS : tile_tokens<8>(tokens - t0);
       const int8_t* xq = a.q.data() + t0 * k;
@@ -560,23 +635,35 @@ void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int
       t0 += nt;
     }
   }
-  if (end > grouped) rows_dot<PackedView<KIND>>(rows, row_bytes, k, a, tokens, std::max(begin, grouped), end, out, ldo);
+  if (end > grouped) tail_rows_dot<KIND>(rows, row_bytes, k, a, tokens, std::max(begin, grouped), end, out, ldo);
 }
 
-// dequantize_into for a packed weight (tile groups, then rows % 16 packed rows): each block of a
-// group decoded once (tile_block_codes) and its 16 rows' codes copied out of tile order.
+// Per-type dispatch over the tile-group types (dispatch_packed's, and Q4_K, Q6_K).
+template <typename F>
+void dispatch_tiled(int kind, F&& f) {
+  switch (kind) {
+    case Q4_K: f(std::integral_constant<int, Q4_K>{}); break;
+    case Q6_K: f(std::integral_constant<int, Q6_K>{}); break;
+    default: dispatch_packed(kind, std::forward<F>(f));
+  }
+}
+
+// dequantize_into for a packed weight (tile groups, then the rows outside them): each step of a
+// group decoded once (tile_block_codes), its 16 rows' codes copied out of tile order, the scales
+// those of the kernel (tile_group_scales), whose products are ggml's.
 template <int KIND>
 void dequantize_tile_groups(torch::Tensor w, torch::Tensor out) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2, "w must be uint8 [rows, bytes per row]");
   TORCH_CHECK((out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16) && out.dim() == 2 && out.is_contiguous() &&
                   out.size(0) == w.size(0),
               "out must be a contiguous float32 or bfloat16 [rows, row length]");
+  const Format f = format_of(KIND);
   const int64_t n = w.size(0), k = out.size(1), G = TILE_GROUP_ROWS;
-  TORCH_CHECK(k % 64 == 0 && w.size(1) == k / 32 * format_of(KIND).block_bytes, "row length ", k, " does not match ", w.size(1),
-              " bytes per row of GGUF type ", KIND);
+  TORCH_CHECK(k % 64 == 0 && k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes, "row length ", k,
+              " does not match ", w.size(1), " bytes per row of GGUF type ", KIND);
   w = w.contiguous();
   const uint8_t* rows = w.data_ptr<uint8_t>();
-  const int64_t row_bytes = w.size(1), groups = n / G, blocks = k / 32, zero = format_of(KIND).zero;
+  const int64_t row_bytes = w.size(1), groups = n / G, blocks = k / 32, sub = tile_sub(KIND), zero = f.zero;
   const TileLayout layout(KIND, k);
   auto write = [&](const RowScratch& r, int64_t row) {
     if (out.dtype() == torch::kBFloat16) {
@@ -587,25 +674,37 @@ void dequantize_tile_groups(torch::Tensor w, torch::Tensor out) {
   };
   parallel_for(0, groups + n - groups * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<RowScratch> scratch(G, RowScratch(k));
+    std::vector<float> ws(k / sub * G), mins(k / sub * G);
     alignas(64) uint8_t tile[512];
     for (int64_t u = begin; u < end; ++u) {
-      if (u >= groups) {  // a row of the tail
+      if (u >= groups) {  // a row outside the groups
         const int64_t row = groups * G + u - groups;
-        unpack_view_row<PackedView<KIND>>(rows + row * row_bytes, k, zero, scratch[0]);
+        if constexpr (KIND == Q4_K) {
+          unpack_view_row<Q4KView>(rows + row * row_bytes, k, zero, scratch[0]);
+        } else if constexpr (KIND == Q6_K) {
+          unpack_view_row<Q6KView>(rows + row * row_bytes, k, zero, scratch[0]);
+        } else {
+          unpack_view_row<PackedView<KIND>>(rows + row * row_bytes, k, zero, scratch[0]);
+        }
         write(scratch[0], row);
         continue;
       }
       const uint8_t* group = rows + u * G * row_bytes;
+      tile_group_scales<KIND>(group, layout, k, ws.data(), mins.data());
       for (int64_t b = 0; b < blocks; ++b) {
         __m512i v[8];
         tile_block_codes<KIND>(group + layout.steps_at + b * layout.step_bytes, v);
         for (int q = 0; q < 8; ++q) _mm512_store_si512(tile + 64 * q, v[q]);
-        for (int64_t r = 0; r < G; ++r) {
+        for (int64_t r = 0; r < G; ++r)
           for (int q = 0; q < 8; ++q) std::memcpy(scratch[r].codes.data() + 32 * b + 4 * q, tile + 64 * q + 4 * r, 4);
-          set_scale(scratch[r], 2 * b, f16(group + 32 * b + 2 * r), has_min(KIND) ? -f16(group + layout.mins_at + 32 * b + 2 * r) : 0.0f);
-        }
       }
-      for (int64_t r = 0; r < G; ++r) write(scratch[r], u * G + r);
+      for (int64_t r = 0; r < G; ++r) {
+        for (int64_t i = 0; i < k / 16; ++i) {  // value = scale * (code - zero) - min: min = -(the kernel's minimum)
+          scratch[r].scale16[i] = ws[i * 16 / sub * G + r];
+          scratch[r].min16[i] = tile_min(KIND) ? -mins[i * 16 / sub * G + r] : 0.0f;
+        }
+        write(scratch[r], u * G + r);
+      }
     }
   });
 }
@@ -616,7 +715,7 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
                           int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo) {
   if (tokens == 0) return;
   if (packed) {
-    dispatch_packed(kind, [&](auto kind_constant) {
+    dispatch_tiled(kind, [&](auto kind_constant) {
       tile_groups_dot<decltype(kind_constant)::value>(rows, row_bytes, n_rows, k, a, tokens, begin, end, out, ldo);
     });
   } else if (kind == Q4_K) {
@@ -634,7 +733,7 @@ void qwenkit::rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t ro
 void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool packed) {
   const int zero = format_of(static_cast<int>(kind)).zero;
   if (packed) {
-    dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { dequantize_tile_groups<decltype(kind_constant)::value>(w, out); });
+    dispatch_tiled(static_cast<int>(kind), [&](auto kind_constant) { dequantize_tile_groups<decltype(kind_constant)::value>(w, out); });
     return;
   }
   auto unpack = [&](const uint8_t* row, int64_t k, RowScratch& r) {
@@ -651,6 +750,6 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
   dequantize_rows(w, kind, out, unpack, [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
 }
 
-int64_t qwenkit::packed_group_rows(int64_t kind) { return packable(static_cast<int>(kind)) ? TILE_GROUP_ROWS : 1; }
+int64_t qwenkit::packed_group_rows(int64_t kind) { return tileable(static_cast<int>(kind)) ? TILE_GROUP_ROWS : 1; }
 
 torch::Tensor pack(torch::Tensor w, int64_t kind, int64_t k) { return pack_rows(w, kind, k, qwenkit::packed_group_rows(kind)); }

@@ -275,6 +275,8 @@ inline void unpack_k_quant_row(int kind, const uint8_t* row, int64_t k, RowScrat
 constexpr bool has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
 constexpr bool has_fifth(int kind) { return kind == Q5_0 || kind == Q5_1; }
 inline bool packable(int kind) { return kind == Q4_0 || kind == Q4_1 || kind == Q5_0 || kind == Q5_1 || kind == Q8_0; }
+// The types the AVX-512 build stores in tile groups (TileLayout): the packed ones and two K-quants.
+inline bool tileable(int kind) { return packable(kind) || kind == Q4_K || kind == Q6_K; }
 
 // Where a 32-value block's 16 bytes of nibbles (or Q8_0's 32 codes) start, and its fifth bits.
 inline int codes_at(int kind) { return kind == Q4_0 ? 2 : kind == Q4_1 ? 4 : kind == Q5_0 ? 6 : kind == Q5_1 ? 8 : 2; }
@@ -346,7 +348,7 @@ inline void check_matmul_args(const torch::Tensor& x, const torch::Tensor& w, in
   const int64_t k = x.size(1);
   TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
               "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
-  TORCH_CHECK(!packed || (packable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
+  TORCH_CHECK(!packed || (tileable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
 }
 
 // y[t, row] for rows [begin, end) unpacked one at a time into RowScratch, written to
@@ -469,7 +471,7 @@ inline void unpack_packed_row(int kind, const uint8_t* row, int64_t k, RowScratc
 }
 
 inline void unpack_any_row(int kind, bool packed, const uint8_t* row, int64_t k, RowScratch& r) {
-  if (packed) {
+  if (packed && packable(kind)) {  // (a packed K-quant's rows outside its tile groups are the file's)
     unpack_packed_row(kind, row, k, r);
   } else if (format_of(kind).block_values == 256) {
     unpack_k_quant_row(kind, row, k, r);
@@ -478,8 +480,14 @@ inline void unpack_any_row(int kind, bool packed, const uint8_t* row, int64_t k,
   }
 }
 
-// A file row's unsigned codes (0..31, or q + 128 for Q8_0), block by block.
-inline void block_codes(int kind, const uint8_t* row, int64_t k, uint8_t* codes) {
+// A file row's unsigned codes value by value: 0..15, 0..31, 0..63 (Q6_K) or q + 128 (Q8_0).
+inline void row_codes(int kind, const uint8_t* row, int64_t k, uint8_t* codes) {
+  if (format_of(kind).block_values == 256) {
+    RowScratch r(k);
+    unpack_k_quant_row(kind, row, k, r);
+    std::memcpy(codes, r.codes.data(), k);
+    return;
+  }
   const Format f = format_of(kind);
   const int at = codes_at(kind);
   for (int64_t b = 0; b < k / 32; ++b) {
@@ -522,7 +530,7 @@ inline void pack_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t 
   const GroupLayout g(kind, k);
   std::vector<uint8_t> codes(GROUP_ROWS * k);  // [row][value], 0..31
   for (int64_t row = 0; row < GROUP_ROWS; ++row) {
-    block_codes(kind, src + row * row_bytes, k, codes.data() + row * k);
+    row_codes(kind, src + row * row_bytes, k, codes.data() + row * k);
     for (int64_t b = 0; b < k / 32; ++b) {
       const uint8_t* block = src + row * row_bytes + b * f.block_bytes;
       std::memcpy(dst + 16 * b + 2 * row, block, 2);
@@ -562,37 +570,60 @@ inline void unpack_group_row(int kind, const uint8_t* group, int lane, int64_t k
   }
 }
 
-// ---- The packed layout in tiles of sixteen rows (the AMX build's, for every packed type) --------
-// Sixteen rows' codes stored per 32-value block in the order in which an AMX tile multiply reads
-// its second operand (and VPDPBUSD meets one token's four codes broadcast), so that a block of
-// sixteen rows is one tile load with no transpose. The same bytes as sixteen packed rows:
-//   [K/32 blocks x 16 rows fp16 scales][the same for minimums: Q4_1, Q5_1]
-//   then per block b: [64 bytes of fifth bits: Q5_0, Q5_1][codes: 256 bytes of nibbles, or 512 for Q8_0]
-// The block's 512 codes C[j], j = 64p + 4n + i, are row n's value 32b + 4p + i (the tile's row p
-// holds four consecutive values of each of the 16 rows). Nibble byte j holds C[j] in its low and
-// C[256 + j] in its high nibble; bit j % 8 of fifth-bit byte j / 8 is C[j]'s fifth bit; Q8_0's
-// codes are q + 128. A weight's last rows % 16 rows keep the row layout (PackedRow).
+// ---- The packed layout in tiles of sixteen rows (the AVX-512 build's) ---------------------------
+// Sixteen rows' codes stored per 32 values (a step) in the order in which VPDPBUSD meets one
+// token's four codes broadcast (and an AMX tile multiply reads its second operand), so that a
+// step of sixteen rows is eight vectors with no transpose. The step's 512 codes C[j],
+// j = 64p + 4n + i, are row n's value 32b + 4p + i (vector p holds four consecutive values of
+// each of the 16 rows). Nibble byte j holds C[j] in its low and C[256 + j] in its high nibble.
+// The same bytes as sixteen rows of the file's blocks; per type (S = K/256 super-blocks):
+//   32-value types: [K/32 blocks x 16 rows fp16 scales][the same for minimums: Q4_1, Q5_1], then
+//     per step [64 bytes of fifth bits: Q5_0, Q5_1; bit j % 8 of byte j / 8 is C[j]'s]
+//     [256 bytes of nibbles, or Q8_0's 512 codes q + 128]
+//   Q4_K: [S x 16 fp16 d][S x 16 fp16 dmin][S x 12 x 16: byte i of row n's twelve bytes of 6-bit
+//     scales and minimums at 16i + n], then per step [256 bytes of nibbles]
+//   Q6_K: [S x 16 fp16 d][S x 16 x 16: row n's int8 scale of its 16-value sub-block i at 16i + n],
+//     then per step [for each vector p: two 8-byte masks of its codes' bits 4 and 5][256 bytes
+//     of nibbles]
+// A weight's last rows % 16 rows keep the row layout (PackedRow; the file's blocks for K-quants).
 constexpr int64_t TILE_GROUP_ROWS = 16;
 
 struct TileLayout {
-  int64_t mins_at, steps_at, fifth_bytes, step_bytes;
-  TileLayout(int kind, int64_t k)
-      : mins_at(k / 32 * 32),
-        steps_at(mins_at + (has_min(kind) ? k / 32 * 32 : 0)),
-        fifth_bytes(has_fifth(kind) ? 64 : 0),
-        step_bytes(fifth_bytes + (kind == Q8_0 ? 512 : 256)) {}
+  int64_t mins_at, scales_at, steps_at, high_bytes, step_bytes;
+  TileLayout(int kind, int64_t k) {
+    const int64_t supers = k / 256, blocks = k / 32;
+    if (kind == Q4_K) {
+      mins_at = supers * 32, scales_at = supers * 64, steps_at = supers * 256, high_bytes = 0;
+    } else if (kind == Q6_K) {
+      mins_at = 0, scales_at = supers * 32, steps_at = supers * 288, high_bytes = 128;
+    } else {
+      mins_at = blocks * 32, scales_at = 0, steps_at = mins_at + (has_min(kind) ? blocks * 32 : 0), high_bytes = has_fifth(kind) ? 64 : 0;
+    }
+    step_bytes = high_bytes + (kind == Q8_0 ? 512 : 256);
+  }
 };
 
 // Sixteen file rows (row_bytes apart) in the tile layout.
 inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t k, uint8_t* dst) {
   const TileLayout g(kind, k);
+  const Format f = format_of(kind);
   std::vector<uint8_t> codes(TILE_GROUP_ROWS * k);  // [row][value]
   for (int64_t n = 0; n < TILE_GROUP_ROWS; ++n) {
-    block_codes(kind, src + n * row_bytes, k, codes.data() + n * k);
-    for (int64_t b = 0; b < k / 32; ++b) {
-      const uint8_t* block = src + n * row_bytes + b * format_of(kind).block_bytes;
-      std::memcpy(dst + 32 * b + 2 * n, block, 2);
-      if (has_min(kind)) std::memcpy(dst + g.mins_at + 32 * b + 2 * n, block + 2, 2);
+    const uint8_t* row = src + n * row_bytes;
+    row_codes(kind, row, k, codes.data() + n * k);
+    for (int64_t b = 0; b < k / f.block_values; ++b) {
+      const uint8_t* block = row + b * f.block_bytes;
+      if (kind == Q4_K) {
+        std::memcpy(dst + 32 * b + 2 * n, block, 2);
+        std::memcpy(dst + g.mins_at + 32 * b + 2 * n, block + 2, 2);
+        for (int i = 0; i < 12; ++i) dst[g.scales_at + 192 * b + 16 * i + n] = block[4 + i];
+      } else if (kind == Q6_K) {
+        std::memcpy(dst + 32 * b + 2 * n, block + 208, 2);
+        for (int i = 0; i < 16; ++i) dst[g.scales_at + 256 * b + 16 * i + n] = block[192 + i];
+      } else {
+        std::memcpy(dst + 32 * b + 2 * n, block, 2);
+        if (has_min(kind)) std::memcpy(dst + g.mins_at + 32 * b + 2 * n, block + 2, 2);
+      }
     }
   }
   for (int64_t b = 0; b < k / 32; ++b) {
@@ -604,21 +635,20 @@ inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int
       std::memcpy(step, tile, 512);
       continue;
     }
-    for (int j = 0; j < 256; ++j) step[g.fifth_bytes + j] = static_cast<uint8_t>((tile[j] & 0x0F) | (tile[256 + j] << 4));
-    if (has_fifth(kind))
-      for (int m = 0; m < 64; ++m) {
-        uint8_t bits = 0;
-        for (int i = 0; i < 8; ++i) bits |= static_cast<uint8_t>(((tile[8 * m + i] >> 4) & 1) << i);
-        step[m] = bits;
-      }
+    for (int j = 0; j < 256; ++j) step[g.high_bytes + j] = static_cast<uint8_t>((tile[j] & 0x0F) | (tile[256 + j] << 4));
+    std::memset(step, 0, g.high_bytes);
+    for (int j = 0; j < 512; ++j) {
+      if (has_fifth(kind)) step[j / 8] |= static_cast<uint8_t>(((tile[j] >> 4) & 1) << (j % 8));
+      if (kind == Q6_K)  // vector p's 64 bits 4 at 16p, its bits 5 at 16p + 8
+        for (int bit = 0; bit < 2; ++bit) step[16 * (j / 64) + 8 * bit + (j % 64) / 8] |= static_cast<uint8_t>(((tile[j] >> (4 + bit)) & 1) << (j % 8));
+    }
   }
 }
 
-// Row `lane` of a tile group into RowScratch (dequantize_into).
+// Row `lane` of a tile group into RowScratch (dequantize_into's generic path, and tests).
 inline void unpack_tile_group_row(int kind, const uint8_t* group, int lane, int64_t k, RowScratch& r) {
   const TileLayout g(kind, k);
   for (int64_t b = 0; b < k / 32; ++b) {
-    set_scale(r, 2 * b, f16(group + 32 * b + 2 * lane), has_min(kind) ? -f16(group + g.mins_at + 32 * b + 2 * lane) : 0.0f);
     const uint8_t* step = group + g.steps_at + b * g.step_bytes;
     for (int v = 0; v < 32; ++v) {
       const int j = 64 * (v / 4) + 4 * lane + v % 4;
@@ -626,11 +656,36 @@ inline void unpack_tile_group_row(int kind, const uint8_t* group, int lane, int6
       if (kind == Q8_0) {
         code = step[j];
       } else {
-        code = (step[g.fifth_bytes + j % 256] >> (j < 256 ? 0 : 4)) & 0x0F;
+        code = (step[g.high_bytes + j % 256] >> (j < 256 ? 0 : 4)) & 0x0F;
         if (has_fifth(kind)) code |= ((step[j / 8] >> (j % 8)) & 1) << 4;
+        if (kind == Q6_K)
+          for (int bit = 0; bit < 2; ++bit) code |= ((step[16 * (j / 64) + 8 * bit + (j % 64) / 8] >> (j % 8)) & 1) << (4 + bit);
       }
       r.codes[32 * b + v] = static_cast<uint8_t>(code);
     }
+  }
+  if (kind == Q4_K) {
+    for (int64_t s = 0; s < k / 256; ++s) {
+      uint8_t q[12];
+      for (int i = 0; i < 12; ++i) q[i] = group[g.scales_at + 192 * s + 16 * i + lane];
+      const float d = f16(group + 32 * s + 2 * lane), dmin = f16(group + g.mins_at + 32 * s + 2 * lane);
+      for (int j = 0; j < 8; ++j) {
+        int sc, m;
+        scale_min_k4(j, q, sc, m);
+        set_scale(r, 16 * s + 2 * j, d * sc, dmin * m);  // as unpack_q4k_row
+      }
+    }
+  } else if (kind == Q6_K) {
+    for (int64_t s = 0; s < k / 256; ++s) {
+      const float d = f16(group + 32 * s + 2 * lane);
+      for (int i = 0; i < 16; ++i) {
+        r.scale16[16 * s + i] = d * static_cast<int8_t>(group[g.scales_at + 256 * s + 16 * i + lane]);  // as unpack_q6k_row
+        r.min16[16 * s + i] = 0.0f;
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < k / 32; ++b)
+      set_scale(r, 2 * b, f16(group + 32 * b + 2 * lane), has_min(kind) ? -f16(group + g.mins_at + 32 * b + 2 * lane) : 0.0f);
   }
 }
 
@@ -655,7 +710,9 @@ inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k, int64_t
   TORCH_CHECK(w.dtype() == torch::kUInt8 && (w.dim() == 2 || w.dim() == 3), "w must be uint8 [(matrices,) rows, bytes per row]");
   const Format f = format_of(static_cast<int>(kind));
   const int64_t rows = w.size(w.dim() - 2), row_bytes = w.size(w.dim() - 1);
-  TORCH_CHECK(packable(static_cast<int>(kind)) && k % 64 == 0 && row_bytes == k / f.block_values * f.block_bytes,
+  const bool tiles = group_rows == TILE_GROUP_ROWS;
+  TORCH_CHECK((tiles ? tileable(static_cast<int>(kind)) : packable(static_cast<int>(kind))) && k % 64 == 0 &&
+                  row_bytes == k / f.block_values * f.block_bytes,
               "no packed layout for GGUF type ", kind, " with rows of ", k);
   TORCH_CHECK(group_rows == 1 || (group_rows == GROUP_ROWS && groupable(static_cast<int>(kind))) || group_rows == TILE_GROUP_ROWS,
               "no packed groups of ", group_rows, " rows for GGUF type ", kind);
@@ -678,7 +735,11 @@ inline torch::Tensor pack_rows(torch::Tensor w, int64_t kind, int64_t k, int64_t
         }
       } else {
         const int64_t at = matrix + (groups * group_rows + i - groups) * row_bytes;
-        pack_row(static_cast<int>(kind), src + at, k, dst + at);
+        if (packable(static_cast<int>(kind))) {
+          pack_row(static_cast<int>(kind), src + at, k, dst + at);
+        } else {  // a K-quant's tail rows stay the file's blocks
+          std::memcpy(dst + at, src + at, row_bytes);
+        }
       }
     }
   });

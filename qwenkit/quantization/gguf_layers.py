@@ -11,7 +11,7 @@ from qwenkit.formats.gguf_blocks import q4_k_codes, uint8_tensor
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import expert_weights, projection_weights
 from qwenkit.quantization.gguf_experts import GGUFExperts
-from qwenkit.quantization.gguf_linear import KERNEL_TYPES, PACKED_TYPES, GGUFEmbedding, GGUFLinear
+from qwenkit.quantization.gguf_linear import KERNEL_TYPES, PACKED_TYPES, GGUFEmbedding, GGUFLinear, pack_if_packable, packs
 from qwenkit.quantization.linear import Int4Linear
 from qwenkit.quantization.quantize import int4_group_size, keeps_float
 
@@ -35,6 +35,21 @@ def int4_layers_from_q4_k(gguf: GGUFFile, config: ModelConfig) -> dict[str, torc
     return layers
 
 
+def _expert_stack(gguf: GGUFFile, tensor, in_features: int) -> tuple[torch.Tensor, bool]:
+    """An expert tensor as the kernels read it: the file's mapped bytes, or a packed copy made one
+    expert at a time with each expert's file pages let go once copied, so that packing never holds
+    the file's bytes and the copy of a whole stack at once (a MoE's expert stacks are most of it)."""
+    blocks = uint8_tensor(gguf.raw(tensor))
+    if not packs(tensor.kind, in_features):
+        return blocks, False
+    out = torch.empty_like(blocks)
+    per_expert = blocks[0].numel()
+    for e in range(blocks.shape[0]):
+        out[e] = pack_if_packable(blocks[e], tensor.kind, in_features)[0]
+        gguf.release(tensor, e * per_expert, (e + 1) * per_expert)
+    return out, True
+
+
 def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """Every projection, every MoE layer's experts and the embedding whose types the native kernels
     run, as layers over the file's own (memory-mapped) bytes. A tied output projection shares the
@@ -50,15 +65,14 @@ def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -
                 layers["lm_head"] = GGUFLinear(blocks, tensor.kind, tensor.shape[1])
         else:
             layers[name] = GGUFLinear(blocks, tensor.kind, tensor.shape[1], bias)
-        if tensor.kind in PACKED_TYPES:
+        if tensor.kind in PACKED_TYPES or getattr(layers.get("lm_head" if name == "model.embed_tokens" else name), "packed", False):
             gguf.release(tensor)  # now a packed copy (or looked up row by row)
     for name, tensors in expert_weights(gguf):
         if any(t.kind not in KERNEL_TYPES for t in tensors):
             continue  # decoded to float with the rest
-        gate, up, down = (uint8_tensor(gguf.raw(t)) for t in tensors)  # [experts, rows, bytes per row]
+        in_features = (config.hidden_size, config.hidden_size, tensors[2].shape[-1])
+        stacks = [_expert_stack(gguf, t, n) for t, n in zip(tensors, in_features)]  # [experts, rows, bytes per row]
         kinds = (tensors[0].kind, tensors[1].kind, tensors[2].kind)
-        layers[name] = GGUFExperts(gate, up, down, kinds, config.hidden_size)
-        for tensor in tensors:
-            if tensor.kind in PACKED_TYPES:
-                gguf.release(tensor)
+        layers[name] = GGUFExperts(*(blocks for blocks, _ in stacks), kinds, config.hidden_size,
+                                   prepacked=tuple(packed for _, packed in stacks))
     return layers

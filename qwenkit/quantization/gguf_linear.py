@@ -104,12 +104,21 @@ def _dequantized_chunk(blocks: torch.Tensor, kind_id: int, in_features: int, pac
 
 def pack_if_packable(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, kernels=None) -> tuple[torch.Tensor, bool]:
     """(blocks in the layout the kernels read, whether that is the packed layout): 32-value types
-    with rows of a multiple of 64 values are repacked (a same-size copy); the rest stay as given.
-    A stack [experts, rows, bytes] packs each expert's rows on their own. Each build has its own
-    layout: `kernels` (default: this process's build) must be the build that will read them."""
-    if kind not in PACKED_TYPES or in_features % 64:
+    with rows of a multiple of 64 values are repacked (a same-size copy), and so are the K-quants a
+    build stores in groups of rows (the AVX-512 build's Q4_K and Q6_K tile groups); the rest stay
+    as given. A stack [experts, rows, bytes] packs each expert's rows on their own. Each build has
+    its own layout: `kernels` (default: this process's build) must be the build that will read them."""
+    kernels = kernels or native_kernels()
+    if not packs(kind, in_features, kernels):
         return blocks, False
-    return (kernels or native_kernels()).pack(blocks, int(kind), in_features), True
+    return kernels.pack(blocks, int(kind), in_features), True
+
+
+def packs(kind: GGMLQuantizationType, in_features: int, kernels=None) -> bool:
+    """Whether pack_if_packable repacks rows of this type and length for `kernels` (default: this
+    process's build)."""
+    kernels = kernels or native_kernels()
+    return in_features % 64 == 0 and (kind in PACKED_TYPES or kernels.packed_group_rows(int(kind)) > 1)
 
 
 def group_rows(kind: GGMLQuantizationType, packed: bool) -> int:
@@ -134,7 +143,8 @@ def bytes_per_row(kind: GGMLQuantizationType, row_length: int) -> int:
 
 def column_unit(kind: GGMLQuantizationType, packed: bool) -> int:
     """Input columns of a GGUF row come in runs of this many values (a block: its values share a scale)."""
-    return 64 if packed else GGML_QUANT_SIZES[kind][0]
+    block_values = GGML_QUANT_SIZES[kind][0]
+    return max(64, block_values) if packed else block_values
 
 
 def narrow_columns(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, packed: bool,
@@ -167,16 +177,21 @@ def narrow_columns(blocks: torch.Tensor, kind: GGMLQuantizationType, in_features
 def _row_planes(kind: GGMLQuantizationType, in_features: int, packed: bool, group: int = 1) -> list[tuple[int, int]]:
     """(byte offset in a row, bytes per column unit) of each plane of a row: one plane for the
     file's interleaved blocks; scales, minimums, fifth bits and codes in the packed layout
-    (kernels/gguf_blocks.h, PackedRow); in a group of 8 packed rows (GroupLayout), 8 times each
-    plane with the fifth bits and codes of each 64 values side by side, one plane."""
-    if not packed:
-        return [(0, GGML_QUANT_SIZES[kind][1])]
+    (kernels/gguf_blocks.h, PackedRow); in a group of 8 or 16 packed rows (GroupLayout,
+    TileLayout), `group` times each plane with the fifth bits and codes of each 64 values side by
+    side, one plane; a packed K-quant's tile group: d, (dmin,) scales, then its steps' codes per
+    256 values (its rows outside the groups are the file's)."""
     name = kind.name
+    if not packed or (kind not in PACKED_TYPES and group == 1):
+        return [(0, GGML_QUANT_SIZES[kind][1])]
+    if kind not in PACKED_TYPES:  # Q4_K: d, dmin, 12 bytes of scales, 128 of nibbles; Q6_K: d, 16 scales, 192 of codes
+        sizes = [group * size for size in ((2, 2, 12, 128) if name == "Q4_K" else (2, 16, 192))]
+        return [(sum(sizes[:i]) * in_features // 256, size) for i, size in enumerate(sizes)]
     sizes = [4]  # fp16 scale per 32 values
     sizes += [4] if name in ("Q4_1", "Q5_1") else []  # fp16 minimum per 32 values
     sizes += [8] if name in ("Q5_0", "Q5_1") else []  # fifth bits, one per value
     sizes += [64 if name == "Q8_0" else 32]  # codes: a byte, or a nibble, per value
-    if group > 1:  # a group: every plane 8 times, a step's fifth bits and codes side by side
+    if group > 1:  # a group: every plane `group` times, a step's fifth bits and codes side by side
         sizes = [group * size for size in sizes]
         if name in ("Q5_0", "Q5_1"):
             sizes[-2:] = [sizes[-2] + sizes[-1]]
