@@ -374,7 +374,9 @@ class LLMEngine:
         if not rows:
             return []
         sampling_rows = [sampling_row for _, _, sampling_row in rows]
-        row_logits = logits[torch.tensor([r for _, r, _ in rows])]
+        indices = [r for _, r, _ in rows]
+        # Every row in order (a decode step): the logits themselves, not a 16 x 151936 copy.
+        row_logits = logits if indices == list(range(logits.shape[0])) else logits[torch.tensor(indices)]
         try:
             return list(zip(*sample(row_logits, sampling_rows)))
         except RowSamplingError as exc:

@@ -147,9 +147,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
             raise RowSamplingError(row, failed[row])
         _unblock_where_nothing_is_left(logits, processed, rows)
     tokens: list[int] = []
+    # All greedy (a batch of greedy streams): one max over the batch instead of one call per row.
+    batch_best = processed.max(-1) if all(row.params.greedy for row in rows) else None
     for i, row in enumerate(rows):
         if row.params.greedy:
-            best, index = processed[i].max(-1)  # max propagates NaN: a finite best means a clean row
+            # max propagates NaN: a finite best means a clean row
+            best, index = (batch_best[0][i], batch_best[1][i]) if batch_best is not None else processed[i].max(-1)
             if not torch.isfinite(best):
                 index = torch.argmax(finite(processed[i]))
             tokens.append(int(index))
