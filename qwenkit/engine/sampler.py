@@ -141,6 +141,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     processed = apply_penalties(logits, rows)
     if any(r.processors for r in rows):
+        if processed is logits:  # processors write in place: never into the caller's (inference-mode) logits
+            processed = logits.clone()
         failed = apply_processors(processed, [r.processors for r in rows])
         if failed:
             row = min(failed)

@@ -31,7 +31,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             int64_t heads, int64_t kv_heads, double eps, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "GGUF block rows of a 32-value type in the packed layout the kernels read fastest");
+  m.def("pack", &pack, "GGUF block rows in the packed layout this build reads fastest (the 32-value types; the AVX-512 build also Q4_K, Q6_K)");
   m.def("packed_group_rows", &qwenkit::packed_group_rows, "how many rows the packed layout of a GGUF type stores together (8, 16 or 1)");
   m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
   m.def("matmul_group", &matmul_group,

@@ -2,14 +2,17 @@
 // read the file's own bytes, and exact dequantization for everything else.
 //
 // Decoding is bound by the bytes of weights read per token, so the weights are never widened in
-// memory. Each row is read through a View that yields 64 unsigned codes at a time and a scale
-// and offset per 16 or 32 values, so that one dot product (rows_dot) serves every block type:
+// memory. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K are repacked at load time into tile groups
+// of sixteen rows (TileLayout, the same bytes) and multiplied by tile_groups_dot: per 32 values,
+// eight VPDPBUSD with a token's codes broadcast give sixteen rows' exact int32 sums, then the
+// same float steps for every (row, token) at every batch size. The rows outside a weight's tile
+// groups (its last rows % 16) are read through a View that yields 64 unsigned codes at a time and
+// a scale and offset per 16 or 32 values (rows_dot; rows_dot_k for Q4_K and Q6_K, whose integer
+// sub-block scales are applied in integers, one VPDPWSSD, with float work once per 256 values):
 //     w = scale * (code - zero) - min        (zero is per type)
 // The activations are quantized to int8 in blocks of 32 (256 for the K-quants), as llama.cpp
-// does, so the inner loop is one VPDPBUSD per 64 weights. The 32-value types' scales are applied
-// in float per lane group; Q4_K's and Q6_K's integer sub-block scales in integers (one VPDPWSSD),
-// with float work once per 256 values (rows_dot_k). Rows of 32-value types whose length is not a
-// multiple of 64, and the other K-quants, are unpacked into L1-resident scratch instead.
+// does. Rows of 32-value types whose length is not a multiple of 64, and the other K-quants, are
+// unpacked into L1-resident scratch instead.
 //
 // Block layouts are ggml's (ggml-common.h); the formulas follow ggml's dequantize_row_* so that
 // `dequantize` gives the same float32 values bit for bit.
@@ -417,13 +420,14 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 }
 
 
-// ---- Packed 32-value types in tile groups of sixteen rows (TileLayout) -----------------------
+// ---- Tile groups of sixteen rows (TileLayout): the 32-value types, Q4_K and Q6_K --------------
 // A block of 32 values of sixteen rows meets one token in eight VPDPBUSD, the token's four codes
 // broadcast against four values of each of the sixteen rows: no transpose, no horizontal sums,
 // and the block's exact int32 sum per row. From there every (row, token) takes the same float
 // steps in the same order whatever the batch:
 //     acc = fma(float(sum - zero * token's code sum), row scale * token scale, acc)    per block
-//     acc = fma(row minimum, token's scaled code sum, acc)                  (Q4_1, Q5_1) per block
+//     acc = fma(row minimum, token's scaled code sum, acc)            (Q4_1, Q5_1, Q4_K) per block
+// (Q6_K's blocks are its 16-value sub-blocks.)
 // Tokens go 16 at a time (TILE_TOKENS): each block's codes are decoded once per 16 tokens, and
 // the sums stay in registers. The layout is also AMX's (a block of a group is one tile of its
 // second operand); its tile multiply was tried (TDPBSUD, 16 tokens x 16 rows x 32 values) and
@@ -638,6 +642,20 @@ void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int
   if (end > grouped) tail_rows_dot<KIND>(rows, row_bytes, k, a, tokens, std::max(begin, grouped), end, out, ldo);
 }
 
+// One row as dequantize_into reads it outside tile groups: a packed row (PackedRow) of a 32-value
+// type, else the file's blocks (a K-quant's rows outside its tile groups are the file's too).
+inline void unpack_one_row(int kind, bool packed, const uint8_t* row, int64_t k, int zero, RowScratch& r) {
+  if (packed && packable(kind)) {
+    dispatch_packed(kind, [&](auto kind_constant) { unpack_view_row<PackedView<decltype(kind_constant)::value>>(row, k, zero, r); });
+  } else if (kind == Q4_K) {
+    unpack_view_row<Q4KView>(row, k, zero, r);
+  } else if (kind == Q6_K) {
+    unpack_view_row<Q6KView>(row, k, zero, r);
+  } else {
+    unpack_row(kind, row, k, r);
+  }
+}
+
 // Per-type dispatch over the tile-group types (dispatch_packed's, and Q4_K, Q6_K).
 template <typename F>
 void dispatch_tiled(int kind, F&& f) {
@@ -679,13 +697,7 @@ void dequantize_tile_groups(torch::Tensor w, torch::Tensor out) {
     for (int64_t u = begin; u < end; ++u) {
       if (u >= groups) {  // a row outside the groups
         const int64_t row = groups * G + u - groups;
-        if constexpr (KIND == Q4_K) {
-          unpack_view_row<Q4KView>(rows + row * row_bytes, k, zero, scratch[0]);
-        } else if constexpr (KIND == Q6_K) {
-          unpack_view_row<Q6KView>(rows + row * row_bytes, k, zero, scratch[0]);
-        } else {
-          unpack_view_row<PackedView<KIND>>(rows + row * row_bytes, k, zero, scratch[0]);
-        }
+        unpack_one_row(KIND, true, rows + row * row_bytes, k, zero, scratch[0]);
         write(scratch[0], row);
         continue;
       }
@@ -736,18 +748,9 @@ void dequantize_into(torch::Tensor w, int64_t kind, torch::Tensor out, bool pack
     dispatch_tiled(static_cast<int>(kind), [&](auto kind_constant) { dequantize_tile_groups<decltype(kind_constant)::value>(w, out); });
     return;
   }
-  auto unpack = [&](const uint8_t* row, int64_t k, RowScratch& r) {
-    if (packed) {
-      dispatch_packed(static_cast<int>(kind), [&](auto kind_constant) { unpack_view_row<PackedView<decltype(kind_constant)::value>>(row, k, zero, r); });
-    } else if (kind == Q4_K) {
-      unpack_view_row<Q4KView>(row, k, zero, r);
-    } else if (kind == Q6_K) {
-      unpack_view_row<Q6KView>(row, k, zero, r);
-    } else {
-      unpack_row(static_cast<int>(kind), row, k, r);
-    }
-  };
-  dequantize_rows(w, kind, out, unpack, [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
+  dequantize_rows(
+      w, kind, out, [&](const uint8_t* row, int64_t k, RowScratch& r) { unpack_one_row(static_cast<int>(kind), false, row, k, zero, r); },
+      [](const RowScratch& r, int zero, int64_t k, auto* values) { row_values(r, zero, k, values); });
 }
 
 int64_t qwenkit::packed_group_rows(int64_t kind) { return tileable(static_cast<int>(kind)) ? TILE_GROUP_ROWS : 1; }

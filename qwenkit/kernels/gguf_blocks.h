@@ -380,6 +380,11 @@ void dispatch_packed(int kind, F&& f) {
 
 // ---- What every build's matmul and dequantize_into share: argument checks and row loops ------
 
+// How many rows the build's packed layout of `kind` stores together: 8 (the AVX2 build's groups
+// for the unsigned 32-value types, GroupLayout), 16 (the AVX-512 build's tile groups for every
+// packed type, TileLayout) or 1 (rows as PackedRow reads them: the portable build).
+int64_t packed_group_rows(int64_t kind);
+
 // matmul's arguments: float32 x [T, K] and GGUF rows w [N, bytes per row] whose rows hold K values.
 inline void check_matmul_args(const torch::Tensor& x, const torch::Tensor& w, int64_t kind, bool packed) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [tokens, in_features]");
@@ -388,7 +393,8 @@ inline void check_matmul_args(const torch::Tensor& x, const torch::Tensor& w, in
   const int64_t k = x.size(1);
   TORCH_CHECK(k % f.block_values == 0 && w.size(1) == k / f.block_values * f.block_bytes,
               "in_features ", k, " does not match ", w.size(1), " bytes per row of GGUF type ", kind);
-  TORCH_CHECK(!packed || (tileable(static_cast<int>(kind)) && k % 64 == 0), "no packed layout for GGUF type ", kind, " with rows of ", k);
+  TORCH_CHECK(!packed || ((packable(static_cast<int>(kind)) || packed_group_rows(kind) > 1) && k % 64 == 0), "no packed layout for GGUF type ",
+              kind, " with rows of ", k);
 }
 
 // y[t, row] for rows [begin, end) unpacked one at a time into RowScratch, written to
@@ -415,10 +421,6 @@ void unpacked_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t begin, in
 void rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                  int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo);
 
-// How many rows the build's packed layout of `kind` stores together: 8 (the AVX2 build's groups
-// for the unsigned 32-value types, GroupLayout), 16 (the AVX-512 build's tile groups for every
-// packed type, TileLayout) or 1 (rows as PackedRow reads them: the portable build).
-int64_t packed_group_rows(int64_t kind);
 
 // out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
 // above; values(scratch, zero, k, out row) writes one row in out's dtype (a generic lambda).
@@ -643,7 +645,8 @@ struct TileLayout {
   }
 };
 
-// Sixteen file rows (row_bytes apart) in the tile layout.
+// Sixteen file rows (row_bytes apart) in the tile layout (the kernel's decode: tile_block_codes
+// and tile_group_scales in ggml_cpu.cpp).
 inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t k, uint8_t* dst) {
   const TileLayout g(kind, k);
   const Format f = format_of(kind);
@@ -685,60 +688,13 @@ inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int
   }
 }
 
-// Row `lane` of a tile group into RowScratch (dequantize_into's generic path, and tests).
-inline void unpack_tile_group_row(int kind, const uint8_t* group, int lane, int64_t k, RowScratch& r) {
-  const TileLayout g(kind, k);
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* step = group + g.steps_at + b * g.step_bytes;
-    for (int v = 0; v < 32; ++v) {
-      const int j = 64 * (v / 4) + 4 * lane + v % 4;
-      int code;
-      if (kind == Q8_0) {
-        code = step[j];
-      } else {
-        code = (step[g.high_bytes + j % 256] >> (j < 256 ? 0 : 4)) & 0x0F;
-        if (has_fifth(kind)) code |= ((step[j / 8] >> (j % 8)) & 1) << 4;
-        if (kind == Q6_K)
-          for (int bit = 0; bit < 2; ++bit) code |= ((step[16 * (j / 64) + 8 * bit + (j % 64) / 8] >> (j % 8)) & 1) << (4 + bit);
-      }
-      r.codes[32 * b + v] = static_cast<uint8_t>(code);
-    }
-  }
-  if (kind == Q4_K) {
-    for (int64_t s = 0; s < k / 256; ++s) {
-      uint8_t q[12];
-      for (int i = 0; i < 12; ++i) q[i] = group[g.scales_at + 192 * s + 16 * i + lane];
-      const float d = f16(group + 32 * s + 2 * lane), dmin = f16(group + g.mins_at + 32 * s + 2 * lane);
-      for (int j = 0; j < 8; ++j) {
-        int sc, m;
-        scale_min_k4(j, q, sc, m);
-        set_scale(r, 16 * s + 2 * j, d * sc, dmin * m);  // as unpack_q4k_row
-      }
-    }
-  } else if (kind == Q6_K) {
-    for (int64_t s = 0; s < k / 256; ++s) {
-      const float d = f16(group + 32 * s + 2 * lane);
-      for (int i = 0; i < 16; ++i) {
-        r.scale16[16 * s + i] = d * static_cast<int8_t>(group[g.scales_at + 256 * s + 16 * i + lane]);  // as unpack_q6k_row
-        r.min16[16 * s + i] = 0.0f;
-      }
-    }
-  } else {
-    for (int64_t b = 0; b < k / 32; ++b)
-      set_scale(r, 2 * b, f16(group + 32 * b + 2 * lane), has_min(kind) ? -f16(group + g.mins_at + 32 * b + 2 * lane) : 0.0f);
-  }
-}
-
-// Row `row` of the n rows at `rows` as stored: the file's blocks, packed rows, or packed groups
-// of group_rows (8: GroupLayout, 16: TileLayout) with the last n % group_rows rows packed row by row.
+// Row `row` of the n rows at `rows` as stored: the file's blocks, packed rows, or (group_rows 8)
+// packed groups with the last n % 8 rows packed row by row. (The AVX-512 build's tile groups are
+// read by its own dequantize_tile_groups.)
 inline void unpack_stored_row(int kind, bool packed, int64_t group_rows, const uint8_t* rows, int64_t row_bytes, int64_t n, int64_t row,
                               int64_t k, RowScratch& r) {
-  if (packed && group_rows > 1 && row < n / group_rows * group_rows) {
-    const uint8_t* group = rows + row / group_rows * group_rows * row_bytes;
-    const int lane = static_cast<int>(row % group_rows);
-    if (group_rows == TILE_GROUP_ROWS) return unpack_tile_group_row(kind, group, lane, k, r);
-    return unpack_group_row(kind, group, lane, k, r);
-  }
+  if (packed && group_rows > 1 && row < n / group_rows * group_rows)
+    return unpack_group_row(kind, rows + row / group_rows * group_rows * row_bytes, static_cast<int>(row % group_rows), k, r);
   unpack_any_row(kind, packed, rows + row * row_bytes, k, r);
 }
 

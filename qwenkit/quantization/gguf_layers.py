@@ -11,7 +11,7 @@ from qwenkit.formats.gguf_blocks import q4_k_codes, uint8_tensor
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import expert_weights, projection_weights
 from qwenkit.quantization.gguf_experts import GGUFExperts
-from qwenkit.quantization.gguf_linear import KERNEL_TYPES, PACKED_TYPES, GGUFEmbedding, GGUFLinear, pack_if_packable, packs
+from qwenkit.quantization.gguf_linear import KERNEL_TYPES, GGUFEmbedding, GGUFLinear, pack_if_packable, packs
 from qwenkit.quantization.linear import Int4Linear
 from qwenkit.quantization.quantize import int4_group_size, keeps_float
 
@@ -52,8 +52,9 @@ def _expert_stack(gguf: GGUFFile, tensor, in_features: int) -> tuple[torch.Tenso
 
 def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """Every projection, every MoE layer's experts and the embedding whose types the native kernels
-    run, as layers over the file's own (memory-mapped) bytes. A tied output projection shares the
-    embedding's bytes."""
+    run, as layers over the file's own (memory-mapped) bytes, or same-size copies where the kernels
+    repack the type (pack_if_packable; the file's pages are then let go). A tied output projection
+    reads the embedding's bytes, or its own packed copy of them."""
     layers: dict[str, torch.nn.Module] = {}
     for name, tensor, bias in projection_weights(gguf, config):
         if tensor.kind not in KERNEL_TYPES or keeps_float(name):
@@ -65,7 +66,7 @@ def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -
                 layers["lm_head"] = GGUFLinear(blocks, tensor.kind, tensor.shape[1])
         else:
             layers[name] = GGUFLinear(blocks, tensor.kind, tensor.shape[1], bias)
-        if tensor.kind in PACKED_TYPES or getattr(layers.get("lm_head" if name == "model.embed_tokens" else name), "packed", False):
+        if name == "model.embed_tokens" or layers[name].packed:
             gguf.release(tensor)  # now a packed copy (or looked up row by row)
     for name, tensors in expert_weights(gguf):
         if any(t.kind not in KERNEL_TYPES for t in tensors):

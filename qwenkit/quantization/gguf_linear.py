@@ -1,7 +1,7 @@
 """Linear and embedding layers that compute straight from a GGUF tensor's blocks.
 
-The weights stay the file's bytes (memory-mapped, never widened), so a Q4_K_M model costs its
-file size in memory and decodes at the speed its bytes allow, with the very values llama.cpp
+The weights stay the file's bytes (memory-mapped, or a same-size copy in the layout the CPU's
+kernels read fastest; never widened), so a Q4_K_M model costs its file size in memory and decodes at the speed its bytes allow, with the very values llama.cpp
 uses. Few tokens (decoding, a small batch) go through the native kernel, which quantizes the
 activations to int8 as llama.cpp does; many tokens (a long prompt) are cheaper as a dense matmul
 on dequantized row chunks, since the kernel would unpack every row once per token. That matmul
@@ -24,10 +24,11 @@ KERNEL_TYPES = frozenset(
 )
 # The 32-value types are repacked at load time into planes (same size) that decode 2-3x faster.
 PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
-# Up to this many tokens the kernel wins (benchmarks/gguf_gemm.py picks it). Where the CPU has
+# Products of more tokens than this take the dense path (benchmarks/gguf_gemm.py picks it: the
+# first count where the dense path was faster). Where the CPU has
 # bfloat16 arithmetic the dense path is a bf16 matmul: on the AVX-512 BF16 machine (Zen 4) the
 # kernel was 3x faster at 32 tokens, 1.3x at 64; on a Xeon with AMX (whose tiles oneDNN's bf16
-# matmul uses) the tile-group kernel was 1.0x at 32 tokens and 0.84x at 48. So the switch sits at 48. Elsewhere the dense path is a
+# matmul uses) the tile-group kernel was 1.0x at 32 tokens and 0.84x at 48. Elsewhere the dense path is a
 # float32 matmul, slower per multiply-add than the int8 kernels that decode eight rows at a time:
 # on the AVX2 machine (Zen 3, 2 threads) the default model's layers ran through the kernel 8.9x
 # faster at 16 tokens, 3.5x at 128, 1.6x at 512, 1.4x at 1024 and 1.1x at 2048 (a prefill chunk
@@ -204,7 +205,7 @@ def _row_planes(kind: GGMLQuantizationType, in_features: int, packed: bool, grou
 
 class GGUFLinear(nn.Module):
     """`blocks` are the file's bytes of the weight; 32-value types are repacked (a copy), the
-    others are used as given (a memory map stays a memory map)."""
+    others are used as given (a memory map stays a memory map); see pack_if_packable."""
 
     def __init__(
         self, blocks: torch.Tensor, kind: GGMLQuantizationType, in_features: int, bias: torch.Tensor | None = None,
