@@ -431,8 +431,11 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
 // Tokens go 16 at a time (TILE_TOKENS): each block's codes are decoded once per 16 tokens, and
 // the sums stay in registers. The layout is also AMX's (a block of a group is one tile of its
 // second operand); its tile multiply was tried (TDPBSUD, 16 tokens x 16 rows x 32 values) and
-// measured 1.1-1.3x this path from 16 tokens, 0.9x on Q8_0 rows: both are bound by the float
-// steps above (five instructions per token, block and 16 rows), not by the multiplies.
+// measured 1.1-1.3x this path from 16 tokens, 0.9x on Q8_0 rows, so it was not kept. This path
+// issues eight VPDPBUSD per token, block and 16 rows (64 multiply-adds each, at most one per
+// cycle per core on the Xeon measured: 175 G MAC/s on one thread at 16 tokens is that rate at
+// 2.7 GHz); the tile version, with 1024 per cycle, was held by the same float steps per token and
+// block and by each block's sums going through memory between the tile unit and the vectors.
 constexpr int64_t TILE_TOKENS = 16;
 
 // What the float steps of a tile group's type need: whether it has minimums, and how many values
