@@ -556,11 +556,11 @@ struct TileGroup {
 };
 
 // Tokens [t0, t0 + NT) of a group through VPDPBUSD, step by step: acc[m] gets token t0 + m's
-// sums of the sixteen rows. `ahead` (or null): the next group's codes, requested into L2 a step
-// at a time.
+// sums of the sixteen rows. xq: the tile's codes step-major ([step][NT tokens][32], see
+// step_major), so that a step's codes for all NT tokens are one contiguous run. `ahead` (or
+// null): the next group's codes, requested into L2 a step at a time.
 template <int KIND, int NT>
-inline void vnni_tokens(const TileGroup& g, const int8_t* xq, int64_t k, const TokenBlocks<KIND>& x, int64_t t0, const uint8_t* ahead,
-                        __m512* acc) {
+inline void vnni_tokens(const TileGroup& g, const int8_t* xq, const TokenBlocks<KIND>& x, int64_t t0, const uint8_t* ahead, __m512* acc) {
   constexpr int SUBS = 32 / tile_sub(KIND);  // scale groups per step
   const int64_t groups = g.blocks * SUBS;
   for (int m = 0; m < NT; ++m) acc[m] = _mm512_setzero_ps();
@@ -573,7 +573,7 @@ inline void vnni_tokens(const TileGroup& g, const int8_t* xq, int64_t k, const T
       const int64_t scale_group = b * SUBS + sub;
       const __m512 w = g.scale(scale_group), mn = g.minimum(scale_group);
       for (int m = 0; m < NT; ++m) {
-        const int8_t* xb = xq + m * k + 32 * b;
+        const int8_t* xb = xq + (b * NT + m) * 32;
         __m512i s = _mm512_setzero_si512();
         for (int p = sub * 8 / SUBS; p < (sub + 1) * 8 / SUBS; ++p) {
           int32_t four;
@@ -583,6 +583,23 @@ inline void vnni_tokens(const TileGroup& g, const int8_t* xq, int64_t k, const T
         acc[m] = block_step<KIND>(s, (t0 + m) * groups + scale_group, x, w, mn, acc[m]);
       }
     }
+  }
+}
+
+// How many of the `left` tokens the next token tile takes: 16, then 8, 4, 2, 1.
+inline int64_t tile_size(int64_t left) { return left >= TILE_TOKENS ? TILE_TOKENS : tile_tokens<8>(left); }
+
+// The tokens' int8 codes [T, K] rearranged tile by tile (tile_size) into [step][tile's tokens][32]:
+// a step's 32 codes of every token of a tile in one contiguous run, where [T, K] has them K bytes
+// apart (with K = 4864, 16 tokens' codes for one step sat on 16 lines that L1 could not keep).
+inline void step_major(const int8_t* q, int64_t tokens, int64_t k, std::vector<int8_t>& out) {
+  out.resize(tokens * k);
+  for (int64_t t0 = 0; t0 < tokens;) {
+    const int64_t nt = tile_size(tokens - t0);
+    int8_t* tile = out.data() + t0 * k;
+    for (int64_t b = 0; b < k / 32; ++b)
+      for (int64_t m = 0; m < nt; ++m) std::memcpy(tile + (b * nt + m) * 32, q + (t0 + m) * k + 32 * b, 32);
+    t0 += nt;
   }
 }
 
@@ -618,6 +635,8 @@ void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int
   ws.resize(scale_groups * G);
   mins.resize(tile_min(KIND) ? scale_groups * G : 0);
   __m512 acc[TILE_TOKENS];
+  thread_local std::vector<int8_t> codes;
+  if (begin / G * G < std::min(end, grouped)) step_major(a.q.data(), tokens, k, codes);
   for (int64_t first = begin / G * G; first < std::min(end, grouped); first += G) {
     const int64_t lo = std::max(begin, first) - first, hi = std::min(end, first + G) - first;
     const uint8_t* group = rows + first * row_bytes;
@@ -628,15 +647,15 @@ void tile_groups_dot(const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int
     const uint8_t* ahead = next ? next + layout.steps_at : nullptr;
     const TileGroup g{group + layout.steps_at, layout.step_bytes, blocks, ws.data(), tile_min(KIND) ? mins.data() : nullptr};
     for (int64_t t0 = 0; t0 < tokens;) {
-      const int64_t nt = tokens - t0 >= TILE_TOKENS ? TILE_TOKENS : tile_tokens<8>(tokens - t0);
-      const int8_t* xq = a.q.data() + t0 * k;
+      const int64_t nt = tile_size(tokens - t0);
+      const int8_t* xq = codes.data() + t0 * k;
       const uint8_t* prefetch = t0 == 0 ? ahead : nullptr;
       switch (nt) {
-        case 16: vnni_tokens<KIND, 16>(g, xq, k, x, t0, prefetch, acc); break;
-        case 8: vnni_tokens<KIND, 8>(g, xq, k, x, t0, prefetch, acc); break;
-        case 4: vnni_tokens<KIND, 4>(g, xq, k, x, t0, prefetch, acc); break;
-        case 2: vnni_tokens<KIND, 2>(g, xq, k, x, t0, prefetch, acc); break;
-        default: vnni_tokens<KIND, 1>(g, xq, k, x, t0, prefetch, acc); break;
+        case 16: vnni_tokens<KIND, 16>(g, xq, x, t0, prefetch, acc); break;
+        case 8: vnni_tokens<KIND, 8>(g, xq, x, t0, prefetch, acc); break;
+        case 4: vnni_tokens<KIND, 4>(g, xq, x, t0, prefetch, acc); break;
+        case 2: vnni_tokens<KIND, 2>(g, xq, x, t0, prefetch, acc); break;
+        default: vnni_tokens<KIND, 1>(g, xq, x, t0, prefetch, acc); break;
       }
       store_group(acc, nt, t0, first, lo, hi, out, ldo);
       t0 += nt;
