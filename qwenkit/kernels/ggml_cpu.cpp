@@ -419,7 +419,6 @@ inline void row_values(const RowScratch& r, int zero, int64_t k, T* out) {
   }
 }
 
-
 // ---- Tile groups of sixteen rows (TileLayout): the 32-value types, Q4_K and Q6_K --------------
 // A block of 32 values of sixteen rows meets one token in eight VPDPBUSD, the token's four codes
 // broadcast against four values of each of the sixteen rows: no transpose, no horizontal sums,

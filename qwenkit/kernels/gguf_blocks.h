@@ -421,7 +421,6 @@ void unpacked_rows_dot(const uint8_t* rows, int64_t row_bytes, int64_t begin, in
 void rows_matmul(int kind, bool packed, const uint8_t* rows, int64_t row_bytes, int64_t n_rows, int64_t k, const QuantizedActivations& a,
                  int64_t tokens, int64_t begin, int64_t end, float* out, int64_t ldo);
 
-
 // out[N, K] = the values of GGUF rows w, float32 or bfloat16: unpack(row bytes, k, scratch) as
 // above; values(scratch, zero, k, out row) writes one row in out's dtype (a generic lambda).
 template <class Unpack, class Values>
@@ -522,27 +521,6 @@ inline void unpack_any_row(int kind, bool packed, const uint8_t* row, int64_t k,
   }
 }
 
-// A file row's unsigned codes value by value: 0..15, 0..31, 0..63 (Q6_K) or q + 128 (Q8_0).
-inline void row_codes(int kind, const uint8_t* row, int64_t k, uint8_t* codes) {
-  if (format_of(kind).block_values == 256) {
-    RowScratch r(k);
-    unpack_k_quant_row(kind, row, k, r);
-    std::memcpy(codes, r.codes.data(), k);
-    return;
-  }
-  const Format f = format_of(kind);
-  const int at = codes_at(kind);
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* block = row + b * f.block_bytes;
-    if (kind == Q8_0) {
-      for (int i = 0; i < 32; ++i) codes[32 * b + i] = block[at + i] ^ 0x80;
-      continue;
-    }
-    split_nibbles_32(block + at, codes + 32 * b);
-    if (has_fifth(kind)) or_fifth_bits_32(block + at - 4, codes + 32 * b);
-  }
-}
-
 // ---- The packed layout in groups of eight rows (the AVX2 build's, for Q4_0, Q4_1, Q5_0, Q5_1) --
 // Eight rows' codes stored as the eight-row kernels multiply them, so that one token meets eight
 // rows with no transpose and no horizontal sums (ggml's repacked Q4_0x8 serves the same end). The
@@ -571,8 +549,10 @@ inline void pack_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t 
   const Format f = format_of(kind);
   const GroupLayout g(kind, k);
   std::vector<uint8_t> codes(GROUP_ROWS * k);  // [row][value], 0..31
+  RowScratch r(k);
   for (int64_t row = 0; row < GROUP_ROWS; ++row) {
-    row_codes(kind, src + row * row_bytes, k, codes.data() + row * k);
+    unpack_any_row(kind, false, src + row * row_bytes, k, r);
+    std::memcpy(codes.data() + row * k, r.codes.data(), k);
     for (int64_t b = 0; b < k / 32; ++b) {
       const uint8_t* block = src + row * row_bytes + b * f.block_bytes;
       std::memcpy(dst + 16 * b + 2 * row, block, 2);
@@ -650,10 +630,12 @@ struct TileLayout {
 inline void pack_tile_group(int kind, const uint8_t* src, int64_t row_bytes, int64_t k, uint8_t* dst) {
   const TileLayout g(kind, k);
   const Format f = format_of(kind);
-  std::vector<uint8_t> codes(TILE_GROUP_ROWS * k);  // [row][value]
+  std::vector<uint8_t> codes(TILE_GROUP_ROWS * k);  // [row][value]: 0..15, 0..31, 0..63 (Q6_K) or q + 128 (Q8_0)
+  RowScratch r(k);
   for (int64_t n = 0; n < TILE_GROUP_ROWS; ++n) {
     const uint8_t* row = src + n * row_bytes;
-    row_codes(kind, row, k, codes.data() + n * k);
+    unpack_any_row(kind, false, row, k, r);
+    std::memcpy(codes.data() + n * k, r.codes.data(), k);
     for (int64_t b = 0; b < k / f.block_values; ++b) {
       const uint8_t* block = row + b * f.block_bytes;
       if (kind == Q4_K) {

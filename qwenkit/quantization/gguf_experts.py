@@ -2,7 +2,8 @@
 
 llama.cpp stores each projection of all experts as one 3-D tensor [experts, rows, columns]; here
 each stays those bytes ([experts, rows, bytes per row], memory-mapped, or a same-size packed copy
-where the build packs the type: pack_if_packable) and each active expert's rows go through the same kernels as GGUFLinear:
+where the build packs the type: pack_if_packable) and each active expert's rows go through the
+same kernels as GGUFLinear:
 the active experts with few rows in one native call (all of them when decoding), an expert with
 many rows alone on GGUFLinear's dense path.
 It replaces the float `ExpertMLPs` by name and answers the same `grouped(x, counts)`.

@@ -11,7 +11,7 @@ from qwenkit.formats.gguf_blocks import q4_k_codes, uint8_tensor
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import expert_weights, projection_weights
 from qwenkit.quantization.gguf_experts import GGUFExperts
-from qwenkit.quantization.gguf_linear import KERNEL_TYPES, GGUFEmbedding, GGUFLinear, pack_if_packable, packs
+from qwenkit.quantization.gguf_linear import KERNEL_TYPES, GGUFEmbedding, GGUFLinear, native_kernels, packs
 from qwenkit.quantization.linear import Int4Linear
 from qwenkit.quantization.quantize import int4_group_size, keeps_float
 
@@ -42,10 +42,10 @@ def _expert_stack(gguf: GGUFFile, tensor, in_features: int) -> tuple[torch.Tenso
     blocks = uint8_tensor(gguf.raw(tensor))
     if not packs(tensor.kind, in_features):
         return blocks, False
-    out = torch.empty_like(blocks)
+    kernels, out = native_kernels(), torch.empty_like(blocks)
     per_expert = blocks[0].numel()
     for e in range(blocks.shape[0]):
-        out[e] = pack_if_packable(blocks[e], tensor.kind, in_features)[0]
+        out[e] = kernels.pack(blocks[e], int(tensor.kind), in_features)
         gguf.release(tensor, e * per_expert, (e + 1) * per_expert)
     return out, True
 

@@ -1,9 +1,10 @@
 """Linear and embedding layers that compute straight from a GGUF tensor's blocks.
 
 The weights stay the file's bytes (memory-mapped, or a same-size copy in the layout the CPU's
-kernels read fastest; never widened), so a Q4_K_M model costs its file size in memory and decodes at the speed its bytes allow, with the very values llama.cpp
-uses. Few tokens (decoding, a small batch) go through the native kernel, which quantizes the
-activations to int8 as llama.cpp does; many tokens (a long prompt) are cheaper as a dense matmul
+kernels read fastest; never widened), so a Q4_K_M model costs its file size in memory and
+decodes at the speed its bytes allow, with the very values llama.cpp uses. Few tokens
+(decoding, a small batch) go through the native kernel, which quantizes the activations to int8
+as llama.cpp does; many tokens (a long prompt) are cheaper as a dense matmul
 on dequantized row chunks, since the kernel would unpack every row once per token. That matmul
 is bfloat16 where the CPU multiplies bfloat16 natively (2.4x float32's speed on an AVX512-BF16
 core), else float32 on the exact values.
