@@ -82,3 +82,21 @@ def test_a_gguf_decode_step_runs_torch_on_one_thread_and_the_kernels_on_all(gguf
     assert torch.get_num_threads() == threads == 2
     assert tokens_per_step == [FEW_TOKENS + 20, 1, 1]
     assert seen == [(2, 2), (1, 2), (1, 2)]
+
+
+def test_a_step_of_torch_matmuls_gives_torch_its_threads(gguf_model, monkeypatch):
+    """A step of more tokens than the kernels take (KERNEL_MAX_TOKENS) multiplies with torch
+    matmuls on dequantized rows, so it runs with torch's threads even when it is short; decode
+    steps still run torch on one thread."""
+    from qwenkit.engine import LLM, SamplingParams
+    from qwenkit.quantization import gguf_linear
+
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 16)
+    seen = []
+    hook = gguf_model.model.lm_head.register_forward_pre_hook(lambda _, args: seen.append(torch.get_num_threads()))
+    try:
+        LLM(gguf_model).generate([list(range(100, 124))], SamplingParams(max_tokens=2, temperature=0))
+    finally:
+        hook.remove()
+    assert torch.get_num_threads() == 2
+    assert seen == [2, 1]

@@ -26,6 +26,7 @@ from qwenkit.engine.tensor_parallel import TensorParallelRunner, WorkerRunner, s
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
 from qwenkit.model.tensor_parallel import local_heads, shard_model
+from qwenkit.quantization.gguf_linear import PREFILL_CHUNK_TOKENS
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 from qwenkit.weights.context import check_kv_pool
 from qwenkit.weights.loader import LoadedModel, LoadPlan, load_model
@@ -36,11 +37,12 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool
     max_num_seqs: int = 64
-    # Per step; longer prompts are prefilled in chunks. 256, not 512: on 2 Zen 3 cores a prompt's
-    # steps of the default model ran 1.08-1.10x faster in 256-token chunks (1000 tokens: 271-281 vs
-    # 248-253 tok/s; 2000: 228-229 vs 206-213), every part of the step a little faster as its
-    # [tokens, 4864] intermediates stay in cache; 128-token chunks gained less (255-271).
-    max_num_batched_tokens: int = 256
+    # Per step; longer prompts are prefilled in chunks. Without fast bf16 256, not 512: on 2 Zen 3
+    # cores a prompt's steps of the default model ran 1.08-1.10x faster in 256-token chunks (1000
+    # tokens: 271-281 vs 248-253 tok/s; 2000: 228-229 vs 206-213), every part of the step a little
+    # faster as its [tokens, 4864] intermediates stay in cache; 128-token chunks gained less
+    # (255-271). With it, 512 (PREFILL_CHUNK_TOKENS: each chunk dequantizes the weights once).
+    max_num_batched_tokens: int = PREFILL_CHUNK_TOKENS
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context
     kv_cache_dtype: str = "auto"  # "auto": the loader's choice (LoadPlan.kv_cache_dtype)

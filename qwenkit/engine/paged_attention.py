@@ -115,8 +115,9 @@ class BatchAttention:
         return out.reshape(b, heads * dim)
 
 
-# A prompt chunk's attention on a GGUF model with 2 kernel threads runs with torch on the calling
-# thread alone (engine/step_threads.py: torch's OpenMP workers would spin on the kernels' cores),
+# Where a prompt chunk's products take the kernels (no fast bf16), its attention on a GGUF model
+# with 2 kernel threads runs with torch on the calling thread alone (engine/step_threads.py:
+# torch's OpenMP workers would spin on the kernels' cores),
 # which left one core idle through attention, a fifth of a 1000-token prefill. Half the KV heads
 # (with their query heads) then go to a helper thread, itself one torch thread, so both cores
 # attend; each head's attention is computed as it would be in one call (same kernel, same bits).

@@ -79,6 +79,15 @@ def set_kernel_threads(threads: int) -> None:
         kernels.set_kernel_threads(threads)
 
 
+def set_kernel_workers_spin(spin: bool) -> None:
+    """Whether the kernels' idle worker threads spin briefly before sleeping (True, the default:
+    a decode step's kernel calls come tens of microseconds apart) or sleep at once (while torch's
+    own threads share the cores, kernels/thread_pool.h). A no-op without the native kernels."""
+    kernels = cpu_kernels()
+    if kernels is not None:
+        kernels.set_kernel_workers_spin(spin)
+
+
 @functools.cache
 def cpu_kernels(isa: str | None = None) -> ModuleType | None:
     """The compiled kernels for `isa` (default: kernel_isa()), or None (with one warning saying

@@ -43,6 +43,8 @@ constexpr auto CALLER_SPIN = std::chrono::microseconds(100);
 constexpr auto BUSY_SPIN = std::chrono::microseconds(5);
 constexpr auto LOAD_CHECK_EVERY = std::chrono::milliseconds(20);
 std::atomic<bool> crowded{false};
+// Off while torch's own threads do a step's heavy work (set_kernel_workers_spin): see there.
+std::atomic<bool> workers_spin{true};
 std::atomic<int64_t> crowded_checked_at{0};
 
 bool machine_is_crowded() {
@@ -124,7 +126,9 @@ class Pool {
 
   void wait_for_work(uint64_t seen) {
     const auto start = Clock::now();
-    const auto spin = crowded.load(std::memory_order_relaxed) ? BUSY_SPIN : SPIN;
+    const auto spin = !workers_spin.load(std::memory_order_relaxed) ? std::chrono::microseconds(0)
+                      : crowded.load(std::memory_order_relaxed)     ? BUSY_SPIN
+                                                                    : SPIN;
     for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
       cpu_relax();
       if ((spins & 63) == 63 && Clock::now() - start > spin) {
@@ -183,6 +187,8 @@ std::atomic<int> configured_threads{0};  // 0: follow torch's intra-op count
 }  // namespace
 
 void set_kernel_threads(int threads) { configured_threads.store(std::max(0, threads)); }
+
+void set_kernel_workers_spin(bool spin) { workers_spin.store(spin); }
 
 int kernel_threads() {
   const int configured = configured_threads.load(std::memory_order_relaxed);

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenkit.quantization.gguf_linear import PREFILL_CHUNK_TOKENS  # the engine's max_num_batched_tokens
+
 GIB = 1 << 30
 QUANTS = ("F16", "Q8_0", "Q4_K_M")
 BITS = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_0": 5.5, "Q4_K": 4.5}
@@ -30,7 +32,6 @@ _K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's type for a K-quant
 # The tokenizer plus the GGUF header's vocabulary arrays for Qwen's 151,936 tokens, measured here
 # (RSS after Tokenizer.from_gguf minus RSS before opening the file, embedded default model).
 TOKENIZER_BYTES = 130 << 20
-PREFILL_CHUNK = 256  # the engine's max_num_batched_tokens
 FAULT_AROUND = 64 << 10  # bytes a page fault on a file mapping maps at once (Linux's fault_around_bytes)
 
 
@@ -159,7 +160,7 @@ def _touched_fraction(mapped_bytes: int, lookups: int) -> float:
 def activation_bytes(shape: ModelShape) -> int:
     """One prefill chunk's largest live buffers (float32): the MLP's gate, up and product, q/k/v, attention output."""
     width = 3 * max(shape.intermediate, shape.moe_intermediate * shape.active_experts) + 6 * shape.hidden
-    return PREFILL_CHUNK * width * 4
+    return PREFILL_CHUNK_TOKENS * width * 4
 
 
 def estimate(shape: ModelShape, quant: str, context: int, baseline_rss: int | None = None) -> MemoryEstimate:
