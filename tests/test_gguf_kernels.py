@@ -8,6 +8,8 @@ against the float product, within the error that quantizing x costs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,41 @@ def test_embedding_reads_rows_exactly():
     blocks, weight = gguf_blocks(Q.Q5_0, 100, 64)
     ids = torch.tensor([[3, 99, 3], [0, 50, 7]])
     torch.testing.assert_close(GGUFEmbedding(blocks, Q.Q5_0, 64)(ids), weight[ids], rtol=0, atol=0)
+
+
+def _mapped_kib(path) -> int:
+    """This process's resident KiB of the file mapped from `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_embedding_lookups_let_their_file_pages_go(default_gguf):
+    """Each lookup in a mapped file would keep 64 KiB around each row it read (the kernel's
+    fault-around): 200 far-apart tokens, ~13 MiB. The embedding drops them after each lookup and
+    still reads the file's values."""
+    gguf, _ = default_gguf
+    tensor = gguf.tensors["token_embd.weight"]
+    blocks = torch.from_numpy(gguf.raw(tensor))
+    ids = torch.arange(200) * 750
+    expected = torch.from_numpy(dequantize(np.array(gguf.raw(tensor)[ids.numpy()]), tensor.kind))
+    gguf.release(tensor)
+    kept, dropped = GGUFEmbedding(blocks, tensor.kind, tensor.shape[1]), GGUFEmbedding(blocks, tensor.kind, tensor.shape[1], drop_pages=gguf.page_dropper(tensor))
+    before = _mapped_kib(gguf.path)
+    got = torch.cat([dropped(ids[i : i + 1]) for i in range(len(ids))])
+    after_dropping = _mapped_kib(gguf.path)
+    torch.cat([kept(ids[i : i + 1]) for i in range(len(ids))])
+    after_keeping = _mapped_kib(gguf.path)
+    gguf.release(tensor)
+    assert torch.equal(got, expected)
+    assert after_dropping - before < 256
+    assert after_keeping - after_dropping > 200 * 16  # the case the dropping avoids, measured alike
 
 
 def test_wrong_row_length_is_refused():

@@ -15,7 +15,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -180,14 +180,23 @@ class GGUFFile:
         end = tensor.n_bytes if end is None else end
         self._drop_pages(tensor.part, tensor.offset + start, tensor.offset + end)
 
+    def page_dropper(self, tensor: GGUFTensor) -> Callable[[], None]:
+        """A function that drops the tensor's pages from this process's memory, as release(), and
+        holds the file's map but not this object (nor its metadata)."""
+        mapping, start, end = getattr(self._maps[tensor.part], "_mmap", None), tensor.offset, tensor.offset + tensor.n_bytes
+        return lambda: _drop_pages(mapping, start, end)
+
     def _drop_pages(self, part: int, start: int, end: int) -> None:
-        mapping = getattr(self._maps[part], "_mmap", None)
-        if mapping is None or not hasattr(mapping, "madvise") or end <= start:
-            return
-        start = start // mmap.PAGESIZE * mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+        _drop_pages(getattr(self._maps[part], "_mmap", None), start, end)
 
     def raw(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as uint8 [rows..., bytes per row], as `gguf.quants.dequantize` expects."""
         data = self._maps[tensor.part][tensor.offset : tensor.offset + tensor.n_bytes]
         return data.reshape(*tensor.shape[:-1], -1)
+
+
+def _drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
+    if mapping is None or not hasattr(mapping, "madvise") or end <= start:
+        return
+    start = start // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, end - start)

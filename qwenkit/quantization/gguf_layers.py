@@ -61,9 +61,12 @@ def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -
             continue
         blocks = uint8_tensor(gguf.raw(tensor))  # [rows, bytes per row], sharing the file's memory map
         if name == "model.embed_tokens":  # stays mapped: only the rows looked up are ever read
-            layers[name] = GGUFEmbedding(blocks, tensor.kind, tensor.shape[1], dtype)
-            if config.tie_word_embeddings:
-                layers["lm_head"] = GGUFLinear(blocks, tensor.kind, tensor.shape[1])
+            head = GGUFLinear(blocks, tensor.kind, tensor.shape[1]) if config.tie_word_embeddings else None
+            # The pages a lookup maps are let go, unless an output projection reads the same mapped bytes.
+            drop = gguf.page_dropper(tensor) if head is None or head.packed else None
+            layers[name] = GGUFEmbedding(blocks, tensor.kind, tensor.shape[1], dtype, drop)
+            if head is not None:
+                layers["lm_head"] = head
         else:
             layers[name] = GGUFLinear(blocks, tensor.kind, tensor.shape[1], bias)
         if name == "model.embed_tokens" or layers[name].packed:
