@@ -33,11 +33,11 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows in the packed layout this build reads fastest (the 32-value types; the AVX-512 build also Q4_K, Q6_K)");
   m.def("packed_group_rows", &qwenkit::packed_group_rows, "how many rows the packed layout of a GGUF type stores together (8, 16 or 1)");
-  m.def("matmul", &matmul, "x @ w.T for GGUF block rows w (packed: in the packed layout)");
-  m.def("matmul_group", &matmul_group,
+  m.def("matmul", &matmul, py::call_guard<py::gil_scoped_release>(), "x @ w.T for GGUF block rows w (packed: in the packed layout)");
+  m.def("matmul_group", &matmul_group, py::call_guard<py::gil_scoped_release>(),
         "x @ w.T (+ bias) for several GGUF weights in one pass (silu_mul: silu(x @ gate.T) * (x @ up.T))");
-  m.def("experts_mlp", &experts_mlp, "a MoE block's experts (stacked GGUF blocks) on their routed rows, in two passes of the threads");
-  m.def("dequantize_into", &dequantize_into, "values of GGUF block rows, written into out (float32 or bfloat16)");
+  m.def("experts_mlp", &experts_mlp, py::call_guard<py::gil_scoped_release>(), "a MoE block's experts (stacked GGUF blocks) on their routed rows, in two passes of the threads");
+  m.def("dequantize_into", &dequantize_into, py::call_guard<py::gil_scoped_release>(), "values of GGUF block rows, written into out (float32 or bfloat16)");
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension (float32)");
   m.def("store_kv", &store_kv, "new tokens' float32 keys and values into their slots of one layer's paged cache");
   m.def("rotary", &rotary, "rotary position embedding (rotate_half) of float32 [T, heads, head_dim]");
@@ -46,6 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_workers_spin", &qwenkit::set_kernel_workers_spin,
         "whether the kernels' idle workers spin before they sleep (true, the default) or sleep at once");
   m.def("kernel_threads", &qwenkit::kernel_threads, "how many threads the kernels use on this thread");
-  m.def("decode_layers", &decode_layers, "a decoder's layers (dense or MoE) on GGUF blocks for one decode step, in one call");
+  m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>(), "a decoder's layers (dense or MoE) on GGUF blocks for one decode step, in one call");
   m.def("paged_decode_attention", &paged_decode_attention, "one new token per sequence attending over its paged K/V");
 }

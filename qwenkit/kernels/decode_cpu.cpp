@@ -129,11 +129,113 @@ inline float exp_shifted_sum(float* s, int64_t n, float top) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// attend_group's two passes for head_dim = 16 * C with AVX-512, the same arithmetic in the same
+// order (so the same bits), with each cached key and value row converted to float once for the
+// whole group rather than once per query head, and the output rows of H heads kept in registers
+// across positions rather than loaded and stored at each one. 16 decode streams of the default
+// model (64-value heads, 7 query heads per kv head, float16 cache): the attention was 6% of a step.
+// Cached rows are 16-slot blocks scattered over the pool: each position's row is requested this
+// many positions before it is read.
+constexpr int64_t AHEAD = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t values) {
+  for (int64_t at = 0; at < values * static_cast<int64_t>(sizeof(T)); at += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(row) + at, _MM_HINT_T0);
+}
+
+// The largest of n scores (n >= 1), 16 lanes at a time: std::max_element's one chain of scalar
+// maxima was a fifth of the attention's time.
+inline float max_of(const float* s, int64_t n) {
+  __m512 top = _mm512_set1_ps(s[0]);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
+  float best = _mm512_reduce_max_ps(top);
+  for (; j < n; ++j) best = std::max(best, s[j]);
+  return best;
+}
+
+template <int C, typename T>
+void group_scores(const float* q, int64_t group, const T* k, int64_t row_stride, const int64_t* slots, int64_t first, int64_t n,
+                  float scale, float* scores) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* key = k + slots[first + j] * row_stride;
+    if (j + AHEAD < n) prefetch_row(k + slots[first + j + AHEAD] * row_stride, 16 * C);
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = q + h * 16 * C;
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], acc);
+      scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+
+// out[h] = sum_j p[h][j] * value_j for H heads of probabilities p (rows of n).
+template <int C, int H, typename T>
+void group_values(const float* p, const T* v, int64_t row_stride, const int64_t* slots, int64_t first, int64_t n, float* out,
+                  int64_t out_stride) {
+  __m512 acc[H][C];
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* value = v + slots[first + j] * row_stride;
+    if (j + AHEAD < n) prefetch_row(v + slots[first + j + AHEAD] * row_stride, 16 * C);
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
+    for (int h = 0; h < H; ++h) {
+      const __m512 ph = _mm512_set1_ps(p[h * n + j]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(ph, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + h * out_stride + 16 * c, acc[h][c]);
+}
+
+template <int C, typename T>
+void group_values_all(const float* p, int64_t group, const T* v, int64_t row_stride, const int64_t* slots, int64_t first, int64_t n,
+                      float* out, int64_t out_stride) {
+  constexpr int H = C <= 4 ? 4 : 2;  // H * C accumulators and C values stay within the 32 registers
+  int64_t h = 0;
+  for (; h + H <= group; h += H) group_values<C, H>(p + h * n, v, row_stride, slots, first, n, out + h * out_stride, out_stride);
+  const float* rest = p + h * n;
+  float* rest_out = out + h * out_stride;
+  switch (group - h) {  // the last heads in one pass too
+    case 3: group_values<C, 3>(rest, v, row_stride, slots, first, n, rest_out, out_stride); break;
+    case 2: group_values<C, 2>(rest, v, row_stride, slots, first, n, rest_out, out_stride); break;
+    case 1: group_values<C, 1>(rest, v, row_stride, slots, first, n, rest_out, out_stride); break;
+    default: break;
+  }
+}
+#endif
+
 // Attention of one kv head's group of query heads over one sequence's cached keys and values.
 template <typename T>
 void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, const T* v, int64_t row_stride,
                   const int64_t* slots, int64_t first, int64_t last, float scale, float* scores, float* out, int64_t out_stride) {
   const int64_t n = last - first;
+#if defined(__AVX512F__)
+  if (head_dim == 64 || head_dim == 128) {
+    if (head_dim == 64) {
+      group_scores<4>(q, group, k, row_stride, slots, first, n, scale, scores);
+    } else {
+      group_scores<8>(q, group, k, row_stride, slots, first, n, scale, scores);
+    }
+    for (int64_t h = 0; h < group; ++h) {
+      float* sh = scores + h * n;
+      const float inv = 1.0f / exp_shifted_sum(sh, n, max_of(sh, n));
+      for (int64_t j = 0; j < n; ++j) sh[j] *= inv;
+    }
+    if (head_dim == 64) {
+      group_values_all<4>(scores, group, v, row_stride, slots, first, n, out, out_stride);
+    } else {
+      group_values_all<8>(scores, group, v, row_stride, slots, first, n, out, out_stride);
+    }
+    return;
+  }
+#endif
   for (int64_t j = 0; j < n; ++j) {
     const T* key = k + slots[first + j] * row_stride;
     for (int64_t h = 0; h < group; ++h) {
