@@ -568,12 +568,16 @@ inline void vnni_tokens(const TileGroup& g, const int8_t* xq, const TokenBlocks<
       for (int64_t at = 0; at < g.step_bytes; at += 64) __builtin_prefetch(ahead + b * g.step_bytes + at, 0, 2);
     __m512i v[8];
     tile_block_codes<KIND>(g.steps + b * g.step_bytes, v);
+    // Every loop here unrolled (GCC left Q6_K's token loop rolled, with its sums on the stack).
+#pragma GCC unroll 2
     for (int sub = 0; sub < SUBS; ++sub) {
       const int64_t scale_group = b * SUBS + sub;
       const __m512 w = g.scale(scale_group), mn = g.minimum(scale_group);
+#pragma GCC unroll 16
       for (int m = 0; m < NT; ++m) {
         const int8_t* xb = xq + (b * NT + m) * 32;
         __m512i s = _mm512_setzero_si512();
+#pragma GCC unroll 8
         for (int p = sub * 8 / SUBS; p < (sub + 1) * 8 / SUBS; ++p) {
           int32_t four;
           std::memcpy(&four, xb + 4 * p, 4);
