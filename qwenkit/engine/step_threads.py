@@ -15,7 +15,7 @@ most 2 threads every step up to 1024 tokens keeps torch on one thread; with more
 prompt step's attention on one thread would cost more than the spinning (not measured here), and
 steps past 256 tokens give torch its threads back.
 
-Where the CPU multiplies bfloat16 fast, a step of more than KERNEL_MAX_TOKENS (48) tokens takes
+Where the CPU multiplies bfloat16 fast, a step of more than KERNEL_MAX_TOKENS (96) tokens takes
 its products as torch matmuls on dequantized rows (quantization/gguf_linear.py), so it gives
 torch its threads back at any size, and the kernels' workers (which still dequantize and take
 the norms) sleep at once between calls instead of spinning on the cores torch's workers need.

@@ -29,13 +29,15 @@ PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1",
 # Products of more tokens than this take the dense path (benchmarks/gguf_gemm.py picks it: the
 # first count where the dense path was faster). Where the CPU has
 # bfloat16 arithmetic the dense path is a bf16 matmul: on the AVX-512 BF16 machine (Zen 4) the
-# kernel was 3x faster at 32 tokens, 1.3x at 64; on a Xeon with AMX (whose tiles oneDNN's bf16
-# matmul uses) the tile-group kernel was 1.0x at 32 tokens and 0.84x at 48. Elsewhere the dense path is a
+# row kernels before the tile groups were 3x faster at 32 tokens, 1.3x at 64; on a Xeon with AMX
+# (whose tiles oneDNN's bf16 matmul uses) the tile-group kernels, once their token loops were
+# unrolled, were 1.5-1.75x faster at 48 tokens, 1.2x at 96, and about even from 112 (0.79-1.02x
+# in two runs). Elsewhere the dense path is a
 # float32 matmul, slower per multiply-add than the int8 kernels that decode eight rows at a time:
 # on the AVX2 machine (Zen 3, 2 threads) the default model's layers ran through the kernel 8.9x
 # faster at 16 tokens, 3.5x at 128, 1.6x at 512, 1.4x at 1024 and 1.1x at 2048 (a prefill chunk
 # is at most max_num_batched_tokens, 256 by default there).
-KERNEL_MAX_TOKENS = 48 if bf16_matmul_is_fast() else 2048
+KERNEL_MAX_TOKENS = 96 if bf16_matmul_is_fast() else 2048
 # The engine's default prefill chunk (EngineConfig.max_num_batched_tokens). On the dense bf16
 # path every chunk dequantizes every weight once, so fewer, larger chunks pay: on the AMX Xeon
 # (2 threads) a 1000-token prompt in 512-token steps ran at 640-780 tok/s, in 256-token steps at
