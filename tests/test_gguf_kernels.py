@@ -365,6 +365,25 @@ def test_every_instruction_set_gives_the_same_decode_ops(kernels):
                                best.paged_decode_attention(q, pool, pool, slots, lengths, 0.125, 0), rtol=1e-5, atol=1e-6)
 
 
+def test_row_max_is_torch_max(kernels):
+    """The greedy sampler's row maxima: the same values and first indices as torch.max, ties,
+    infinities and NaN (the first NaN wins) included, on rows longer and shorter than a vector."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1003, generator=g)
+    x[1, ::7] = x[1].max() + 1  # ties: the first one
+    x[2, 500], x[2, 40], x[2, 999] = float("nan"), float("nan"), float("nan")
+    x[3] = float("-inf")
+    x[4, 1001] = float("inf")
+    x[5, 1002] = x[5].max() + 1  # in the tail past the last full vector
+    x[6, 1002] = float("nan")
+    for rows in (x, torch.randn(4, 5, generator=g), torch.randn(2, 1, generator=g)):
+        values, indices = kernels.row_max(rows)
+        expected_values, expected_indices = rows.max(-1)
+        assert torch.equal(indices, expected_indices)
+        assert torch.equal(values.isnan(), expected_values.isnan())
+        assert torch.equal(values[~values.isnan()], expected_values[~expected_values.isnan()])
+
+
 def test_forced_instruction_sets_give_the_same_logits(tmp_path, monkeypatch):
     """A tiny GGUF model decoded token by token through each build's kernels (QWENKIT_ISA)."""
     import qwenkit.kernels as kernel_builds

@@ -24,6 +24,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      torch::Tensor lengths, double scale, int64_t window);
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+std::tuple<torch::Tensor, torch::Tensor> row_max(torch::Tensor x);
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> weights,
                             std::vector<int64_t> kinds, std::vector<bool> packed, std::vector<int64_t> moe, torch::Tensor k_cache,
                             torch::Tensor v_cache, std::vector<int64_t> windows, torch::Tensor slot_mapping, torch::Tensor slots,
@@ -40,6 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_into", &dequantize_into, py::call_guard<py::gil_scoped_release>(), "values of GGUF block rows, written into out (float32 or bfloat16)");
   m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension (float32)");
   m.def("store_kv", &store_kv, "new tokens' float32 keys and values into their slots of one layer's paged cache");
+  m.def("row_max", &row_max, py::call_guard<py::gil_scoped_release>(),
+        "torch.max(x, -1) of float32 rows: each row's largest value (NaN if it has one) and its first index");
   m.def("rotary", &rotary, "rotary position embedding (rotate_half) of float32 [T, heads, head_dim]");
   m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
         "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");
