@@ -36,6 +36,18 @@ def test_min_tokens_blocks_stop_tokens_only_until_reached():
     assert early[5] == float("-inf") and late[5] == 0
 
 
+def test_a_batch_mixing_greedy_and_sampled_rows():
+    """Greedy rows take their batch's row maxima (the first of ties; a row with a NaN, the largest
+    finite logit), a sampled row draws from its own generator as it would alone."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [1.0, 2.0, 0.5, 0.0], [float("nan"), 1.0, 4.0, 2.0], [5.0, 1.0, 1.0, 0.0]])
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    alone_generator = torch.Generator().manual_seed(7)
+    alone, _ = sample(logits[1:2].clone(), [row(seeded, generator=alone_generator)])
+    rows = [row(GREEDY), row(seeded, generator=torch.Generator().manual_seed(7)), row(GREEDY), row(GREEDY)]
+    tokens, _ = sample(logits, rows)
+    assert tokens == [1, alone[0], 2, 0]
+
+
 def test_top_p_and_min_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     kept = lambda p: (shape_distribution(logits, p) > 0).tolist()  # noqa: E731

@@ -128,6 +128,8 @@ def _unblock_where_nothing_is_left(logits: torch.Tensor, processed: torch.Tensor
 def _row_max(logits: torch.Tensor) -> tuple[list[float], list[int]]:
     """torch.max(logits, -1) as lists: the native kernels' vector pass over the rows where they
     are built (4-5x torch's one-thread reduction over 16 x 151,936 logits), else torch's."""
+    if logits.shape[0] == 0:
+        return [], []
     kernels = cpu_kernels()
     values, indices = kernels.row_max(logits) if kernels is not None and logits.dtype == torch.float32 else logits.max(-1)
     return values.tolist(), indices.tolist()
@@ -159,12 +161,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
             raise RowSamplingError(row, failed[row])
         _unblock_where_nothing_is_left(logits, processed, rows)
     tokens: list[int] = []
-    # All greedy (a batch of greedy streams): one max over the batch instead of one call per row.
-    batch_best = _row_max(processed) if all(row.params.greedy for row in rows) else None
+    # The greedy rows' maxima in one pass over the batch instead of one call per row.
+    greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+    best_values, best_indices = _row_max(processed if len(greedy) == len(rows) else processed[greedy])
+    best_of = {i: (value, index) for i, value, index in zip(greedy, best_values, best_indices)}
     for i, row in enumerate(rows):
         if row.params.greedy:
             # max propagates NaN: a finite best means a clean row
-            best, index = (batch_best[0][i], batch_best[1][i]) if batch_best is not None else _row_max(processed[i : i + 1])
+            best, index = best_of[i]
             if not math.isfinite(best):
                 index = int(torch.argmax(finite(processed[i])))
             tokens.append(index)
