@@ -376,6 +376,7 @@ def test_row_max_is_torch_max(kernels):
     x[4, 1001] = float("inf")
     x[5, 1002] = x[5].max() + 1  # in the tail past the last full vector
     x[6, 1002] = float("nan")
+    x[7, 33] = x[7, 20] = x[7].max() + 1  # tied in two vector lanes: the later lane holds the first index
     for rows in (x, torch.randn(4, 5, generator=g), torch.randn(2, 1, generator=g)):
         values, indices = kernels.row_max(rows)
         expected_values, expected_indices = rows.max(-1)

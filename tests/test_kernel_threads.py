@@ -92,11 +92,36 @@ def test_a_step_of_torch_matmuls_gives_torch_its_threads(gguf_model, monkeypatch
     from qwenkit.quantization import gguf_linear
 
     monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 16)
-    seen = []
-    hook = gguf_model.model.lm_head.register_forward_pre_hook(lambda _, args: seen.append(torch.get_num_threads()))
+    seen = []  # (torch threads, whether the kernels' idle workers spin) at the output head
+    hook = gguf_model.model.lm_head.register_forward_pre_hook(
+        lambda _, args: seen.append((torch.get_num_threads(), cpu_kernels().kernel_workers_spin()))
+    )
     try:
         LLM(gguf_model).generate([list(range(100, 124))], SamplingParams(max_tokens=2, temperature=0))
     finally:
         hook.remove()
-    assert torch.get_num_threads() == 2
-    assert seen == [2, 1]
+    assert torch.get_num_threads() == 2 and cpu_kernels().kernel_workers_spin()
+    assert seen == [(2, False), (1, True)]
+
+
+def test_requests_to_quiet_the_workers_nest_and_a_failed_step_undoes_its_own(gguf_model, monkeypatch):
+    """Each set_kernel_workers_spin(False) is undone by one True (two engines' steps must not undo
+    each other's), and a step that raises still undoes its request."""
+    from qwenkit.engine.step_threads import StepThreads
+    from qwenkit.kernels import set_kernel_workers_spin
+    from qwenkit.quantization import gguf_linear
+
+    kernels = cpu_kernels()
+    set_kernel_workers_spin(False)
+    set_kernel_workers_spin(False)
+    set_kernel_workers_spin(True)
+    assert not kernels.kernel_workers_spin()
+    set_kernel_workers_spin(True)
+    set_kernel_workers_spin(True)  # one too many: no effect
+    assert kernels.kernel_workers_spin()
+    monkeypatch.setattr(gguf_linear, "KERNEL_MAX_TOKENS", 16)
+    with pytest.raises(RuntimeError, match="step failed"):
+        with StepThreads(gguf_model.model).step(100):
+            assert not kernels.kernel_workers_spin()
+            raise RuntimeError("step failed")
+    assert kernels.kernel_workers_spin()

@@ -25,8 +25,8 @@ from qwenkit.engine.step_threads import StepThreads
 from qwenkit.engine.tensor_parallel import TensorParallelRunner, WorkerRunner, serve
 from qwenkit.engine.text_output import TextOutput
 from qwenkit.errors import QwenkitError
+from qwenkit.kernels import default_prefill_chunk
 from qwenkit.model.tensor_parallel import local_heads, shard_model
-from qwenkit.quantization.gguf_linear import PREFILL_CHUNK_TOKENS
 from qwenkit.tokenizer.reasoning import prompt_opens_thinking
 from qwenkit.weights.context import check_kv_pool
 from qwenkit.weights.loader import LoadedModel, LoadPlan, load_model
@@ -41,8 +41,8 @@ class EngineConfig:
     # cores a prompt's steps of the default model ran 1.08-1.10x faster in 256-token chunks (1000
     # tokens: 271-281 vs 248-253 tok/s; 2000: 228-229 vs 206-213), every part of the step a little
     # faster as its [tokens, 4864] intermediates stay in cache; 128-token chunks gained less
-    # (255-271). With it, 512 (PREFILL_CHUNK_TOKENS: each chunk dequantizes the weights once).
-    max_num_batched_tokens: int = PREFILL_CHUNK_TOKENS
+    # (255-271). With it, 512 (kernels.default_prefill_chunk: each chunk dequantizes the weights once).
+    max_num_batched_tokens: int = field(default_factory=default_prefill_chunk)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's context
     kv_cache_dtype: str = "auto"  # "auto": the loader's choice (LoadPlan.kv_cache_dtype)

@@ -9,11 +9,12 @@ very cores the kernels' workers need next: on 2 cores that costs ~20% of batch-1
 cannot set for its users). So such a step runs torch on the calling thread alone while the
 kernels keep every thread; a step with many tokens (a prompt) gives torch its threads back, as
 its attention and elementwise work grow with the tokens. Where that starts depends on the cores:
-on 2 (AMD EPYC Zen 3), a 1000-token prefill in 512-token steps ran 1.13x faster with torch on
-the calling thread alone (242-250 vs 215-221 tok/s, alternating in one process), so with at
-most 2 threads every step up to 1024 tokens keeps torch on one thread; with more threads, a
-prompt step's attention on one thread would cost more than the spinning (not measured here), and
-steps past 256 tokens give torch its threads back.
+on 2 (AMD EPYC Zen 3, whose prompts take the int8 kernels), a 1000-token prefill in 512-token
+steps ran 1.13x faster with torch on the calling thread alone (242-250 vs 215-221 tok/s,
+alternating in one process), so with at most 2 threads every step up to 1024 tokens whose
+products take the kernels keeps torch on one thread; with more threads, a prompt step's
+attention on one thread would cost more than the spinning (not measured here), and steps past
+256 tokens give torch its threads back.
 
 Where the CPU multiplies bfloat16 fast, a step of more than KERNEL_MAX_TOKENS (96) tokens takes
 its products as torch matmuls on dequantized rows (quantization/gguf_linear.py), so it gives

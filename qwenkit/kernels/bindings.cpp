@@ -47,7 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
         "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");
   m.def("set_kernel_workers_spin", &qwenkit::set_kernel_workers_spin,
-        "whether the kernels' idle workers spin before they sleep (true, the default) or sleep at once");
+        "false: ask the kernels' idle workers to sleep at once rather than spin first; true: undo one such request");
+  m.def("kernel_workers_spin", &qwenkit::kernel_workers_spin, "whether the kernels' idle workers spin before they sleep (no request to sleep at once is pending)");
   m.def("kernel_threads", &qwenkit::kernel_threads, "how many threads the kernels use on this thread");
   m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>(), "a decoder's layers (dense or MoE) on GGUF blocks for one decode step, in one call");
   m.def("paged_decode_attention", &paged_decode_attention, "one new token per sequence attending over its paged K/V");

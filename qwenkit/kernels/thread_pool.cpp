@@ -43,8 +43,10 @@ constexpr auto CALLER_SPIN = std::chrono::microseconds(100);
 constexpr auto BUSY_SPIN = std::chrono::microseconds(5);
 constexpr auto LOAD_CHECK_EVERY = std::chrono::milliseconds(20);
 std::atomic<bool> crowded{false};
-// Off while torch's own threads do a step's heavy work (set_kernel_workers_spin): see there.
-std::atomic<bool> workers_spin{true};
+// How many callers have asked the idle workers to sleep at once (set_kernel_workers_spin(false)
+// not yet undone): they spin only while this is 0, so that two engines' steps cannot undo each
+// other's request.
+std::atomic<int> quiet_requests{0};
 std::atomic<int64_t> crowded_checked_at{0};
 
 bool machine_is_crowded() {
@@ -126,7 +128,7 @@ class Pool {
 
   void wait_for_work(uint64_t seen) {
     const auto start = Clock::now();
-    const auto spin = !workers_spin.load(std::memory_order_relaxed) ? std::chrono::microseconds(0)
+    const auto spin = quiet_requests.load(std::memory_order_relaxed) > 0 ? std::chrono::microseconds(0)
                       : crowded.load(std::memory_order_relaxed)     ? BUSY_SPIN
                                                                     : SPIN;
     for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
@@ -188,7 +190,17 @@ std::atomic<int> configured_threads{0};  // 0: follow torch's intra-op count
 
 void set_kernel_threads(int threads) { configured_threads.store(std::max(0, threads)); }
 
-void set_kernel_workers_spin(bool spin) { workers_spin.store(spin); }
+void set_kernel_workers_spin(bool spin) {
+  if (!spin) {
+    quiet_requests.fetch_add(1);
+    return;
+  }
+  int now = quiet_requests.load();
+  while (now > 0 && !quiet_requests.compare_exchange_weak(now, now - 1)) {
+  }
+}
+
+bool kernel_workers_spin() { return quiet_requests.load() == 0; }
 
 int kernel_threads() {
   const int configured = configured_threads.load(std::memory_order_relaxed);

@@ -29,8 +29,10 @@ void set_kernel_threads(int threads);
 // whose products are torch matmuls (many tokens) runs torch's OpenMP workers on the same cores
 // between the kernels' calls (dequantization, norms); a worker spinning there takes the core
 // they need. Measured on 2 Xeon cores, a 1000-token prefill: 630-650 tok/s sleeping at once,
-// 490-580 spinning.
+// 490-580 spinning. Requests nest: each set_kernel_workers_spin(false) is undone by one
+// set_kernel_workers_spin(true), and the workers spin again once every request is undone.
 void set_kernel_workers_spin(bool spin);
+bool kernel_workers_spin();
 
 // f(begin, end) over [begin, end) split into at most kernel_threads() contiguous chunks of at
 // least `grain` items, as at::parallel_for.

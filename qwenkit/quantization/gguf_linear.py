@@ -38,12 +38,6 @@ PACKED_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1",
 # faster at 16 tokens, 3.5x at 128, 1.6x at 512, 1.4x at 1024 and 1.1x at 2048 (a prefill chunk
 # is at most max_num_batched_tokens, 256 by default there).
 KERNEL_MAX_TOKENS = 96 if bf16_matmul_is_fast() else 2048
-# The engine's default prefill chunk (EngineConfig.max_num_batched_tokens). On the dense bf16
-# path every chunk dequantizes every weight once, so fewer, larger chunks pay: on the AMX Xeon
-# (2 threads) a 1000-token prompt in 512-token steps ran at 640-780 tok/s, in 256-token steps at
-# 590-700, in 1024 at 560-740. Where the int8 kernels take prompts, 256 (measured on Zen 3,
-# engine/llm_engine.py).
-PREFILL_CHUNK_TOKENS = 512 if bf16_matmul_is_fast() else 256
 # Dequantized rows are produced this many values at a time, in a reused per-thread buffer:
 # the 150k-row output projection would otherwise need 0.5 GB of float32 at once.
 DENSE_CHUNK_VALUES = 1 << 23

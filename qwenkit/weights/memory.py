@@ -8,7 +8,9 @@ needed = weights + KV cache + runtime
            Q5_0/Q8_0, as llama.cpp does), counted the way qwenkit holds them: the native kernels'
            types (MoE experts included) stay in their blocks, F16/BF16 weights become float32. The
            memory-mapped embedding counts whole when it is also the output (read every step), else
-           for the share `context` lookups fault in (64 KiB each, the kernel's fault-around).
+           for the share one step's lookups fault in (64 KiB each, the kernel's fault-around; the
+           pages are let go after each lookup, so at most a prefill chunk's, and `context`'s if
+           fewer).
   KV       layers x kv_heads x head_dim x 2 (K and V) x 2 bytes (float16, the GGUF default) x context
   runtime  this process's own RSS with torch and qwenkit imported (measured), the tokenizer and GGUF
            vocabulary (measured once on the 151,936-token Qwen vocabulary) and one prefill chunk's activations.
@@ -22,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenkit.quantization.gguf_linear import PREFILL_CHUNK_TOKENS  # the engine's max_num_batched_tokens
+from qwenkit.kernels import default_prefill_chunk  # the engine's max_num_batched_tokens
 
 GIB = 1 << 30
 QUANTS = ("F16", "Q8_0", "Q4_K_M")
@@ -142,8 +144,8 @@ def weight_bytes(shape: ModelShape, quant: str, context: int | None = None) -> i
         kind = tensor_type(quant, name, layer, shape.layers, columns)
         in_place = kind in KERNEL_TYPES
         size = int(rows * columns * BITS[kind] / 8) if in_place else rows * columns * 4
-        if name == "token_embd" and in_place and has_output and context is not None:
-            size = int(size * _touched_fraction(size, context))
+        if name == "token_embd" and in_place and has_output and context is not None:  # pages dropped after each lookup
+            size = int(size * _touched_fraction(size, min(context, default_prefill_chunk())))
         total += size
     return total
 
@@ -160,7 +162,7 @@ def _touched_fraction(mapped_bytes: int, lookups: int) -> float:
 def activation_bytes(shape: ModelShape) -> int:
     """One prefill chunk's largest live buffers (float32): the MLP's gate, up and product, q/k/v, attention output."""
     width = 3 * max(shape.intermediate, shape.moe_intermediate * shape.active_experts) + 6 * shape.hidden
-    return PREFILL_CHUNK_TOKENS * width * 4
+    return default_prefill_chunk() * width * 4
 
 
 def estimate(shape: ModelShape, quant: str, context: int, baseline_rss: int | None = None) -> MemoryEstimate:
