@@ -443,6 +443,17 @@ inline RowBest first_nan_or(const float* row, int64_t n, bool has_nan, RowBest b
   return {row[j], j};
 }
 
+// The lanes' winners compared (ties to the smaller index), then the row's tail from j on, which
+// no whole vector covered.
+inline RowBest lanes_best(const float* values, const int32_t* indices, int lanes, const float* row, int64_t j, int64_t n,
+                          bool lanes_saw_nan) {
+  RowBest best{values[0], indices[0]};
+  for (int i = 1; i < lanes; ++i)
+    if (values[i] > best.value || (values[i] == best.value && indices[i] < best.index)) best = {values[i], indices[i]};
+  const bool tail_nan = std::any_of(row + j, row + n, [](float v) { return v != v; });
+  return first_nan_or(row, n, lanes_saw_nan || tail_nan, scalar_best(row, j, n, best));
+}
+
 RowBest row_best(const float* row, int64_t n) {
 #if defined(__AVX512F__)
   constexpr int L = 16;
@@ -464,11 +475,7 @@ RowBest row_best(const float* row, int64_t n) {
     alignas(64) int32_t indices[L];
     _mm512_store_ps(values, top);
     _mm512_store_si512(indices, where);
-    RowBest best{values[0], indices[0]};
-    for (int i = 1; i < L; ++i)
-      if (values[i] > best.value || (values[i] == best.value && indices[i] < best.index)) best = {values[i], indices[i]};
-    const bool tail_nan = std::any_of(row + j, row + n, [](float v) { return v != v; });
-    return first_nan_or(row, n, nan != 0 || tail_nan, scalar_best(row, j, n, best));
+    return lanes_best(values, indices, L, row, j, n, nan != 0);
   }
 #elif defined(__AVX2__)
   constexpr int L = 8;
@@ -490,11 +497,7 @@ RowBest row_best(const float* row, int64_t n) {
     alignas(32) int32_t indices[L];
     _mm256_store_ps(values, top);
     _mm256_store_si256(reinterpret_cast<__m256i*>(indices), where);
-    RowBest best{values[0], indices[0]};
-    for (int i = 1; i < L; ++i)
-      if (values[i] > best.value || (values[i] == best.value && indices[i] < best.index)) best = {values[i], indices[i]};
-    const bool tail_nan = std::any_of(row + j, row + n, [](float v) { return v != v; });
-    return first_nan_or(row, n, _mm256_movemask_ps(nan) != 0 || tail_nan, scalar_best(row, j, n, best));
+    return lanes_best(values, indices, L, row, j, n, _mm256_movemask_ps(nan) != 0);
   }
 #endif
   const bool has_nan = std::any_of(row, row + n, [](float v) { return v != v; });  // rows shorter than a vector
