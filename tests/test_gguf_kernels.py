@@ -170,6 +170,26 @@ def test_embedding_lookups_let_their_file_pages_go(default_gguf):
     assert after_keeping - after_dropping > 200 * 16  # the case the dropping avoids, measured alike
 
 
+@pytest.mark.parametrize("tied, head_packed, drops", [(False, True, True), (True, True, True), (True, False, False)])
+def test_embedding_drops_its_pages_unless_the_output_reads_them(tmp_path, monkeypatch, tied, head_packed, drops):
+    """The embedding lets go of its mapped pages after each lookup, except when a tied output
+    projection reads the same mapped bytes every step (not repacked): dropping them there would
+    fault the whole matrix back in each step."""
+    from tiny_gguf import write_tiny_gguf
+    from tiny_models import reference_model, tiny_config, tiny_tokenizer
+
+    from qwenkit.weights.loader import load_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(reference_model(tiny_config("qwen2", tied=tied)), path, tiny_tokenizer(), embedding_type=Q.Q8_0)
+    if not head_packed:
+        monkeypatch.setattr(gguf_linear, "packs", lambda *args, **kwargs: False)
+    model = load_model(str(path), quantize="gguf").model
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding)
+    assert not tied or model.lm_head.packed == head_packed
+    assert (model.model.embed_tokens.drop_pages is not None) == drops
+
+
 def test_wrong_row_length_is_refused():
     blocks, _ = gguf_blocks(Q.Q8_0, 4, 64)
     with pytest.raises(ValueError, match="do not make rows of 96"):
