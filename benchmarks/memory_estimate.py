@@ -19,9 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+# The child's peak is VmHWM, its own memory's high-water mark: ru_maxrss survives fork and exec, so
+# a child of this process (which may have just written a 1 GB random GGUF) would report the parent's.
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(2)
+
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
 from qwenkit.weights.memory import runtime_baseline
 baseline = runtime_baseline()
 from qwenkit.engine.llm_engine import EngineConfig, LLMEngine
@@ -30,13 +38,13 @@ from qwenkit.weights.loader import load_model
 
 path, context = (None if sys.argv[1] == "default" else sys.argv[1]), int(sys.argv[2])
 loaded = load_model(path, max_model_len=context)
-after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after_load = peak_rss()
 engine = LLMEngine(loaded, EngineConfig(kv_cache_memory=loaded.plan.context_kv_bytes, enable_prefix_caching=False))
 ids = torch.randint(0, 150000, (context - 40,), generator=torch.Generator().manual_seed(0)).tolist()
 engine.add_request(ids, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
 while engine.has_unfinished_requests():
     engine.step()
-print(json.dumps({"baseline": baseline, "load_peak": after_load, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"baseline": baseline, "load_peak": after_load, "peak": peak_rss()}))
 """
 
 # The byte offsets of each block's float16 scale(s), so random blocks decode to small finite values.

@@ -13,7 +13,8 @@ needed = weights + KV cache + runtime
            fewer).
   KV       layers x kv_heads x head_dim x 2 (K and V) x 2 bytes (float16, the GGUF default) x context
   runtime  this process's own RSS with torch and qwenkit imported (measured), the tokenizer and GGUF
-           vocabulary (measured once on the 151,936-token Qwen vocabulary) and one prefill chunk's activations.
+           vocabulary (measured once on the 151,936-token Qwen vocabulary) and one prefill chunk's activations
+           (with the context's keys and values gathered for its attention).
 benchmarks/memory_estimate.py checks the sum against the measured peak RSS.
 """
 
@@ -159,14 +160,17 @@ def _touched_fraction(mapped_bytes: int, lookups: int) -> float:
     return 1 - math.exp(-lookups / windows)
 
 
-def activation_bytes(shape: ModelShape) -> int:
-    """One prefill chunk's largest live buffers (float32): the MLP's gate, up and product, q/k/v, attention output."""
+def activation_bytes(shape: ModelShape, context: int) -> int:
+    """One prefill chunk's largest live buffers (float32): the MLP's gate, up and product, q/k/v,
+    attention output; and the keys and values of the `context` before it, gathered from the cache
+    (float16) and converted to float32 for the chunk's attention (6 bytes a value, K and V)."""
     width = 3 * max(shape.intermediate, shape.moe_intermediate * shape.active_experts) + 6 * shape.hidden
-    return default_prefill_chunk() * width * 4
+    gathered = 2 * 6 * context * shape.kv_heads * shape.head_dim
+    return default_prefill_chunk() * width * 4 + gathered
 
 
 def estimate(shape: ModelShape, quant: str, context: int, baseline_rss: int | None = None) -> MemoryEstimate:
-    runtime = (baseline_rss if baseline_rss is not None else runtime_baseline()) + TOKENIZER_BYTES + activation_bytes(shape)
+    runtime = (baseline_rss if baseline_rss is not None else runtime_baseline()) + TOKENIZER_BYTES + activation_bytes(shape, context)
     return MemoryEstimate(weight_bytes(shape, quant, context), shape.kv_bytes_per_token() * context, runtime)
 
 
