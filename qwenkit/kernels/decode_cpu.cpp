@@ -131,6 +131,30 @@ inline float exp_shifted_sum(float* s, int64_t n, float top) {
 }
 #endif
 
+// The largest of n scores (n >= 1). With AVX-512 16 lanes at a time: std::max_element's one chain
+// of scalar maxima was a fifth of the attention's time there.
+inline float max_of(const float* s, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 top = _mm512_set1_ps(s[0]);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
+  float best = _mm512_reduce_max_ps(top);
+  for (; j < n; ++j) best = std::max(best, s[j]);
+  return best;
+#else
+  return *std::max_element(s, s + n);
+#endif
+}
+
+// Each of `group` rows of n scores (n >= 1) replaced by its softmax.
+inline void softmax_rows(float* scores, int64_t group, int64_t n) {
+  for (int64_t h = 0; h < group; ++h) {
+    float* sh = scores + h * n;
+    const float inv = 1.0f / exp_shifted_sum(sh, n, max_of(sh, n));
+    for (int64_t j = 0; j < n; ++j) sh[j] *= inv;
+  }
+}
+
 #if defined(__AVX512F__)
 // Cached rows are 16-slot blocks scattered over the pool: each position's row is requested this
 // many positions before it is read.
@@ -140,17 +164,6 @@ template <typename T>
 inline void prefetch_row(const T* row, int64_t values) {
   for (int64_t at = 0; at < values * static_cast<int64_t>(sizeof(T)); at += 64)
     __builtin_prefetch(reinterpret_cast<const char*>(row) + at, 0, 3);
-}
-
-// The largest of n scores (n >= 1), 16 lanes at a time: std::max_element's one chain of scalar
-// maxima was a fifth of the attention's time.
-inline float max_of(const float* s, int64_t n) {
-  __m512 top = _mm512_set1_ps(s[0]);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
-  float best = _mm512_reduce_max_ps(top);
-  for (; j < n; ++j) best = std::max(best, s[j]);
-  return best;
 }
 
 // attend_group's two passes for head_dim = 16 * C with AVX-512, the same arithmetic in the same
@@ -211,6 +224,14 @@ void group_values_all(const float* p, int64_t group, const T* v, int64_t row_str
     default: break;
   }
 }
+
+template <int C, typename T>
+void attend_group16(const float* q, int64_t group, const T* k, const T* v, int64_t row_stride, const int64_t* slots, int64_t first,
+                    int64_t n, float scale, float* scores, float* out, int64_t out_stride) {
+  group_scores<C>(q, group, k, row_stride, slots, first, n, scale, scores);
+  softmax_rows(scores, group, n);
+  group_values_all<C>(scores, group, v, row_stride, slots, first, n, out, out_stride);
+}
 #endif
 
 // Attention of one kv head's group of query heads over one sequence's cached keys and values.
@@ -219,24 +240,8 @@ void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, c
                   const int64_t* slots, int64_t first, int64_t last, float scale, float* scores, float* out, int64_t out_stride) {
   const int64_t n = last - first;
 #if defined(__AVX512F__)
-  if (head_dim == 64 || head_dim == 128) {
-    if (head_dim == 64) {
-      group_scores<4>(q, group, k, row_stride, slots, first, n, scale, scores);
-    } else {
-      group_scores<8>(q, group, k, row_stride, slots, first, n, scale, scores);
-    }
-    for (int64_t h = 0; h < group; ++h) {
-      float* sh = scores + h * n;
-      const float inv = 1.0f / exp_shifted_sum(sh, n, max_of(sh, n));
-      for (int64_t j = 0; j < n; ++j) sh[j] *= inv;
-    }
-    if (head_dim == 64) {
-      group_values_all<4>(scores, group, v, row_stride, slots, first, n, out, out_stride);
-    } else {
-      group_values_all<8>(scores, group, v, row_stride, slots, first, n, out, out_stride);
-    }
-    return;
-  }
+  if (head_dim == 64) return attend_group16<4>(q, group, k, v, row_stride, slots, first, n, scale, scores, out, out_stride);
+  if (head_dim == 128) return attend_group16<8>(q, group, k, v, row_stride, slots, first, n, scale, scores, out, out_stride);
 #endif
 #if defined(__AVX2__)
   // Rows as cached: the vector loads convert float16 and bfloat16 (converting each row once for
@@ -263,15 +268,8 @@ void attend_group(const float* q, int64_t group, int64_t head_dim, const T* k, c
       scores[h * n + j] = dot(q + h * head_dim, key, head_dim) * scale;
     }
   }
-  for (int64_t h = 0; h < group; ++h) {
-    float* sh = scores + h * n;
-    const float top = *std::max_element(sh, sh + n);
-    const float total = exp_shifted_sum(sh, n, top);
-    const float inv = 1.0f / total;
-    for (int64_t j = 0; j < n; ++j) sh[j] *= inv;
-    float* oh = out + h * out_stride;
-    std::fill(oh, oh + head_dim, 0.0f);
-  }
+  softmax_rows(scores, group, n);
+  for (int64_t h = 0; h < group; ++h) std::fill(out + h * out_stride, out + h * out_stride + head_dim, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
     const auto* value = row_at(v, j);
     for (int64_t h = 0; h < group; ++h) {
