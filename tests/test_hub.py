@@ -1,10 +1,12 @@
 """Hub ids: GGUF repos by quantization tag, split GGUFs, revisions, the cache, offline errors.
 
 Never the network: a stand-in for the hub's file API on 127.0.0.1 (hub_server.py) serves the
-repos, and the real `huggingface_hub` client downloads from it (HF_ENDPOINT) in a subprocess.
+repos, and the real `huggingface_hub` client (HF_ENDPOINT) or `modelscope` client (MODELSCOPE_ENDPOINT)
+downloads from it in a subprocess (modelscope keeps its configuration in a process-wide singleton).
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +79,8 @@ def _logits(model, ids):
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """The stand-in hub with a GGUF repo (a 3-part split Q4_K_M-named model, a one-file Q8_0 one; revision
-    v1 has only the Q8_0) and a safetensors repo; yields (endpoint, HF_HOME, transformers reference, source files)."""
+    v1 has only the Q8_0) and a safetensors repo (src/checkpoint, and a README and onnx/ to leave alone);
+    yields (endpoint, HF_HOME, transformers reference, source files)."""
     src = tmp_path_factory.mktemp("repo")
     reference = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3")).eval()
     randomize(reference)
@@ -86,11 +89,14 @@ def hub(tmp_path_factory):
     parts = sorted(src.glob("tiny-Q4_K_M-*.gguf"))
     assert len(parts) == 3
     gguf_files = {p.name: p for p in [*parts, src / "tiny-Q8_0.gguf"]}
-    checkpoint = tmp_path_factory.mktemp("checkpoint")
+    checkpoint = src / "checkpoint"
     save_tiny("qwen2", checkpoint)
+    (src / "README.md").write_text("# Tiny\n")
+    (src / "model.onnx").write_bytes(b"onnx")
+    extra = {"README.md": src / "README.md", "onnx/model.onnx": src / "model.onnx"}  # not for qwenkit to download
     repos = {
         REPO: FakeRepo({"main": gguf_files, "v1": {"tiny-Q8_0.gguf": src / "tiny-Q8_0.gguf"}}),
-        "Qwen/Tiny": FakeRepo({"main": {p.name: p for p in checkpoint.iterdir() if p.is_file()}}),
+        "Qwen/Tiny": FakeRepo({"main": {p.name: p for p in checkpoint.iterdir() if p.is_file()} | extra}),
         VL_REPO: FakeRepo({"main": {"tiny-VL-Q8_0.gguf": VL_FIXTURES / "tiny-qwen2_5_vl-q8_0.gguf",
                                     "mmproj-tiny-VL-f32.gguf": VL_FIXTURES / "mmproj-tiny-qwen2_5_vl-f32.gguf"}}),
     }
@@ -99,12 +105,24 @@ def hub(tmp_path_factory):
     server.shutdown()
 
 
+def _run(argv, **env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QWENKIT_USE_MODELSCOPE", "MODELSCOPE_"))} | env
+    return subprocess.run([sys.executable, *argv], env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+
+
 def _qwenkit(args, endpoint, home, offline=False):
-    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(home), PYTHONPATH=str(ROOT))
-    env.pop("QWENKIT_USE_MODELSCOPE", None)
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "qwenkit.cli.main", *args], env=env, capture_output=True, text=True, timeout=300)
+    return _run(["-m", "qwenkit.cli.main", *args], HF_ENDPOINT=endpoint, HF_HOME=str(home), **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+
+
+def _modelscope(args, endpoint, home, **env):
+    """qwenkit (or `-c CODE`) with modelscope's cache, config and the Hugging Face cache in `home`."""
+    argv = args if args[0] == "-c" else ["-m", "qwenkit.cli.main", *args]
+    return _run(argv, MODELSCOPE_ENDPOINT=endpoint, MODELSCOPE_CACHE=str(home / "modelscope"),
+                MODELSCOPE_HOME=str(home / "config"), HF_HOME=str(home / "hf"), **env)
+
+
+def _snapshot(home, repo, revision="master"):
+    return home / "modelscope" / "models" / repo.replace("/", "--") / "snapshots" / revision
 
 
 def test_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub):
@@ -176,3 +194,83 @@ def test_offline_and_uncached_is_one_clear_line(hub):
     )
     unknown_tag = _qwenkit(["pull", f"{REPO}:Q2_K"], endpoint, home)
     assert unknown_tag.returncode == 1 and "has the quantization tag 'Q2_K'" in unknown_tag.stderr, unknown_tag.stderr
+
+
+# ---- ModelScope: the real modelscope client against the stand-in's ModelScope API ------------------
+
+
+def test_modelscope_pull_by_tag_downloads_every_split_part_and_the_split_model_loads(hub, tmp_path):
+    endpoint, _, reference, src = hub
+    result = _modelscope(["pull", f"{REPO}:q4_k_m", "--source", "modelscope"], endpoint, tmp_path)
+    assert result.returncode == 0, result.stderr
+    first = Path(result.stdout.strip().splitlines()[-1])
+    parts = [f"tiny-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert first == _snapshot(tmp_path, REPO) / parts[0]
+    assert sorted(p.name for p in first.parent.iterdir()) == parts  # neither the Q8_0 nor anything else
+    assert all((first.parent / f).read_bytes() == (src / f).read_bytes() for f in parts)
+    loaded = load_model(str(first), "float32")
+    ids = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+    with torch.inference_mode():
+        expected = reference(ids[None]).logits[0]
+    assert (_logits(loaded.model, ids) - expected).abs().max().item() < 1e-4
+
+
+def test_modelscope_checkpoint_downloads_only_what_it_needs_and_loads(hub, tmp_path):
+    endpoint, _, _, src = hub
+    listed = _modelscope(["-c", "from qwenkit.weights.hub import _hub, HubRef; "
+                          "print(*_hub('modelscope').list_files(HubRef('Qwen/Tiny', source='modelscope')))"], endpoint, tmp_path)
+    checkpoint = sorted(p.name for p in (src / "checkpoint").iterdir())
+    assert listed.stdout.split() == sorted([*checkpoint, "README.md", "onnx/model.onnx"]), listed.stderr  # not the onnx/ directory
+    result = _modelscope(["pull", "Qwen/Tiny"], endpoint, tmp_path, QWENKIT_USE_MODELSCOPE="1")
+    assert result.returncode == 0, result.stderr
+    directory = Path(result.stdout.strip())
+    assert directory == _snapshot(tmp_path, "Qwen/Tiny")
+    assert sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()) == checkpoint
+    ids = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+    downloaded, local = load_model(str(directory), "float32"), load_model(str(src / "checkpoint"), "float32")
+    assert torch.equal(_logits(downloaded.model, ids), _logits(local.model, ids))
+
+
+def test_modelscope_revision_pins_what_is_downloaded(hub, tmp_path):
+    endpoint, _, _, _ = hub
+    pinned = _modelscope(["pull", REPO, "--revision", "v1", "--source", "modelscope"], endpoint, tmp_path)
+    assert pinned.returncode == 0, pinned.stderr
+    assert Path(pinned.stdout.strip()) == _snapshot(tmp_path, REPO, "v1") / "tiny-Q8_0.gguf"  # v1's only model
+    assert [p.name for p in _snapshot(tmp_path, REPO, "v1").iterdir()] == ["tiny-Q8_0.gguf"]
+    # the default branch is not the cached v1: its default tag is Q4_K_M, in three parts
+    default = _modelscope(["pull", REPO, "--source", "modelscope"], endpoint, tmp_path)
+    assert default.returncode == 0 and Path(default.stdout.strip()) == _snapshot(tmp_path, REPO) / "tiny-Q4_K_M-00001-of-00003.gguf", default.stderr
+    missing = _modelscope(["pull", REPO, "--revision", "v2", "--source", "modelscope"], endpoint, tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr == f"error: {REPO}@v2 on the ModelScope hub: repository or revision not found\n"
+
+
+def test_modelscope_cache_serves_offline_and_is_listed(hub, tmp_path):
+    endpoint, _, _, _ = hub
+    for model in ("Qwen/Tiny", f"{REPO}:Q8_0"):
+        online = _modelscope(["pull", model, "--source", "modelscope"], endpoint, tmp_path)
+        assert online.returncode == 0, online.stderr
+        offline = _modelscope(["pull", model, "--source", "modelscope"], "http://127.0.0.1:9", tmp_path)  # nothing listens
+        assert offline.returncode == 0 and offline.stdout == online.stdout, offline.stderr
+    listing = _modelscope(["models"], "http://127.0.0.1:9", tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    ours = [re.split(r" {2,}", line)[:2] for line in lines if " [modelscope] " in line]  # the MODEL and FORMAT columns
+    assert ours == [["Qwen/Tiny [modelscope]", "safetensors"], [f"{REPO}:Q8_0 [modelscope]", "gguf Q8_0"]], listing.stdout
+
+
+def test_modelscope_missing_repo_offline_and_no_package_are_one_line(hub, tmp_path):
+    endpoint, _, _, _ = hub
+    missing = _modelscope(["pull", "Qwen/Missing-GGUF:Q4_K_M", "--source", "modelscope"], endpoint, tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr == "error: Qwen/Missing-GGUF:Q4_K_M on the ModelScope hub: repository or revision not found\n"
+    offline = _modelscope(["generate", "hi", "--model", "Qwen/Not-Cached-GGUF:Q4_K_M"], "http://127.0.0.1:9", tmp_path,
+                          QWENKIT_USE_MODELSCOPE="1")
+    assert offline.returncode == 1 and offline.stderr.count("\n") == 1, offline.stderr  # not modelscope's retry warnings
+    assert offline.stderr.startswith(
+        "error: cannot download Qwen/Not-Cached-GGUF:Q4_K_M from the ModelScope hub and it is not in the local cache (offline?"
+    )
+    no_package = _modelscope(["-c", "import sys; sys.modules['modelscope'] = None; from qwenkit.cli.main import main; "
+                              f"sys.exit(main(['pull', '{REPO}:Q8_0', '--source', 'modelscope']))"], endpoint, tmp_path)
+    assert no_package.returncode == 1
+    assert no_package.stderr == "error: ModelScope as a source needs the modelscope package: pip install modelscope\n"

@@ -10,6 +10,7 @@ else Q4_K_M (llama.cpp's default). The local cache is tried first, so a download
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -172,20 +173,30 @@ class _HuggingFace:
 
 
 class _ModelScope:
+    """modelscope>=1.38 (its hub client is the modelscope-hub package): snapshots are cached by revision
+    name, not commit, at $MODELSCOPE_CACHE/models/OWNER--NAME/snapshots/REVISION (REVISION "master" when
+    none is given); an older modelscope's models/OWNER/NAME (dots in NAME as ___) is reused for any revision."""
+
     name = "ModelScope hub"
 
     def _check(self) -> None:
         try:
             import modelscope  # noqa: F401
+            from modelscope.hub.api import HubApi  # noqa: F401  (sets up the modelscope_hub logger)
         except ImportError:
             raise QwenkitError("ModelScope as a source needs the modelscope package: pip install modelscope") from None
+        # Its INFO lines and listing-retry warnings ("retry in 1s (1/4)") would precede our one-line errors.
+        logging.getLogger("modelscope_hub").setLevel(logging.ERROR)
 
     def list_files(self, ref: HubRef) -> list[str]:
         self._check()
         from modelscope.hub.api import HubApi
 
-        kwargs = {"revision": ref.revision} if ref.revision else {}
-        return [f["Path"] for f in HubApi().get_model_files(ref.repo_id, recursive=True, **kwargs) if f.get("Type") != "tree"]
+        entries = HubApi().get_model_files(ref.repo_id, revision=ref.revision, recursive=True)
+        paths = {f["Path"] for f in entries if f.get("Type") != "tree"}
+        # modelscope>=1.38 lists directories too but drops the Type that told them apart: a parent of others
+        parents = {p.rsplit("/", i)[0] for p in paths for i in range(1, p.count("/") + 1)}
+        return sorted(paths - parents)
 
     def download(self, ref: HubRef, patterns: list[str] | None, local_only: bool) -> Path:
         self._check()
@@ -194,15 +205,36 @@ class _ModelScope:
         return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
 
     def cached_dir(self, ref: HubRef) -> Path | None:
-        try:
-            return self.download(ref, None, local_only=True)
-        except QwenkitError:
-            raise
-        except Exception:  # not cached
-            return None
+        """The cached snapshot of the revision, read from the cache layout: snapshot_download(local_files_only=True)
+        without a revision takes any single cached revision (a --revision v1 download stands in for master)."""
+        legacy = _modelscope_legacy_dir(ref.repo_id)
+        if legacy is not None:  # where modelscope downloads every revision to, when it exists
+            return legacy
+        snapshot = _modelscope_cache() / "models" / ref.repo_id.replace("/", "--") / "snapshots" / (ref.revision or "master")
+        return snapshot if snapshot.is_dir() else None
 
     def not_found(self, exc: Exception) -> str | None:
-        return "repository or revision not found" if "404" in str(exc) or "not exist" in str(exc).lower() else None
+        from modelscope.hub.errors import NotExistError
+
+        # HubApi raises NotExistError (HTTP 404); snapshot_download wraps it in a requests HTTPError.
+        if isinstance(exc, NotExistError) or isinstance(exc.__cause__, NotExistError):
+            return "repository or revision not found"
+        return None
+
+
+def _modelscope_cache() -> Path:
+    return Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope").expanduser()
+
+
+def _modelscope_legacy_dir(repo_id: str) -> Path | None:
+    """An older modelscope's (<=1.37) cache directory of the repo, if one is there (modelscope-hub's
+    DownloadManager._find_legacy_repo_dir probes the same two places)."""
+    owner, name = repo_id.split("/", 1)
+    base = _modelscope_cache()
+    for candidate in (base / "models" / owner / name.replace(".", "___"), base / "hub" / "models" / owner / name.replace(".", "___")):
+        if candidate.is_dir() and any(candidate.iterdir()):
+            return candidate
+    return None
 
 
 def _hub(source: str):
@@ -312,9 +344,21 @@ def cached_models() -> list[CachedModel]:
                 found += _describe(Path(revision.snapshot_path), repo.repo_id, "huggingface")
     except Exception:  # no cache directory yet (CacheNotFound) or one being written: nothing to list
         pass
-    root = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope" / "hub") / "models"
-    if root.is_dir():
-        for owner in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for repo in sorted(p for p in owner.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                found += _describe(repo, f"{owner.name}/{repo.name}", "modelscope")
+    for repo_id, directory in _modelscope_snapshots():
+        found += _describe(directory, repo_id, "modelscope")
+    return found
+
+
+def _modelscope_snapshots() -> list[tuple[str, Path]]:
+    """(repo id, directory) of every cached ModelScope snapshot: models/OWNER--NAME/snapshots/REVISION,
+    and an older modelscope's models/OWNER/NAME (also under hub/, its default cache then)."""
+    def subdirs(path: Path) -> list[Path]:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) if path.is_dir() else []
+
+    found = []
+    for top in subdirs(_modelscope_cache() / "models") + subdirs(_modelscope_cache() / "hub" / "models"):
+        if (top / "snapshots").is_dir():
+            found += [(top.name.replace("--", "/", 1), snapshot) for snapshot in subdirs(top / "snapshots")]
+        else:
+            found += [(f"{top.name}/{repo.name.replace('___', '.')}", repo) for repo in subdirs(top)]
     return found
