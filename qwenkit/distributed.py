@@ -7,7 +7,7 @@ gloo on CPU; NCCL where there are GPUs (that path cannot be tested on this machi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,3 +61,53 @@ class ProcessGroup:
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The run of a weight one tensor-parallel process keeps: [start, start + length) of its
+    output rows (dim 0) or input columns (dim 1)."""
+
+    dim: int
+    start: int
+    length: int
+
+    def of(self, tensor: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """This run of `tensor` along `dim` (default self.dim), as memory of its own: the whole
+        tensor can then be freed (or its mapped pages left unread)."""
+        return tensor.narrow(self.dim if dim is None else dim, self.start, self.length).clone()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What one process of a tensor-parallel group keeps of each layer, decided before any weight
+    is read (model/tensor_parallel.py makes it), so that the checkpoint's readers take only
+    those runs: `cuts` by module name; a MoE layer's experts kept as stacks (GGUF blocks) have one
+    cut of their intermediate features, under "model.layers.N.mlp.experts"."""
+
+    group: ProcessGroup
+    cuts: dict[str, Cut] = field(default_factory=dict)
+
+    def tensor_cut(self, name: str) -> Cut | None:
+        """The run of checkpoint tensor `name` (a module's weight or bias) this process keeps;
+        None: all of it. A row-parallel layer's bias is whole (rank 0 adds it to the sum)."""
+        module, _, kind = name.rpartition(".")
+        cut = self.cuts.get(module)
+        if cut is None or (kind == "bias" and cut.dim == 1):
+            return None
+        return cut
+
+    def keeps(self, name: str) -> bool:
+        """Whether this process keeps checkpoint tensor `name` at all: a row-parallel layer's bias
+        lives on rank 0 only."""
+        module, _, kind = name.rpartition(".")
+        cut = self.cuts.get(module)
+        return not (kind == "bias" and cut is not None and cut.dim == 1 and not self.group.is_main)
+
+    def take(self, name: str, tensor: torch.Tensor, full_shape: tuple[int, ...]) -> torch.Tensor:
+        """This process's share of checkpoint tensor `name` of `full_shape`, from the whole tensor
+        or from a reader that already took the share (then it is returned as it is)."""
+        cut = self.tensor_cut(name)
+        if cut is None or tuple(tensor.shape) != tuple(full_shape):
+            return tensor
+        return cut.of(tensor, 0 if tensor.dim() == 1 else cut.dim)

@@ -3,8 +3,10 @@
 `run(case, group)` on rank 0 returns a prompt's prefill logits (every position) and greedy
 generations; the other ranks serve rank 0's steps. Under torchrun:
     python -m torch.distributed.run --nproc-per-node 2 tests/tensor_parallel_run.py CASES.json OUT.pt
-runs each case of CASES.json ([{"path": ..., "dtype" or "quantize": ..., "speculative": ...}]) and
-rank 0 saves the results.
+runs each case of CASES.json ([{"path": ..., "dtype" or "quantize": ..., "speculative": ...,
+"shard_after_load": ...}]) and rank 0 saves the results. Each process reads only its shard of the
+checkpoint (the loader is given the group), unless the case asks to load the whole model and
+shard it in place (what `LLM(loaded_model, tensor_parallel_size=N)` does).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def prefill_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
 
 
 def run(case: dict, group: ProcessGroup) -> dict | None:
-    loaded = load_model(case["path"], case.get("dtype"), quantize=case.get("quantize", "auto"))
+    shard_on_load = group if not case.get("shard_after_load") else ProcessGroup()
+    loaded = load_model(case["path"], case.get("dtype"), quantize=case.get("quantize", "auto"), tensor_parallel=shard_on_load)
     config = replace(CONFIG, speculative=case.get("speculative"))
     if not group.is_main:
         tensor_parallel_worker(loaded, config, group)

@@ -60,11 +60,13 @@ def test_two_processes_equal_one(tmp_path):
         # Drafts verified as extra decode rows: the same tokens as plain decoding.
         {"path": str(tmp_path / "dense"), "dtype": "float32", "speculative": "ngram"},
         {"path": str(gguf_moe_model(tmp_path / "moe.gguf")), "quantize": "gguf"},  # experts in their blocks
+        # Loaded whole, then sharded in place (LLM(loaded_model, tensor_parallel_size=2)).
+        {"path": str(tmp_path / "dense.gguf"), "quantize": "gguf", "shard_after_load": True},
     ]
     # The GGUF kernels quantize each layer's input to int8 per 32 values, as llama.cpp does: a split
     # sum's last-bit difference (1e-6) can move an activation across a rounding step, which moves
     # the logits by up to ~1e-2. The float models agree to fp32 rounding.
-    tolerance = [1e-5, 1e-5, 5e-2, 1e-5, 5e-2]
+    tolerance = [1e-5, 1e-5, 5e-2, 1e-5, 5e-2, 5e-2]
     save_tiny("qwen2", tmp_path / "dense")
     save_tiny("qwen2_moe", tmp_path / "moe")
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -77,6 +79,44 @@ def test_two_processes_equal_one(tmp_path):
         assert one["tokens"] == two["tokens"], case
         assert len({tuple(t) for t in one["tokens"][0] + one["tokens"][2]}) > 1  # the prompts do generate differently
     assert results[3]["tokens"] == results[0]["tokens"] and results[3]["drafts"] > 0
+    assert torch.equal(results[5]["logits"], results[2]["logits"])  # sharded on load or after: the same shards
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (GGUF blocks included), by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "dense.gguf", "moe.gguf"])
+def test_a_shard_read_by_itself_is_the_whole_model_cut(kind, tmp_path):
+    """The loader given a process's group reads only that process's runs of each weight (GGUF
+    blocks cut in the file's layout, then packed); the result is, byte for byte, the whole model
+    loaded and then cut in place, for each rank. Uneven splits included: Q5_0 down_proj 192 = 64 + 128."""
+    path = tmp_path / kind
+    if kind == "dense.gguf":
+        gguf_model(path)
+    elif kind == "moe.gguf":
+        gguf_moe_model(path)
+    else:
+        save_tiny("qwen2" if kind == "dense" else "qwen2_moe", path)
+    options = {"quantize": "gguf"} if kind.endswith(".gguf") else {"dtype": "float32"}
+    for rank in (0, 1):
+        group = ProcessGroup(rank=rank, world_size=2)
+        whole = load_model(str(path), **options).model
+        shard_model(whole, group)
+        read = load_model(str(path), **options, tensor_parallel=group).model
+        expected, got = _weights(whole), _weights(read)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[name], got[name]) for name in expected), [n for n in expected if not torch.equal(expected[n], got[n])]
+        assert read.model.layers[0].self_attn.num_heads == 2 and read.tensor_parallel == group
+        if rank == 1 and kind == "dense":
+            assert "model.layers.0.self_attn.q_proj.bias" in got and got["model.layers.0.self_attn.q_proj.bias"].shape == (32,)
+
+
+def test_tensor_parallel_refuses_layers_it_cannot_cut_before_reading_weights(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    with pytest.raises(QwenkitError, match="shards float and GGUF block layers, not --quantize int8"):
+        load_model(str(tmp_path), "float32", quantize="int8", tensor_parallel=ProcessGroup(rank=0, world_size=2))
 
 
 def test_sharding_changes_the_model(tmp_path):
@@ -168,3 +208,49 @@ def gguf_moe_layers(tmp_path, types, intermediate: int):
     write_tiny_gguf(reference_model(config), path, tiny_tokenizer(), expert_types=types)
     model = load_model(str(path), quantize="gguf").model
     return path, [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+
+_PEAK_OF_LOAD = r"""
+import sys
+from qwenkit.distributed import ProcessGroup
+from qwenkit.weights.loader import load_model
+
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+before = status("VmRSS")
+group = ProcessGroup(rank=1, world_size=2) if sys.argv[2] == "shard" else ProcessGroup()
+loaded = load_model(sys.argv[1], sys.argv[3] if sys.argv[3] != "-" else None, tensor_parallel=group)
+for tensor in [*loaded.model.parameters(), *loaded.model.buffers()]:  # read every weight (a mapped one is read lazily)
+    tensor.float().sum()
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_a_rank_never_holds_the_whole_model(kind, tmp_path):
+    """Loading one rank's shard and reading it peaks at about half the layers' bytes below loading
+    the whole model: a rank never holds all of it, not even on the way (a safetensors column run
+    reads every page of its tensor, through a map dropped after; GGUF blocks are cut before they
+    are packed, and the file's pages let go)."""
+    config = tiny_config("qwen2")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 512, 1536, 8
+    config.layer_types = ["full_attention"] * 8
+    model = reference_model(config)
+    if kind == "safetensors":
+        model.save_pretrained(tmp_path)
+        tiny_tokenizer().save_pretrained(tmp_path)
+        path, dtype = tmp_path, "float32"
+    else:
+        path, dtype = tmp_path / "model.gguf", "-"
+        write_tiny_gguf(model, path, tiny_tokenizer())
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    peak = {}
+    for mode in ("whole", "shard"):
+        done = subprocess.run([sys.executable, "-c", _PEAK_OF_LOAD, str(path), mode, dtype], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peak[mode] = int(done.stdout.split()[-1])
+    # KiB. The decoder layers are ~99% of the file; a rank keeps half of them and nothing more.
+    size = sum(f.stat().st_size for f in Path(tmp_path).rglob("*.safetensors")) if kind == "safetensors" else path.stat().st_size
+    assert peak["whole"] > size // 1024
+    assert peak["whole"] - peak["shard"] > 0.42 * size // 1024, (peak, size // 1024)

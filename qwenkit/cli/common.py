@@ -30,7 +30,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_hub_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--revision", default=None, help="hub ids: branch, tag or commit to pin (default: main)")
+    parser.add_argument("--revision", default=None, help="hub ids: branch, tag or commit to pin (default: the default branch: main on Hugging Face, master on ModelScope)")
     parser.add_argument("--source", default=None, choices=["huggingface", "modelscope"],
                         help="hub ids: where to download from (default: modelscope if QWENKIT_USE_MODELSCOPE=1, else huggingface)")
 
@@ -97,9 +97,9 @@ def load_model_from_args(args: argparse.Namespace):
     from qwenkit.engine.tensor_parallel import tensor_parallel_group
     from qwenkit.weights.loader import load_model
 
-    tensor_parallel_group(getattr(args, "tensor_parallel_size", 1))  # a wrong size fails before the model loads
+    group = tensor_parallel_group(getattr(args, "tensor_parallel_size", 1))  # a wrong size fails before the model loads
     return load_model(
         args.model, args.dtype, None if args.quantize == "none" else args.quantize, args.group_size,
         max_model_len=args.max_model_len, rope_scaling=args.rope_scaling, revision=args.revision, source=args.source,
-        mmproj=args.mmproj,
+        mmproj=args.mmproj, tensor_parallel=group,  # each process reads only its shard
     )

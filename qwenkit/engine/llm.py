@@ -41,7 +41,7 @@ def _engine(
     ranks this serves rank 0's steps and then ends the process (it never returns there)."""
     # load_options: load_model's keywords (max_model_len, rope_scaling, revision, source, quantize)
     group = tensor_parallel_group(tensor_parallel_size)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, **load_options)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, tensor_parallel=group, **load_options)
     config = engine_config or EngineConfig()
     if not group.is_main:
         tensor_parallel_worker(loaded, config, group)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from qwenkit.distributed import Cut, ShardPlan
 from qwenkit.errors import QwenkitError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,13 +39,25 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor, memory-mapped: nothing is read until a tensor is used."""
+def iter_safetensors(directory: Path, plan: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor, memory-mapped: nothing is read until a tensor is used.
+    With a tensor-parallel `plan`, a sharded tensor is only this process's run of it, a copy."""
     for file in safetensors_files(directory):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    cut = plan.tensor_cut(name) if plan is not None else None
+                    yield name, f.get_tensor(name) if cut is None else _read_run(file, name, cut)
         except (SafetensorError, OSError, RuntimeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise QwenkitError(f"{file} is truncated or corrupt ({first})") from exc
+
+
+def _read_run(file: Path, name: str, cut: Cut) -> torch.Tensor:
+    """A run of tensor `name`, copied through a map of the file of its own, which is gone once the
+    run is copied: the tensor's other pages never stay resident (a column run reads every page)."""
+    with safe_open(file, framework="pt") as own:
+        tensor = own.get_slice(name)
+        run = slice(cut.start, cut.start + cut.length)
+        index = (run,) if cut.dim == 0 or len(tensor.get_shape()) == 1 else (slice(None), run)
+        return tensor[index].clone(memory_format=torch.contiguous_format)

@@ -10,24 +10,31 @@ made whole by one all-reduce (a forward hook on the half-layer), so activations 
 are complete and identical on every process. Embeddings, norms, routers and the output head are
 replicated: every process computes the full logits, and only rank 0 samples from them.
 
-Layers shard in place after loading (each process first loads the whole model). Float `Linear`s
-and GGUF block layers (anything with `narrow(dim, start, length)`, quantization/gguf_linear.py)
-shard; other quantized layers are refused with a clear error. gloo on CPU; NCCL on GPUs (that
+The plan (`plan_shards`: which run of each layer a process keeps) is made before any weight is
+read, on a skeleton of the model on the meta device; the loader then reads only those runs
+(weights/loader.py), so no process ever holds the whole model. A model already loaded whole
+shards in place (`shard_model`). Float `Linear`s and GGUF block layers (anything with
+`narrow(dim, start, length)`, quantization/gguf_linear.py) shard; other quantized layers are
+refused with a clear error. gloo on CPU; NCCL on GPUs (that
 path cannot be tested on this machine).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qwenkit.config import ModelConfig
-from qwenkit.distributed import ProcessGroup
+from qwenkit.distributed import Cut, ProcessGroup, ShardPlan
 from qwenkit.errors import QwenkitError
 from qwenkit.model.moe import SparseMoeBlock
 from qwenkit.model.qwen import DecoderLayer
+
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -50,93 +57,126 @@ def local_heads(config: ModelConfig, world_size: int) -> LocalHeads:
 
 
 def shard_model(model: nn.Module, group: ProcessGroup) -> None:
-    """Keep this process's slice of every decoder layer of `model` (in place) and sum the halves'
-    partial outputs across `group` after each. Nothing changes for a group of one, nor for a model
-    already sharded for `group`. A refusal (a layer that cannot split) leaves the model partly
-    sharded: load it again."""
+    """Keep this process's slice of every decoder layer of an already loaded `model` (in place) and
+    sum the halves' partial outputs across `group` after each. Nothing changes for a group of one,
+    nor for a model already sharded for `group` (as the loader builds it when given the group:
+    then no process ever holds the whole model). A refusal (a layer that cannot split) leaves the
+    model partly sharded: load it again."""
     if group.world_size == 1 or getattr(model, "tensor_parallel", None) == group:  # once per model
         return
     if getattr(model, "tensor_parallel", None) is not None:
         raise QwenkitError(f"the model is already sharded for {model.tensor_parallel}")
-    model.tensor_parallel = group
+    apply_shards(model, plan_shards(model, group))
+
+
+def plan_shards(model: nn.Module, group: ProcessGroup, units: Mapping[str, int] | None = None) -> ShardPlan:
+    """What this process keeps of every decoder layer of `model`, a loaded model or a skeleton on
+    the meta device. `units`: the input-column runs (whole blocks) of layers not built yet (GGUF
+    blocks, by module name; an experts module for its stacked experts); a built layer says its
+    own (`column_unit`), and a float one splits anywhere."""
+    units = dict(units or {})
     heads = local_heads(model.config, group.world_size)
+    cuts: dict[str, Cut] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, DecoderLayer):
             continue
-        shard_attention(layer.self_attn, heads, group, f"{name}.self_attn")
+        d, r, attention = layer.self_attn.head_dim, group.rank, f"{name}.self_attn"
+        q, kv = Cut(0, r * heads.query * d, heads.query * d), Cut(0, r * heads.key_value * d, heads.key_value * d)
+        cuts |= {f"{attention}.q_proj": q, f"{attention}.k_proj": kv, f"{attention}.v_proj": kv,
+                 f"{attention}.o_proj": Cut(1, q.start, q.length)}
         if isinstance(layer.mlp, SparseMoeBlock):
-            shard_moe(layer.mlp, group, f"{name}.mlp")
+            cuts |= _moe_cuts(layer.mlp, group, f"{name}.mlp", units)
         else:
-            shard_mlp(layer.mlp, group, f"{name}.mlp")
+            cuts |= _mlp_cuts(layer.mlp, group, f"{name}.mlp", units)
+    return ShardPlan(group, cuts)
+
+
+def _mlp_cuts(mlp: nn.Module, group: ProcessGroup, name: str, units: Mapping[str, int]) -> dict[str, Cut]:
+    """A SwiGLU MLP's slice: gate/up by output rows, down by input columns (its output a partial
+    sum), at as even a split of down's input as whole blocks allow (a GGUF row's blocks keep their
+    scale: a Q6_K down_proj of 4864 = 19 x 256 values splits 9 + 10 blocks)."""
+    down = mlp.down_proj
+    unit = units.get(f"{name}.down_proj", getattr(down, "column_unit", 1))
+    start, length = _share_of(down.in_features, unit, group, f"{name}.down_proj")
+    return {f"{name}.gate_proj": Cut(0, start, length), f"{name}.up_proj": Cut(0, start, length),
+            f"{name}.down_proj": Cut(1, start, length)}
+
+
+def _moe_cuts(block: SparseMoeBlock, group: ProcessGroup, name: str, units: Mapping[str, int]) -> dict[str, Cut]:
+    """Every expert and the shared expert sharded as an MLP; the router and the shared expert's
+    gate stay whole (every process routes identically, from identical activations). Experts kept
+    in their GGUF blocks (one stacked tensor per projection) shard all together, on whole blocks."""
+    experts, cuts = f"{name}.experts", {}
+    if experts in units or hasattr(block.experts, "narrow_intermediate"):  # quantization/gguf_experts.py
+        size = getattr(block.experts, "intermediate_size", None) or block.experts[0].down_proj.in_features
+        start, length = _share_of(size, units.get(experts) or block.experts.column_unit, group, experts)
+        cuts[experts] = Cut(0, start, length)
+    elif isinstance(block.experts, nn.ModuleList):
+        for i, expert in enumerate(block.experts):
+            cuts |= _mlp_cuts(expert, group, f"{experts}.{i}", units)
+    else:
+        raise QwenkitError(f"{experts}: tensor parallelism shards experts held as MLPs or GGUF blocks, not a {type(block.experts).__name__}")
+    if block.shared_expert is not None:
+        cuts |= _mlp_cuts(block.shared_expert, group, f"{name}.shared_expert", units)
+    return cuts
+
+
+def apply_shards(model: nn.Module, plan: ShardPlan, built: frozenset[str] = frozenset()) -> None:
+    """Cut `model`'s layers as `plan` says, except the modules in `built` (made already cut, to be
+    put in later), and sum each half-layer's partial output across the plan's group. A layer's
+    projections are all cut before any is replaced: a refusal leaves that layer whole."""
+    group = plan.group
+    heads = local_heads(model.config, group.world_size)
+    model.tensor_parallel = group
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, DecoderLayer)]:
+        attention = layer.self_attn
+        _cut_children(attention, f"{name}.self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), plan, built)
+        attention.num_heads, attention.num_kv_heads = heads.query, heads.key_value
+        if isinstance(layer.mlp, SparseMoeBlock):
+            _cut_moe(layer.mlp, f"{name}.mlp", plan, built)
+        else:
+            _cut_children(layer.mlp, f"{name}.mlp", MLP_PROJECTIONS, plan, built)
         for half in (layer.self_attn, layer.mlp):
             half.register_forward_hook(_summed_over(group))
 
 
-def shard_attention(attention: nn.Module, heads: LocalHeads, group: ProcessGroup, name: str) -> None:
-    d, r = attention.head_dim, group.rank
-    layers = {
-        "q_proj": narrow(attention.q_proj, 0, r * heads.query * d, heads.query * d, f"{name}.q_proj"),
-        "k_proj": narrow(attention.k_proj, 0, r * heads.key_value * d, heads.key_value * d, f"{name}.k_proj"),
-        "v_proj": narrow(attention.v_proj, 0, r * heads.key_value * d, heads.key_value * d, f"{name}.v_proj"),
-        "o_proj": row_parallel(attention.o_proj, r * heads.query * d, heads.query * d, group, f"{name}.o_proj"),
-    }
-    for child, layer in layers.items():  # all cut before any is replaced: a refusal leaves the layer whole
-        setattr(attention, child, layer)
-    attention.num_heads, attention.num_kv_heads = heads.query, heads.key_value
+def _cut_children(parent: nn.Module, prefix: str, children: tuple[str, ...], plan: ShardPlan, built: frozenset[str]) -> None:
+    layers = {}
+    for child in children:
+        name = f"{prefix}.{child}"
+        if name not in built:
+            cut = plan.cuts[name]
+            layers[child] = narrow(getattr(parent, child), cut.dim, cut.start, cut.length, name)
+            if cut.dim == 1 and not plan.group.is_main:  # a row-parallel layer's bias, added once to the sum
+                layers[child].bias = None
+    for child, layer in layers.items():
+        setattr(parent, child, layer)
+
+
+def _cut_moe(block: SparseMoeBlock, name: str, plan: ShardPlan, built: frozenset[str]) -> None:
+    experts, mlps = f"{name}.experts", {}
+    if experts in plan.cuts:  # stacked GGUF experts: one cut of the intermediate features
+        if experts not in built:
+            try:
+                block.experts = block.experts.narrow_intermediate(plan.cuts[experts].start, plan.cuts[experts].length)
+            except ValueError as exc:
+                raise QwenkitError(f"{experts} cannot be split for tensor parallelism: {exc}") from exc
+    else:
+        mlps = {f"{experts}.{i}": expert for i, expert in enumerate(block.experts)}
+    if block.shared_expert is not None:
+        mlps[f"{name}.shared_expert"] = block.shared_expert
+    for prefix, mlp in mlps.items():
+        _cut_children(mlp, prefix, MLP_PROJECTIONS, plan, built)
 
 
 def shard_mlp(mlp: nn.Module, group: ProcessGroup, name: str) -> None:
-    """A SwiGLU MLP's slice: gate/up by output rows, down by input columns (its output a partial
-    sum the caller reduces). Any module with gate_proj/up_proj/down_proj (a MoE expert) shards so."""
-    for child, layer in mlp_shards(mlp, group, name).items():
-        setattr(mlp, child, layer)
+    """One MLP (or MoE expert) of a loaded model, alone: its slice, as shard_model cuts it."""
+    _cut_children(mlp, name, MLP_PROJECTIONS, ShardPlan(group, _mlp_cuts(mlp, group, name, {})), frozenset())
 
 
 def shard_moe(block: SparseMoeBlock, group: ProcessGroup, name: str) -> None:
-    """Every expert and the shared expert sharded as an MLP; the router and the shared expert's
-    gate stay whole (every process routes identically, from identical activations). Experts kept
-    in their GGUF blocks (one stacked tensor per projection) shard all together, on whole blocks."""
-    experts = None
-    if hasattr(block.experts, "narrow_intermediate"):  # quantization/gguf_experts.py
-        start, length = _share_of(block.experts.intermediate_size, block.experts.column_unit, group, f"{name}.experts")
-        try:
-            experts = block.experts.narrow_intermediate(start, length)
-        except ValueError as exc:
-            raise QwenkitError(f"{name}.experts cannot be split for tensor parallelism: {exc}") from exc
-    elif not isinstance(block.experts, nn.ModuleList):
-        raise QwenkitError(f"{name}.experts: tensor parallelism shards experts held as MLPs or GGUF blocks, not a {type(block.experts).__name__}")
-    mlps = {} if experts is not None else {f"experts.{i}": expert for i, expert in enumerate(block.experts)}
-    if block.shared_expert is not None:
-        mlps["shared_expert"] = block.shared_expert
-    shards = {key: mlp_shards(mlp, group, f"{name}.{key}") for key, mlp in mlps.items()}
-    for key, layers in shards.items():
-        for child, layer in layers.items():
-            setattr(mlps[key], child, layer)
-    if experts is not None:
-        block.experts = experts
-
-
-def mlp_shards(mlp: nn.Module, group: ProcessGroup, name: str) -> dict[str, nn.Module]:
-    start, length = _share(mlp.down_proj, group, f"{name}.down_proj")
-    return {
-        "gate_proj": narrow(mlp.gate_proj, 0, start, length, f"{name}.gate_proj"),
-        "up_proj": narrow(mlp.up_proj, 0, start, length, f"{name}.up_proj"),
-        "down_proj": row_parallel(mlp.down_proj, start, length, group, f"{name}.down_proj"),
-    }
-
-
-def row_parallel(layer: nn.Module, start: int, length: int, group: ProcessGroup, name: str) -> nn.Module:
-    """Input columns [start, start + length) of `layer`; its bias (added once to the sum) on rank 0 only."""
-    shard = narrow(layer, 1, start, length, name)
-    if not group.is_main:
-        shard.bias = None
-    return shard
-
-
-def _share(layer: nn.Module, group: ProcessGroup, name: str) -> tuple[int, int]:
-    """This process's run of `layer`'s input columns: as even a split as whole blocks allow (a GGUF
-    row's blocks keep their scale; a Q6_K down_proj of 4864 = 19 x 256 values splits 9 + 10 blocks)."""
-    return _share_of(layer.in_features, getattr(layer, "column_unit", 1), group, name)  # float: any column
+    """One MoE block of a loaded model, alone: its experts' slices, as shard_model cuts them."""
+    _cut_moe(block, name, ShardPlan(group, _moe_cuts(block, group, name, {})), frozenset())
 
 
 def _share_of(features: int, unit: int, group: ProcessGroup, name: str) -> tuple[int, int]:
@@ -149,11 +189,16 @@ def _share_of(features: int, unit: int, group: ProcessGroup, name: str) -> tuple
 
 def narrow(layer: nn.Module, dim: int, start: int, length: int, name: str) -> nn.Module:
     """`layer` keeping output rows (dim 0) or input columns (dim 1) [start, start + length) of its weight."""
+    if type(layer) is nn.Linear and layer.weight.is_meta:  # a skeleton's: the loader reads the run
+        shape = [layer.out_features, layer.in_features]
+        shape[dim] = length
+        return nn.Linear(shape[1], shape[0], bias=layer.bias is not None, device="meta")
     if type(layer) is nn.Linear:
-        weight = layer.weight.detach().narrow(dim, start, length).clone()  # a copy: the whole weight is freed
+        cut = Cut(dim, start, length)
+        weight = cut.of(layer.weight.detach())  # a copy: the whole weight is freed
         bias = layer.bias
         if bias is not None and dim == 0:
-            bias = bias.detach()[start : start + length].clone()
+            bias = cut.of(bias.detach(), 0)
         out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         out.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:

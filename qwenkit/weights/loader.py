@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qwenkit.config import ModelConfig
+from qwenkit.distributed import ProcessGroup, ShardPlan
 from qwenkit.errors import QwenkitError
 from qwenkit.formats.gguf_config import config_from_gguf
 from qwenkit.formats.gguf_mmproj import iter_mmproj_tensors, media_model_config
@@ -28,11 +29,12 @@ from qwenkit.formats.safetensors_dir import iter_safetensors, read_json
 from qwenkit.kernels import cpu_kernels
 from qwenkit.model.media import MediaCausalLM
 from qwenkit.model.registry import model_family
+from qwenkit.model.tensor_parallel import apply_shards, plan_shards
 from qwenkit.multimodal.processor import ProcessorConfig, processor_config_from_mmproj, read_processor_config
 from qwenkit.multimodal.templates import default_template, writes_placeholders
 from qwenkit.modules import replace_module
 from qwenkit.quantization.checkpoint import split_quantized
-from qwenkit.quantization.gguf_layers import gguf_block_layers, int4_layers_from_q4_k
+from qwenkit.quantization.gguf_layers import gguf_block_layers, gguf_column_units, int4_layers_from_q4_k
 from qwenkit.quantization.quantize import quantize_model
 from qwenkit.tokenizer.chat_template import ChatTemplate
 from qwenkit.tokenizer.tokenizer import Tokenizer
@@ -98,6 +100,7 @@ def load_model(
     revision: str | None = None,
     source: str | None = None,
     mmproj: str | None = None,
+    tensor_parallel: ProcessGroup = ProcessGroup(),
 ) -> LoadedModel:
     """Load `spec` (a directory, a .gguf file, a hub id, or None for the embedded default).
 
@@ -107,6 +110,8 @@ def load_model(
     `source` is "huggingface" or "modelscope" (default: $QWENKIT_USE_MODELSCOPE, else huggingface).
     `mmproj` is a GGUF model's vision tower (llama.cpp's mmproj file: Qwen2-VL / Qwen2.5-VL); a
     directory holding one GGUF model and one mmproj file takes it without being told.
+    `tensor_parallel`: this process's group (engine/tensor_parallel.py); the model is then built
+    as this process's shard, reading only its runs of the sharded weights.
 
     `quantize`:
       "auto"  a GGUF keeps its quantized blocks and runs them in place ("gguf") unless a `dtype` is
@@ -132,7 +137,9 @@ def load_model(
                                "compiler (see the warning above); use --dtype float32 or --quantize int4 instead")
     compute_dtype = DTYPES[dtype or "float32"]
     requested = Quantization.NONE if quantize is None else Quantization(quantize)
-    loaded = load_resolved(resolved, compute_dtype, requested, ContextRequest(max_model_len, rope_scaling))
+    if tensor_parallel.world_size > 1 and requested not in (Quantization.NONE, Quantization.GGUF_BLOCKS):
+        raise QwenkitError(f"tensor parallelism shards float and GGUF block layers, not --quantize {quantize} layers")
+    loaded = load_resolved(resolved, compute_dtype, requested, ContextRequest(max_model_len, rope_scaling), tensor_parallel)
     if requested in (Quantization.INT8, Quantization.INT4):
         quantize_model(loaded.model, requested.value, group_size)
     return loaded
@@ -155,6 +162,7 @@ def load_resolved(
     dtype: torch.dtype,
     quantization: Quantization = Quantization.NONE,
     context: ContextRequest = ContextRequest(),
+    group: ProcessGroup = ProcessGroup(),
 ) -> LoadedModel:
     path = resolved.path
     if resolved.format == WeightFormat.GGUF:
@@ -166,8 +174,10 @@ def load_resolved(
         plan = _plan(config, resolved.format, dtype, quantization, context)  # a bad request fails before the weights load
         family = model_family(config.model_type)
         tokenizer = Tokenizer.from_gguf(gguf)
-        if quantization == Quantization.GGUF_BLOCKS:
-            kept = gguf_block_layers(gguf, config, dtype)
+        blocks = quantization == Quantization.GGUF_BLOCKS
+        shards = shard_plan(family.model_class, config, group, gguf_column_units(gguf, config) if blocks else {})
+        if blocks:
+            kept = gguf_block_layers(gguf, config, dtype, shards)
         elif quantization == Quantization.INT4:  # Q4_K blocks become int4 layers directly, exactly, never float
             kept = int4_layers_from_q4_k(gguf, config)
         else:
@@ -175,7 +185,7 @@ def load_resolved(
         tensors = iter_gguf_tensors(gguf, config, frozenset(kept))
         if mmproj is not None:  # the encoder runs in float, as llama.cpp's clip does
             tensors = chain(tensors, iter_mmproj_tensors(mmproj, config.model_type))
-        model = build_model(family.model_class, config, tensors, dtype, kept)
+        model = build_model(family.model_class, config, tensors, dtype, kept, shards)
         processor = None
         if mmproj is not None:
             processor = processor_config_from_mmproj(mmproj.metadata)
@@ -188,11 +198,15 @@ def load_resolved(
     generation_config = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     eos = generation_config.get("eos_token_id", [])
     tokenizer = Tokenizer.from_hf_dir(path, tuple(eos) if isinstance(eos, list) else (eos,))
-    tensors, stored = iter_safetensors(path), {}
+    if group.world_size > 1 and raw_config.get("quantization_config") is not None:
+        method = raw_config["quantization_config"].get("quant_method", "quantized")
+        raise QwenkitError(f"tensor parallelism shards float and GGUF block layers, not a {method} checkpoint's layers")
+    shards = shard_plan(family.model_class, config, group, {})
+    tensors, stored = iter_safetensors(path, shards), {}
     if raw_config.get("quantization_config") is not None:
         stored, tensors = split_quantized(tensors, raw_config["quantization_config"])
         quantization = Quantization.CHECKPOINT
-    model = build_model(family.model_class, config, family.tensor_names(tensors), dtype, stored)
+    model = build_model(family.model_class, config, family.tensor_names(tensors), dtype, stored, shards)
     processor = None
     if issubclass(family.model_class, MediaCausalLM):
         processor = read_processor_config(path)
@@ -209,24 +223,44 @@ def _take_media_template(tokenizer: Tokenizer, config: ModelConfig) -> None:
         tokenizer.has_chat_template = True
 
 
+def shard_plan(model_class: type[nn.Module], config: ModelConfig, group: ProcessGroup, units: dict[str, int]) -> ShardPlan | None:
+    """What this process of a tensor-parallel group keeps of each layer (None without one),
+    planned on a skeleton on the meta device before any weight is read. `units`: the layers
+    to be built from GGUF blocks, and the runs of input columns they split into."""
+    if group.world_size == 1:
+        return None
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    return plan_shards(skeleton, group, units)
+
+
 def build_model(
     model_class: type[nn.Module],
     config: ModelConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype,
     quantized: dict[str, nn.Module] | None = None,
+    shards: ShardPlan | None = None,
 ) -> nn.Module:
-    """The model from a checkpoint's float tensors, plus already built `quantized` modules by name."""
+    """The model from a checkpoint's float tensors, plus already built `quantized` modules by name;
+    with a tensor-parallel plan, this process's shard (`quantized` modules are built as shards)."""
     # Parameters are created on the meta device and replaced by the checkpoint's tensors, so a
     # model is never initialised randomly first (that would double load time and peak memory).
     with torch.device("meta"):
         model = model_class(config)
+    whole = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shards is not None:
+        apply_shards(model, shards, built=frozenset(quantized or {}))
     for name, module in (quantized or {}).items():
         replace_module(model, name, module)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_meta}
     expected = set(shapes)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in _unfuse_experts(tensors):
+        if shards is not None and name in whole:
+            if not shards.keeps(name):  # a row-parallel layer's bias: rank 0's
+                continue
+            tensor = shards.take(name, tensor, whole[name])
         if name not in expected:
             raise QwenkitError(f"checkpoint tensor {name!r} does not belong to a {config.model_type} model")
         shape = shapes[name]
