@@ -7,6 +7,7 @@ gloo on CPU; NCCL where there are GPUs (that path cannot be tested on this machi
 from __future__ import annotations
 
 import os
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,18 @@ class ProcessGroup:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """Every process's x [rows, widths[rank]] side by side in rank order, on every process (an
+        all-gather; parts padded to the widest, which all_gather needs)."""
+        if self.world_size == 1:
+            return x
+        wide = max(widths)
+        padded = torch.zeros(x.shape[0], wide, dtype=x.dtype)
+        padded[:, : x.shape[1]] = x
+        parts = [torch.empty_like(padded) for _ in widths]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:, :width] for part, width in zip(parts, widths)], dim=1)
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's `obj` (any picklable value) on every process; the others pass nothing."""
@@ -96,6 +109,14 @@ class ShardPlan:
         if cut is None or (kind == "bias" and cut.dim == 1):
             return None
         return cut
+
+    def cuts_within(self, module: str) -> bool:
+        """Whether the plan cuts modules inside `module` (experts stored fused as one tensor)."""
+        return module in self._parents
+
+    @functools.cached_property
+    def _parents(self) -> frozenset[str]:
+        return frozenset(key[:i] for key in self.cuts for i, c in enumerate(key) if c == ".")
 
     def keeps(self, name: str) -> bool:
         """Whether this process keeps checkpoint tensor `name` at all: a row-parallel layer's bias

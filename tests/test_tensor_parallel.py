@@ -87,16 +87,52 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "dense.gguf", "moe.gguf"])
-def test_a_shard_read_by_itself_is_the_whole_model_cut(kind, tmp_path):
+def fused_moe_checkpoint(path: Path) -> None:
+    """A Qwen2-MoE checkpoint with each layer's experts stored fused, as transformers 5 holds them
+    ([experts, 2 x intermediate, hidden] gate_up_proj, [experts, hidden, intermediate] down_proj)."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny("qwen2_moe", path)
+    tensors = load_file(path / "model.safetensors")
+    fused = {}
+    for name in sorted(tensors):
+        if ".mlp.experts." not in name:
+            fused[name] = tensors[name]
+        elif name.endswith(".experts.0.gate_proj.weight"):
+            prefix = name.removesuffix(".0.gate_proj.weight")
+            count = sum(1 for n in tensors if n.startswith(prefix + ".") and n.endswith(".gate_proj.weight"))
+            fused[f"{prefix}.gate_up_proj"] = torch.stack(
+                [torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"], tensors[f"{prefix}.{e}.up_proj.weight"]]) for e in range(count)])
+            fused[f"{prefix}.down_proj"] = torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(count)])
+    save_file(fused, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "moe_fused", "audio", "dense.gguf", "moe.gguf", "tied.gguf"])
+def test_a_shard_read_by_itself_is_the_whole_model_cut(kind, tmp_path, monkeypatch):
     """The loader given a process's group reads only that process's runs of each weight (GGUF
     blocks cut in the file's layout, then packed); the result is, byte for byte, the whole model
-    loaded and then cut in place, for each rank. Uneven splits included: Q5_0 down_proj 192 = 64 + 128."""
+    loaded and then cut in place, for each rank. Uneven splits included: Q5_0 down_proj 192 = 64 + 128,
+    and a 300-token vocabulary's output rows 144 + 156. A safetensors reader cuts every run itself
+    (under a multimodal checkpoint's own names too); only experts stored fused are cut after reading."""
+    from qwenkit.distributed import Cut
+
     path = tmp_path / kind
     if kind == "dense.gguf":
         gguf_model(path)
     elif kind == "moe.gguf":
         gguf_moe_model(path)
+    elif kind == "tied.gguf":  # the output projection is the Q8_0 embedding's own packed copy: split by rows
+        from gguf import GGMLQuantizationType as Q
+
+        config = tiny_config("qwen2", tied=True)
+        config.hidden_size, config.intermediate_size = 128, 192  # o_proj's and down_proj's inputs split on 64-value runs
+        write_tiny_gguf(reference_model(config), path, tiny_tokenizer(), embedding_type=Q.Q8_0)
+    elif kind == "audio":
+        from tiny_multimodal import save_tiny_multimodal_checkpoint
+
+        save_tiny_multimodal_checkpoint("qwen2_audio", path)
+    elif kind == "moe_fused":
+        fused_moe_checkpoint(path)
     else:
         save_tiny("qwen2" if kind == "dense" else "qwen2_moe", path)
     options = {"quantize": "gguf"} if kind.endswith(".gguf") else {"dtype": "float32"}
@@ -104,13 +140,33 @@ def test_a_shard_read_by_itself_is_the_whole_model_cut(kind, tmp_path):
         group = ProcessGroup(rank=rank, world_size=2)
         whole = load_model(str(path), **options).model
         shard_model(whole, group)
+        cut_after_reading = []
+        original = Cut.of
+        monkeypatch.setattr(Cut, "of", lambda self, *a: cut_after_reading.append(self) or original(self, *a))
         read = load_model(str(path), **options, tensor_parallel=group).model
+        monkeypatch.setattr(Cut, "of", original)
         expected, got = _weights(whole), _weights(read)
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[name], got[name]) for name in expected), [n for n in expected if not torch.equal(expected[n], got[n])]
         assert read.model.layers[0].self_attn.num_heads == 2 and read.tensor_parallel == group
+        if kind in ("dense", "moe", "audio"):
+            assert not cut_after_reading
+        if kind == "moe_fused":
+            assert len(cut_after_reading) == 2 * 4 * 3  # 2 layers x 4 experts x (gate, up, down)
+        if kind in ("dense", "tied.gguf"):  # the output projection splits by vocabulary rows, in groups of 16
+            assert read.lm_head.out_features == (144, 156)[rank]
         if rank == 1 and kind == "dense":
             assert "model.layers.0.self_attn.q_proj.bias" in got and got["model.layers.0.self_attn.q_proj.bias"].shape == (32,)
+
+
+def test_a_gguf_that_cannot_split_on_its_blocks_is_a_clear_error_before_reading(tmp_path):
+    """o_proj's input splits by heads: 4 processes of a 4-head model with 32-value heads would
+    cut Q8_0 rows stored in runs of 64. The plan refuses it before any block is read."""
+    config = tiny_config("qwen2")
+    config.hidden_size, config.num_key_value_heads = 128, 4
+    write_tiny_gguf(reference_model(config), tmp_path / "m.gguf", tiny_tokenizer())
+    with pytest.raises(QwenkitError, match=r"o_proj: tensor parallel size 4 gives each process 32 of its input values, not whole blocks of 64"):
+        load_model(str(tmp_path / "m.gguf"), quantize="gguf", tensor_parallel=ProcessGroup(rank=1, world_size=4))
 
 
 def test_tensor_parallel_refuses_layers_it_cannot_cut_before_reading_weights(tmp_path):
@@ -254,3 +310,25 @@ def test_a_rank_never_holds_the_whole_model(kind, tmp_path):
     size = sum(f.stat().st_size for f in Path(tmp_path).rglob("*.safetensors")) if kind == "safetensors" else path.stat().st_size
     assert peak["whole"] > size // 1024
     assert peak["whole"] - peak["shard"] > 0.42 * size // 1024, (peak, size // 1024)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sums_and_gathers_across_processes(shared, tmp_path, monkeypatch):
+    """The group's sums (each half-layer's partial outputs) and gathers (the vocabulary rows'
+    logits) through shared memory on one machine, and through gloo: each equals what one process
+    computes from every process's part; the sum's bits are gloo's order (rank 0 + rank 1)."""
+    from collectives_run import part
+
+    monkeypatch.setenv("QWENKIT_TP_SHARED_MEMORY", "1" if shared else "0")
+    done = torchrun(2, str(HERE / "collectives_run.py"), str(tmp_path / "out.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["shared"] is shared
+    for i, shape in enumerate([(1, 896), (16, 896), (3, 5), (1100, 2048)]):
+        for repeat in range(3):
+            expected = part(0, shape) * (repeat + 1) + part(1, shape) * (repeat + 1)
+            assert torch.equal(got[f"sum{i}.{repeat}"], expected), (i, repeat)
+    assert torch.equal(got["sum_bf16"], part(0, (4, 8), torch.bfloat16) + part(1, (4, 8), torch.bfloat16))
+    for rows in (1, 16, 3000, 200_000):
+        key = "gather_big" if rows == 200_000 else f"gather{rows}"
+        assert torch.equal(got[key], torch.cat([part(0, (rows, 7)), part(1, (rows, 12))], dim=1)), rows

@@ -22,7 +22,7 @@ from types import ModuleType
 
 from qwenkit.errors import QwenkitError
 
-_COMMON = ("bindings.cpp", "decode_cpu.cpp", "decode_layers.cpp", "gguf_matmul.cpp", "thread_pool.cpp")
+_COMMON = ("bindings.cpp", "decode_cpu.cpp", "decode_layers.cpp", "gguf_matmul.cpp", "shared_memory.cpp", "thread_pool.cpp")
 _ISAS = {
     # name: (CPU flags needed, GGUF kernel source, compiler flags)
     "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}, "ggml_cpu.cpp",

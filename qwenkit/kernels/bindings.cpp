@@ -1,6 +1,7 @@
 // The Python module of qwenkit's CPU kernels: GGUF blocks in place (gguf_matmul.cpp over each
 // build's ggml_*.cpp), the small operations of a decode step (decode_cpu.cpp) and a decoder's
-// layers (dense or MoE) for one decode step (decode_layers.cpp).
+// layers (dense or MoE) for one decode step (decode_layers.cpp); a tensor-parallel group's sums
+// and gathers through shared memory (shared_memory.cpp).
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 with torch's Tensor casters, without the C++ frontend
 
@@ -25,6 +26,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 std::tuple<torch::Tensor, torch::Tensor> row_max(torch::Tensor x);
+void shared_sum(torch::Tensor shared, int64_t rank, int64_t world, int64_t slot_bytes, int64_t call, torch::Tensor x);
+torch::Tensor shared_gather(torch::Tensor shared, int64_t rank, int64_t world, int64_t slot_bytes, int64_t call, torch::Tensor x,
+                            std::vector<int64_t> widths);
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> weights,
                             std::vector<int64_t> kinds, std::vector<bool> packed, std::vector<int64_t> moe, torch::Tensor k_cache,
                             torch::Tensor v_cache, std::vector<int64_t> windows, torch::Tensor slot_mapping, torch::Tensor slots,
@@ -43,6 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "new tokens' float32 keys and values into their slots of one layer's paged cache");
   m.def("row_max", &row_max, py::call_guard<py::gil_scoped_release>(),
         "torch.max(x, -1) of float32 rows: each row's largest value (NaN if it has one) and its first index");
+  m.def("shared_sum", &shared_sum, py::call_guard<py::gil_scoped_release>(),
+        "x summed in place across the processes of one machine that map the same shared bytes (call numbers 1, 2, ...)");
+  m.def("shared_gather", &shared_gather, py::call_guard<py::gil_scoped_release>(),
+        "every process's x [rows, widths[rank]] side by side, through the same shared bytes");
   m.def("rotary", &rotary, "rotary position embedding (rotate_half) of float32 [T, heads, head_dim]");
   m.def("set_kernel_threads", &qwenkit::set_kernel_threads,
         "how many threads the kernels use, whatever torch's count (0: follow torch.get_num_threads())");

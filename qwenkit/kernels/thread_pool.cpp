@@ -13,15 +13,6 @@
 #include <mutex>
 #include <thread>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-static inline void cpu_relax() { _mm_pause(); }
-#elif defined(__aarch64__)
-static inline void cpu_relax() { asm volatile("yield"); }
-#else
-static inline void cpu_relax() {}
-#endif
-
 namespace qwenkit {
 namespace {
 

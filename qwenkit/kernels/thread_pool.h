@@ -14,6 +14,15 @@
 #include <cstdint>
 #include <functional>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void cpu_relax() { _mm_pause(); }
+#elif defined(__aarch64__)
+static inline void cpu_relax() { asm volatile("yield"); }
+#else
+static inline void cpu_relax() {}
+#endif
+
 namespace qwenkit {
 
 // Calls f(worker, workers) on `workers` threads (the caller is worker 0) and returns when all

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -66,11 +66,9 @@ _PREFIXES = (
 )
 
 
-def checkpoint_names(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """A multimodal checkpoint's tensors under qwenkit's parameter names."""
-    for name, tensor in tensors:
-        for old, new in _PREFIXES:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        yield name, tensor
+def checkpoint_name(name: str) -> str:
+    """A multimodal checkpoint's tensor name as qwenkit's parameter name."""
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name

@@ -7,23 +7,20 @@ the same model types).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qwenkit.errors import QwenkitError
-from qwenkit.model.media import checkpoint_names
+from qwenkit.model.media import checkpoint_name
 from qwenkit.model.qwen import QwenForCausalLM
 from qwenkit.model.qwen2_audio import Qwen2AudioForConditionalGeneration
 from qwenkit.model.qwen2_vl import Qwen2VLForConditionalGeneration
 
-TensorStream = Iterable[tuple[str, torch.Tensor]]
-
-
-def _same_names(tensors: TensorStream) -> Iterator[tuple[str, torch.Tensor]]:
-    return iter(tensors)
+def _same_name(name: str) -> str:
+    return name
 
 
 @dataclass(frozen=True)
@@ -31,8 +28,8 @@ class ModelFamily:
     model_type: str  # config.json's model_type
     architecture: str  # the HF class name config.json lists under "architectures"
     model_class: type[nn.Module]  # built as model_class(ModelConfig) on the meta device
-    # A checkpoint's tensor names -> the model's parameter names (text families use HF's own).
-    tensor_names: Callable[[TensorStream], Iterator[tuple[str, torch.Tensor]]] = _same_names
+    # A checkpoint's tensor name -> the model's parameter name (text families use HF's own).
+    tensor_name: Callable[[str], str] = _same_name
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -40,9 +37,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("qwen3", "Qwen3ForCausalLM", QwenForCausalLM),
     ModelFamily("qwen2_moe", "Qwen2MoeForCausalLM", QwenForCausalLM),
     ModelFamily("qwen3_moe", "Qwen3MoeForCausalLM", QwenForCausalLM),
-    ModelFamily("qwen2_vl", "Qwen2VLForConditionalGeneration", Qwen2VLForConditionalGeneration, checkpoint_names),
-    ModelFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", Qwen2VLForConditionalGeneration, checkpoint_names),
-    ModelFamily("qwen2_audio", "Qwen2AudioForConditionalGeneration", Qwen2AudioForConditionalGeneration, checkpoint_names),
+    ModelFamily("qwen2_vl", "Qwen2VLForConditionalGeneration", Qwen2VLForConditionalGeneration, checkpoint_name),
+    ModelFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", Qwen2VLForConditionalGeneration, checkpoint_name),
+    ModelFamily("qwen2_audio", "Qwen2AudioForConditionalGeneration", Qwen2AudioForConditionalGeneration, checkpoint_name),
 )
 
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}

@@ -7,8 +7,10 @@ as even as whole blocks of down_proj's GGUF rows allow (uneven when the blocks d
 a MoE block shards each expert (and the shared expert) the same way, GGUF experts all at once on
 whole blocks, the router stays whole. Each half-layer's output is then a partial sum,
 made whole by one all-reduce (a forward hook on the half-layer), so activations between layers
-are complete and identical on every process. Embeddings, norms, routers and the output head are
-replicated: every process computes the full logits, and only rank 0 samples from them.
+are complete and identical on every process. Embeddings, norms and routers are replicated. The
+output projection is split by vocabulary rows (unless it is the float embedding
+itself, tied), and its logits gathered: every process has the full logits, only rank 0 samples.
+On one machine the sums and the gather go through shared memory (kernels/shared_memory.py).
 
 The plan (`plan_shards`: which run of each layer a process keeps) is made before any weight is
 read, on a skeleton of the model on the meta device; the loader then reads only those runs
@@ -30,6 +32,7 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import Cut, ProcessGroup, ShardPlan
 from qwenkit.errors import QwenkitError
+from qwenkit.kernels.shared_memory import collectives
 from qwenkit.model.moe import SparseMoeBlock
 from qwenkit.model.qwen import DecoderLayer
 
@@ -69,11 +72,13 @@ def shard_model(model: nn.Module, group: ProcessGroup) -> None:
     apply_shards(model, plan_shards(model, group))
 
 
-def plan_shards(model: nn.Module, group: ProcessGroup, units: Mapping[str, int] | None = None) -> ShardPlan:
+def plan_shards(model: nn.Module, group: ProcessGroup, units: Mapping[str, int] | None = None, head: bool | None = None) -> ShardPlan:
     """What this process keeps of every decoder layer of `model`, a loaded model or a skeleton on
-    the meta device. `units`: the input-column runs (whole blocks) of layers not built yet (GGUF
-    blocks, by module name; an experts module for its stacked experts); a built layer says its
-    own (`column_unit`), and a float one splits anywhere."""
+    the meta device, and of its output projection. `units`: the input-column runs (whole blocks)
+    of layers not built yet (GGUF blocks, by module name; an experts module for its stacked
+    experts); a built layer says its own (`column_unit`), and a float one splits anywhere.
+    `head`: whether the output projection splits by vocabulary rows (default: unless it is the
+    float embedding itself, tied, which a split would copy)."""
     units = dict(units or {})
     heads = local_heads(model.config, group.world_size)
     cuts: dict[str, Cut] = {}
@@ -82,13 +87,32 @@ def plan_shards(model: nn.Module, group: ProcessGroup, units: Mapping[str, int] 
             continue
         d, r, attention = layer.self_attn.head_dim, group.rank, f"{name}.self_attn"
         q, kv = Cut(0, r * heads.query * d, heads.query * d), Cut(0, r * heads.key_value * d, heads.key_value * d)
+        unit = units.get(f"{attention}.o_proj", getattr(layer.self_attn.o_proj, "column_unit", 1))
+        if q.length % unit:  # o_proj's input splits by heads, which must fall on its blocks
+            raise QwenkitError(f"{attention}.o_proj: tensor parallel size {group.world_size} gives each process "
+                               f"{q.length} of its input values, not whole blocks of {unit}")
         cuts |= {f"{attention}.q_proj": q, f"{attention}.k_proj": kv, f"{attention}.v_proj": kv,
                  f"{attention}.o_proj": Cut(1, q.start, q.length)}
         if isinstance(layer.mlp, SparseMoeBlock):
             cuts |= _moe_cuts(layer.mlp, group, f"{name}.mlp", units)
         else:
             cuts |= _mlp_cuts(layer.mlp, group, f"{name}.mlp", units)
+    if head is None:
+        head = not (model.config.tie_word_embeddings and type(model.lm_head) is nn.Linear)
+    if head:
+        start, length = _head_rows(model.config.vocab_size, group)[group.rank]
+        cuts["lm_head"] = Cut(0, start, length)
     return ShardPlan(group, cuts)
+
+
+def _head_rows(vocab: int, group: ProcessGroup) -> list[tuple[int, int]]:
+    """(start, length) of each process's vocabulary rows of the output projection, in whole
+    groups of 16 rows (a packed GGUF layout's tile group); the last process also takes the rows
+    after the last whole group."""
+    rows = [_share_of(vocab, 16, ProcessGroup(rank, group.world_size), "lm_head") for rank in range(group.world_size)]
+    start, length = rows[-1]
+    rows[-1] = (start, vocab - start)
+    return rows
 
 
 def _mlp_cuts(mlp: nn.Module, group: ProcessGroup, name: str, units: Mapping[str, int]) -> dict[str, Cut]:
@@ -122,9 +146,10 @@ def _moe_cuts(block: SparseMoeBlock, group: ProcessGroup, name: str, units: Mapp
 
 
 def apply_shards(model: nn.Module, plan: ShardPlan, built: frozenset[str] = frozenset()) -> None:
-    """Cut `model`'s layers as `plan` says, except the modules in `built` (made already cut, to be
-    put in later), and sum each half-layer's partial output across the plan's group. A layer's
-    projections are all cut before any is replaced: a refusal leaves that layer whole."""
+    """Cut `model`'s layers as `plan` says, except the modules in `built` (in place already,
+    built as this process's shard), sum each half-layer's partial output across the plan's group,
+    and gather the output projection's logits. A layer's projections are all cut before any is
+    replaced: a refusal leaves that layer whole."""
     group = plan.group
     heads = local_heads(model.config, group.world_size)
     model.tensor_parallel = group
@@ -138,6 +163,12 @@ def apply_shards(model: nn.Module, plan: ShardPlan, built: frozenset[str] = froz
             _cut_children(layer.mlp, f"{name}.mlp", MLP_PROJECTIONS, plan, built)
         for half in (layer.self_attn, layer.mlp):
             half.register_forward_hook(_summed_over(group))
+    if "lm_head" in plan.cuts:  # every process's logits of its vocabulary rows, side by side
+        if "lm_head" not in built:
+            cut = plan.cuts["lm_head"]
+            model.lm_head = narrow(model.lm_head, 0, cut.start, cut.length, "lm_head")
+        widths = [length for _, length in _head_rows(model.config.vocab_size, group)]
+        model.lm_head.register_forward_hook(_gathered_over(group, widths))
 
 
 def _cut_children(parent: nn.Module, prefix: str, children: tuple[str, ...], plan: ShardPlan, built: frozenset[str]) -> None:
@@ -213,11 +244,22 @@ def narrow(layer: nn.Module, dim: int, start: int, length: int, name: str) -> nn
 
 
 def _summed_over(group: ProcessGroup):
-    """A forward hook that sums a half-layer's partial output across the group, in place."""
+    """A forward hook that sums a half-layer's partial output across the group, in place: through
+    shared memory when the group is on one machine (kernels/shared_sum.py), chosen at the first
+    forward (every process runs it together)."""
 
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        group.sum_([output])
+        collectives(group).sum_([output])
         return output
 
     return hook
 
+
+def _gathered_over(group: ProcessGroup, widths: list[int]):
+    """A forward hook that puts the output projection's logits of each process's vocabulary rows
+    side by side: the whole logits, on every process."""
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        return collectives(group).gather_columns(output, widths)
+
+    return hook

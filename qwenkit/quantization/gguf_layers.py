@@ -8,6 +8,7 @@ from gguf import GGMLQuantizationType
 
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import Cut, ShardPlan
+from qwenkit.errors import QwenkitError
 from qwenkit.formats.gguf_blocks import q4_k_codes, uint8_tensor
 from qwenkit.formats.gguf_reader import GGUFFile
 from qwenkit.formats.gguf_tensors import expert_weights, projection_weights
@@ -65,7 +66,10 @@ def _cut_blocks(blocks: torch.Tensor, kind, in_features: int, cut: Cut) -> tuple
     input features): output rows (a view of the file), or input columns on whole blocks (a copy)."""
     if cut.dim == 0:
         return blocks.narrow(-2, cut.start, cut.length), in_features
-    return narrow_columns(blocks, kind, in_features, False, cut.start, cut.length), cut.length
+    try:
+        return narrow_columns(blocks, kind, in_features, False, cut.start, cut.length), cut.length
+    except ValueError as exc:  # the plan checks the blocks first; this says which weight if it did not
+        raise QwenkitError(f"tensor parallelism cannot split a GGUF weight so: {exc}") from exc
 
 
 def _block_projections(gguf: GGUFFile, config: ModelConfig):
@@ -103,7 +107,11 @@ def gguf_block_layers(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype, p
         blocks = uint8_tensor(gguf.raw(tensor))  # [rows, bytes per row], sharing the file's memory map
         cut = plan.cuts.get(name) if plan is not None else None
         if name == "model.embed_tokens":  # stays mapped: only the rows looked up are ever read
-            head = GGUFLinear(blocks, tensor.kind, tensor.shape[1]) if config.tie_word_embeddings else None
+            head = None
+            if config.tie_word_embeddings:  # with a tensor-parallel plan, this process's vocabulary rows
+                head_cut = plan.cuts.get("lm_head") if plan is not None else None
+                head = GGUFLinear(blocks if head_cut is None else _cut_blocks(blocks, tensor.kind, tensor.shape[1], head_cut)[0],
+                                  tensor.kind, tensor.shape[1])
             # The pages a lookup maps are let go, unless an output projection reads the same mapped bytes.
             drop = gguf.page_dropper(tensor) if head is None or head.packed else None
             layers[name] = GGUFEmbedding(blocks, tensor.kind, tensor.shape[1], dtype, drop)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +148,8 @@ class _HuggingFace:
     def download(self, ref: HubRef, patterns: list[str] | None, local_only: bool) -> Path:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
+        with _without_retry_lines():
+            return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
 
     def cached_dir(self, ref: HubRef) -> Path | None:
         """The cached snapshot of the revision, read from the cache layout (refs/NAME holds the commit):
@@ -182,17 +185,15 @@ class _ModelScope:
     def _check(self) -> None:
         try:
             import modelscope  # noqa: F401
-            from modelscope.hub.api import HubApi  # noqa: F401  (sets up the modelscope_hub logger)
         except ImportError:
             raise QwenkitError("ModelScope as a source needs the modelscope package: pip install modelscope") from None
-        # Its INFO lines and listing-retry warnings ("retry in 1s (1/4)") would precede our one-line errors.
-        logging.getLogger("modelscope_hub").setLevel(logging.ERROR)
 
     def list_files(self, ref: HubRef) -> list[str]:
         self._check()
         from modelscope.hub.api import HubApi
 
-        entries = HubApi().get_model_files(ref.repo_id, revision=ref.revision, recursive=True)
+        with _without_retry_lines():
+            entries = HubApi().get_model_files(ref.repo_id, revision=ref.revision, recursive=True)
         paths = {f["Path"] for f in entries if f.get("Type") != "tree"}
         # modelscope>=1.38 lists directories too but drops the Type that told them apart: a parent of others
         parents = {p.rsplit("/", i)[0] for p in paths for i in range(1, p.count("/") + 1)}
@@ -202,7 +203,8 @@ class _ModelScope:
         self._check()
         from modelscope import snapshot_download
 
-        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
+        with _without_retry_lines():
+            return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
 
     def cached_dir(self, ref: HubRef) -> Path | None:
         """The cached snapshot of the revision, read from the cache layout: snapshot_download(local_files_only=True)
@@ -211,7 +213,7 @@ class _ModelScope:
         if legacy is not None:  # where modelscope downloads every revision to, when it exists
             return legacy
         snapshot = _modelscope_cache() / "models" / ref.repo_id.replace("/", "--") / "snapshots" / (ref.revision or "master")
-        return snapshot if snapshot.is_dir() else None
+        return snapshot if snapshot.is_dir() and any(snapshot.iterdir()) else None  # empty: a download that failed
 
     def not_found(self, exc: Exception) -> str | None:
         from modelscope.hub.errors import NotExistError
@@ -220,6 +222,30 @@ class _ModelScope:
         if isinstance(exc, NotExistError) or isinstance(exc.__cause__, NotExistError):
             return "repository or revision not found"
         return None
+
+
+class _DropInfoAndRetries(logging.Filter):
+    """The client's INFO lines and its listing-retry warnings ("retry in 1s (1/4)"), which would
+    precede our one-line errors; its other warnings (an incomplete listing) still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "retry" not in record.getMessage().lower()
+
+
+@contextmanager
+def _without_retry_lines() -> Iterator[None]:
+    """For the length of one call into the modelscope client (its handlers are left as they were
+    after). On the handlers, not the logger: its child loggers' lines (modelscope_hub.legacy_api)
+    pass only through the handlers."""
+    quiet = _DropInfoAndRetries()
+    handlers = logging.getLogger("modelscope_hub").handlers + logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _modelscope_cache() -> Path:

@@ -175,7 +175,10 @@ def load_resolved(
         family = model_family(config.model_type)
         tokenizer = Tokenizer.from_gguf(gguf)
         blocks = quantization == Quantization.GGUF_BLOCKS
-        shards = shard_plan(family.model_class, config, group, gguf_column_units(gguf, config) if blocks else {})
+        units = gguf_column_units(gguf, config) if blocks and group.world_size > 1 else {}
+        # The output projection in blocks (its own, or the tied embedding's) splits by rows with no copy.
+        head = True if "lm_head" in units or (config.tie_word_embeddings and "model.embed_tokens" in units) else None
+        shards = shard_plan(family.model_class, config, group, units, head)
         if blocks:
             kept = gguf_block_layers(gguf, config, dtype, shards)
         elif quantization == Quantization.INT4:  # Q4_K blocks become int4 layers directly, exactly, never float
@@ -202,11 +205,11 @@ def load_resolved(
         method = raw_config["quantization_config"].get("quant_method", "quantized")
         raise QwenkitError(f"tensor parallelism shards float and GGUF block layers, not a {method} checkpoint's layers")
     shards = shard_plan(family.model_class, config, group, {})
-    tensors, stored = iter_safetensors(path, shards), {}
+    tensors, stored = iter_safetensors(path, shards, family.tensor_name), {}
     if raw_config.get("quantization_config") is not None:
         stored, tensors = split_quantized(tensors, raw_config["quantization_config"])
         quantization = Quantization.CHECKPOINT
-    model = build_model(family.model_class, config, family.tensor_names(tensors), dtype, stored, shards)
+    model = build_model(family.model_class, config, tensors, dtype, stored, shards)
     processor = None
     if issubclass(family.model_class, MediaCausalLM):
         processor = read_processor_config(path)
@@ -223,15 +226,17 @@ def _take_media_template(tokenizer: Tokenizer, config: ModelConfig) -> None:
         tokenizer.has_chat_template = True
 
 
-def shard_plan(model_class: type[nn.Module], config: ModelConfig, group: ProcessGroup, units: dict[str, int]) -> ShardPlan | None:
+def shard_plan(model_class: type[nn.Module], config: ModelConfig, group: ProcessGroup, units: dict[str, int],
+               head: bool | None = None) -> ShardPlan | None:
     """What this process of a tensor-parallel group keeps of each layer (None without one),
     planned on a skeleton on the meta device before any weight is read. `units`: the layers
-    to be built from GGUF blocks, and the runs of input columns they split into."""
+    to be built from GGUF blocks, and the runs of input columns they split into; `head`:
+    plan_shards's (whether the output projection splits)."""
     if group.world_size == 1:
         return None
     with torch.device("meta"):
         skeleton = model_class(config)
-    return plan_shards(skeleton, group, units)
+    return plan_shards(skeleton, group, units, head)
 
 
 def build_model(
@@ -249,10 +254,10 @@ def build_model(
     with torch.device("meta"):
         model = model_class(config)
     whole = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if shards is not None:
-        apply_shards(model, shards, built=frozenset(quantized or {}))
     for name, module in (quantized or {}).items():
         replace_module(model, name, module)
+    if shards is not None:  # after the built modules are in: the gather hook goes on the output projection in place
+        apply_shards(model, shards, built=frozenset(quantized or {}))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_meta}
     expected = set(shapes)
     state: dict[str, torch.Tensor] = {}

@@ -26,4 +26,4 @@ def load_multimodal_model(directory: str | Path, dtype: str = "float32") -> Medi
     if dtype not in DTYPES:
         raise QwenkitError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     config = ModelConfig.from_hf_dict(raw)
-    return build_model(family.model_class, config, family.tensor_names(iter_safetensors(path)), DTYPES[dtype])
+    return build_model(family.model_class, config, iter_safetensors(path, rename=family.tensor_name), DTYPES[dtype])

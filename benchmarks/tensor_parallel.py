@@ -1,4 +1,13 @@
-"""Peak memory of each tensor-parallel rank against one process, on the same checkpoint.
+"""Tensor parallel on one machine against one process, on the same checkpoint: speed and memory.
+
+Speed (the embedded default model, `qwenkit bench` as a user runs it): one process with every
+core, against `torchrun --nproc-per-node 2 ... --tensor-parallel-size 2` with the processes'
+sums and gathers through shared memory, and through gloo (QWENKIT_TP_SHARED_MEMORY=0), at 1 and
+16 concurrent requests, the three interleaved round by round. On one machine tensor parallelism
+can at best match one process (the same cores and memory bandwidth); it is for models bigger than
+one machine, and for several sockets.
+
+Memory: peak memory of each rank against one process.
 
 A rank should hold its share of the decoder layers plus the replicated parts (embedding, norms,
 output projection, routers), and never the whole model on the way there. Cases: the embedded
@@ -6,7 +15,7 @@ default model (GGUF Q4_K_M, blocks run in place), a random-weight GGUF with Qwen
 (Q4_K_M), and a random bfloat16 safetensors checkpoint with Qwen2.5-0.5B's shapes. Each case
 loads with a 64 MiB KV pool, prefills a 200-token prompt and decodes 16 tokens: once in one process, once as 2 torchrun
 processes. Prints each process's peak RSS (VmHWM) and its file-backed / anonymous split at the end.
-Usage: python benchmarks/tensor_parallel_memory.py [--keep DIR] [--only LABEL]
+Usage: python benchmarks/tensor_parallel.py [--keep DIR] [--only LABEL] [--rounds 3] [--skip-speed] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -72,6 +81,47 @@ def run(path: str, dtype: str, size: int, work: Path) -> list[dict]:
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(size)]
 
 
+def bench(size: int, requests: int, shared: bool = True) -> dict[str, float]:
+    """`qwenkit bench` on the default model: output tok/s and inter-token p50 (ms)."""
+    args = ["bench", "--num-requests", str(requests), "--prompt-len", "128", "--output-len", "64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QWENKIT_TP_SHARED_MEMORY": "1" if shared else "0"}
+    if size == 1:
+        cmd = [sys.executable, "-m", "qwenkit.cli.main", *args]
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // size))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size), "--master-port", str(free_port()),
+               "-m", "qwenkit.cli.main", *args, "--tensor-parallel-size", str(size)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    if done.returncode:
+        raise SystemExit(f"bench x{size} failed:\n{done.stderr[-3000:]}")
+    out = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("output tokens/s"):
+            out["tok/s"] = float(line.split()[-1])
+        elif line.startswith("inter-token p50/p99"):
+            out["itl"] = float(line.split()[-4])
+    return out
+
+
+def speed(rounds: int) -> None:
+    import statistics
+
+    runs = {("one process", 1, True): [], ("2 processes, shared memory", 2, True): [], ("2 processes, gloo", 2, False): []}
+    for requests in (1, 16):
+        for key in runs:
+            runs[key] = []
+        for _ in range(rounds):
+            for label, size, shared in runs:
+                runs[(label, size, shared)].append(bench(size, requests, shared))
+        base = statistics.median(r["tok/s"] for r in runs[("one process", 1, True)])
+        print(f"{requests} request(s), 128-token prompts, 64 tokens out; median of {rounds} rounds (all rounds)")
+        for (label, _, _), results in runs.items():
+            tps = [r["tok/s"] for r in results]
+            itl = statistics.median(r["itl"] for r in results)
+            print(f"  {label:<28} {statistics.median(tps):6.1f} tok/s ({' '.join(f'{t:.1f}' for t in tps)})  "
+                  f"inter-token p50 {itl:5.1f} ms  {statistics.median(tps) / base:.2f}x one process", flush=True)
+
+
 def random_float_checkpoint(directory: Path) -> None:
     """Qwen2.5-0.5B's shapes (tied embedding), random bfloat16 weights, the default model's tokenizer."""
     import torch
@@ -107,8 +157,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--keep", type=Path, default=None, help="write the random checkpoints here (and reuse them)")
-    parser.add_argument("--only", default=None, help="run only the cases whose label contains this")
+    parser.add_argument("--only", default=None, help="run only the memory cases whose label contains this")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
+    if not args.skip_speed:
+        speed(args.rounds)
+    if args.skip_memory:
+        return
     work = args.keep or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     default = ensure_assembled()

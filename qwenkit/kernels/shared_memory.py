@@ -1,0 +1,85 @@
+"""A tensor-parallel group's collectives through memory its processes share, when they all run
+on one machine (shared_memory.cpp), instead of gloo's all-reduce and all-gather over the loopback
+device.
+
+Measured on 2 Xeon cores, 2 processes: gloo takes ~220 us to sum a decode step's [1, 896], and a
+decode step of a 24-layer model makes 48 such sums; batch-1 decode of the default model went from
+7.4-11 to 29.5 tok/s. vLLM's CPU backend uses shared memory for the same reason. A sum adds the
+processes' parts in rank order, so every process gets the same bits. Groups across machines,
+sums of another dtype, parts larger than a slot, and QWENKIT_TP_SHARED_MEMORY=0 keep
+torch.distributed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+from qwenkit.distributed import ProcessGroup
+from qwenkit.kernels import cpu_kernels
+
+SHM_DIR = Path("/dev/shm")
+# One slot holds this many bytes of a process's part: a 512-token prompt chunk of a model with
+# 4096 hidden features in float32, or 16 rows of half of a 151,936-token vocabulary's logits.
+# Larger parts go through torch.distributed.
+SLOT_BYTES = 8 << 20
+_LINE = 64  # bytes of a process's published call number (one cache line each)
+
+
+class SharedMemoryGroup:
+    """Collectives of `group`, whose processes all run on this machine. Every process creates it
+    at the same point (a collective itself) and makes the same calls with the same shapes in the
+    same order, as a model's forward does."""
+
+    def __init__(self, group: ProcessGroup, slot_bytes: int = SLOT_BYTES):
+        self.group, self.slot_bytes, self.calls = group, slot_bytes, 0
+        self.kernels = cpu_kernels()
+        size = group.world_size * (_LINE + 2 * slot_bytes)
+        path = group.broadcast(str(SHM_DIR / f"qwenkit-tp-{os.getpid()}-{secrets.token_hex(4)}") if group.is_main else None)
+        if group.is_main:
+            with open(path, "wb") as f:  # zero-filled: no call published yet
+                f.truncate(size)
+        group.barrier()
+        self.shared = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        group.barrier()
+        if group.is_main:
+            os.unlink(path)  # the maps stay; nothing is left in /dev/shm, whatever ends the processes
+
+    def _next_call(self) -> int:
+        self.calls += 1
+        return self.calls
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each of `tensors` in place across the group."""
+        for t in tensors:
+            if t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" and t.nbytes <= self.slot_bytes:
+                self.kernels.shared_sum(self.shared, self.group.rank, self.group.world_size, self.slot_bytes, self._next_call(), t)
+            else:
+                self.group.sum_([t])
+
+    def gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """Every process's x [rows, widths[rank]] side by side in rank order, on every process."""
+        x = x.contiguous()
+        if x.device.type != "cpu" or x.shape[0] * max(widths) * x.element_size() > self.slot_bytes:
+            return self.group.gather_columns(x, widths)
+        return self.kernels.shared_gather(self.shared, self.group.rank, self.group.world_size, self.slot_bytes,
+                                          self._next_call(), x, widths)
+
+
+def on_one_machine(group: ProcessGroup) -> bool:
+    """Whether torchrun started every process of `group` on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == group.world_size == int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@functools.cache
+def collectives(group: ProcessGroup) -> SharedMemoryGroup | ProcessGroup:
+    """What runs `group`'s sums and gathers: shared memory on one machine (with the native kernels
+    and /dev/shm), else torch.distributed. A collective the first time for a group: every process
+    must call it together."""
+    shared = (group.world_size > 1 and on_one_machine(group) and cpu_kernels() is not None and SHM_DIR.is_dir()
+              and os.environ.get("QWENKIT_TP_SHARED_MEMORY", "1") != "0")
+    return SharedMemoryGroup(group) if shared else group
