@@ -4,7 +4,8 @@
 generations; the other ranks serve rank 0's steps. Under torchrun:
     python -m torch.distributed.run --nproc-per-node 2 tests/tensor_parallel_run.py CASES.json OUT.pt
 runs each case of CASES.json ([{"path": ..., "dtype" or "quantize": ..., "speculative": ...,
-"shard_after_load": ...}]) and rank 0 saves the results. Each process reads only its shard of the
+"shard_after_load": ..., "native": false}]) and rank 0 saves the results (prefill logits, greedy
+tokens, every engine step's logits, which steps took the one-call decode stack). Each process reads only its shard of the
 checkpoint (the loader is given the group), unless the case asks to load the whole model and
 shard it in place (what `LLM(loaded_model, tensor_parallel_size=N)` does).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -22,6 +24,7 @@ from qwenkit.engine.llm_engine import EngineConfig, LLMEngine, tensor_parallel_w
 from qwenkit.engine.model_runner import StepInputs
 from qwenkit.engine.paged_attention import PrefillSlice
 from qwenkit.engine.sampling_params import SamplingParams
+from qwenkit.model import qwen
 from qwenkit.weights.loader import load_model
 
 PROMPT = [5, 17, 250, 3, 99, 42, 7, 180, 64, 11, 299, 0, 128, 77, 31, 2, 260, 45, 90, 13]
@@ -38,7 +41,30 @@ def prefill_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     return engine.runner.execute(step)
 
 
+@contextmanager
+def decode_stack(enabled: bool, taken: list[bool]):
+    """The one-call native decode stack as it is (each call's use recorded in `taken`), or never."""
+    native = qwen.native_decode_layers
+
+    def spy(*args):
+        out = native(*args) if enabled else None
+        taken.append(out is not None)
+        return out
+
+    qwen.native_decode_layers = spy
+    try:
+        yield
+    finally:
+        qwen.native_decode_layers = native
+
+
 def run(case: dict, group: ProcessGroup) -> dict | None:
+    taken: list[bool] = []
+    with decode_stack(case.get("native", True), taken):
+        return _run(case, group, taken)
+
+
+def _run(case: dict, group: ProcessGroup, taken: list[bool]) -> dict | None:
     shard_on_load = group if not case.get("shard_after_load") else ProcessGroup()
     loaded = load_model(case["path"], case.get("dtype"), quantize=case.get("quantize", "auto"), tensor_parallel=shard_on_load)
     config = replace(CONFIG, speculative=case.get("speculative"))
@@ -46,6 +72,8 @@ def run(case: dict, group: ProcessGroup) -> dict | None:
         tensor_parallel_worker(loaded, config, group)
         return None
     engine = LLMEngine(loaded, config, group)
+    steps, execute = [], engine.runner.execute
+    engine.runner.execute = lambda step: steps.append(execute(step)) or steps[-1]  # every step's logits
     try:
         logits = prefill_logits(engine, PROMPT)
         ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, n=n, ignore_eos=True)) for p, n in PROMPTS]
@@ -54,7 +82,7 @@ def run(case: dict, group: ProcessGroup) -> dict | None:
             done.update({out.request_id: out for out in engine.step() if out.finished})
         tokens = [[c.token_ids for c in done[i].outputs] for i in ids]
         drafts = engine.speculator.stats.num_draft_tokens if engine.speculator is not None else 0
-        return {"logits": logits, "tokens": tokens, "drafts": drafts}
+        return {"logits": logits, "tokens": tokens, "drafts": drafts, "steps": steps[1:], "native": taken}
     finally:
         engine.close()
 

@@ -82,6 +82,25 @@ def test_two_processes_equal_one(tmp_path):
     assert torch.equal(results[5]["logits"], results[2]["logits"])  # sharded on load or after: the same shards
 
 
+def test_a_shards_decode_steps_in_one_native_call_give_the_layers_bits(tmp_path):
+    """Under tensor parallelism on one machine, a decode step's layers run in one native call that
+    makes each half-layer's sum itself through shared memory (model/native_decode.py): the same
+    bits as the layers run one by one with their hooks, dense and MoE (experts in their blocks,
+    the gated shared expert)."""
+    dense, moe = str(gguf_model(tmp_path / "dense.gguf")), str(gguf_moe_model(tmp_path / "moe.gguf"))
+    cases = [{"path": dense, "quantize": "gguf"}, {"path": dense, "quantize": "gguf", "native": False},
+             {"path": moe, "quantize": "gguf"}, {"path": moe, "quantize": "gguf", "native": False}]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    done = torchrun(2, str(HERE / "tensor_parallel_run.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "out.pt")
+    for stacked, layered in ((results[0], results[1]), (results[2], results[3])):
+        assert sum(stacked["native"]) >= 10 and not any(layered["native"])  # every decode step took the stack
+        assert len(stacked["steps"]) == len(layered["steps"])
+        assert all(torch.equal(a, b) for a, b in zip(stacked["steps"], layered["steps"]))
+        assert stacked["tokens"] == layered["tokens"]
+
+
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (GGUF blocks included), by name."""
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -33,7 +33,8 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             std::vector<int64_t> kinds, std::vector<bool> packed, std::vector<int64_t> moe, torch::Tensor k_cache,
                             torch::Tensor v_cache, std::vector<int64_t> windows, torch::Tensor slot_mapping, torch::Tensor slots,
                             torch::Tensor lengths,
-                            int64_t heads, int64_t kv_heads, double eps, double scale);
+                            int64_t heads, int64_t kv_heads, double eps, double scale,
+                            torch::Tensor shared, int64_t rank, int64_t world, int64_t slot_bytes, int64_t first_call);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "GGUF block rows in the packed layout this build reads fastest (the 32-value types; the AVX-512 build also Q4_K, Q6_K)");

@@ -32,6 +32,7 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor experts_mlp(torch::Tensor x, std::vector<int64_t> counts, torch::Tensor gate, torch::Tensor up, torch::Tensor down,
                           std::vector<int64_t> kinds, std::vector<bool> packed);
+void shared_sum(torch::Tensor shared, int64_t rank, int64_t world, int64_t slot_bytes, int64_t call, torch::Tensor x);
 
 namespace {
 
@@ -78,6 +79,21 @@ torch::Tensor sparse_moe(const torch::Tensor& h, const torch::Tensor* w, const i
   return out;
 }
 
+// A tensor-parallel process's place in its group's shared memory (shared_memory.cpp), when the
+// layers are this process's shard: each half-layer's output is then a partial sum, summed across
+// the group (as the Python forward's hook does) before the residual add. No group: `shared` empty.
+struct Group {
+  torch::Tensor shared;
+  int64_t rank, world, slot_bytes, call;  // `call`: the number of the next sum
+
+  torch::Tensor sum(torch::Tensor partial) {
+    if (!shared.numel()) return partial;
+    partial = partial.contiguous();
+    shared_sum(shared, rank, world, slot_bytes, call++, partial);
+    return partial;
+  }
+};
+
 // x += y (float32, same shape): the residual add, elementwise as torch's.
 void add_into(torch::Tensor& x, const torch::Tensor& y) {
   TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous(), "a layer's output must be [tokens, hidden] like its input");
@@ -95,11 +111,14 @@ void add_into(torch::Tensor& x, const torch::Tensor& y) {
 // GGUFExperts hold them; float32 norms, biases and routers), BLOCKS_PER_LAYER kinds and packed
 // flags, (top_k, norm_topk_prob) with top_k 0 for a dense layer, and a sliding window (0: none).
 // The K and V caches [layers, slots, kv heads, head_dim]; slot_mapping [T] (the rows' new slots),
-// slots [T, Lmax] and lengths [T] (each row's context), as BatchAttention holds them.
+// slots [T, Lmax] and lengths [T] (each row's context), as BatchAttention holds them. Under tensor
+// parallelism (a shard's layers): the group's shared bytes, this process's rank, the group's size,
+// the slot size and the number of the step's first sum (two per layer); else an empty `shared`.
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> weights,
                             std::vector<int64_t> kinds, std::vector<bool> packed, std::vector<int64_t> moe, torch::Tensor k_cache,
                             torch::Tensor v_cache, std::vector<int64_t> windows, torch::Tensor slot_mapping,
-                            torch::Tensor slots, torch::Tensor lengths, int64_t heads, int64_t kv_heads, double eps, double scale) {
+                            torch::Tensor slots, torch::Tensor lengths, int64_t heads, int64_t kv_heads, double eps, double scale,
+                            torch::Tensor shared, int64_t rank, int64_t world, int64_t slot_bytes, int64_t first_call) {
   const size_t layers = windows.size();
   TORCH_CHECK(weights.size() == layers * WEIGHTS_PER_LAYER && kinds.size() == layers * BLOCKS_PER_LAYER &&
                   packed.size() == layers * BLOCKS_PER_LAYER && moe.size() == 2 * layers && k_cache.dim() == 4 &&
@@ -110,6 +129,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
   const int64_t tokens = x.size(0), head_dim = cos.size(1);
   x = x.contiguous().clone();  // the residual stream, ours to add into
   const torch::Tensor none = torch::empty({0}, x.options());
+  Group group{shared, rank, world, slot_bytes, first_call};
   for (size_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = &weights[l * WEIGHTS_PER_LAYER];
     const int64_t* kind = &kinds[l * BLOCKS_PER_LAYER];
@@ -129,10 +149,10 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
     const torch::Tensor k_layer = k_cache.select(0, l), v_layer = v_cache.select(0, l);
     store_kv(k, v, k_layer, v_layer, slot_mapping);
     const torch::Tensor attended = paged_decode_attention(q, k_layer, v_layer, slots, lengths, scale, windows[l]);
-    add_into(x, matmul(attended, w[O], kind[BO], flag(BO)));
+    add_into(x, group.sum(matmul(attended, w[O], kind[BO], flag(BO))));
     h = rms_norm(x, w[POST_NORM], eps);
     const int64_t top_k = moe[2 * l];
-    add_into(x, top_k ? sparse_moe(h, w, kind, packed, at, top_k, moe[2 * l + 1] != 0, none) : swiglu(h, w, kind, packed, at, none));
+    add_into(x, group.sum(top_k ? sparse_moe(h, w, kind, packed, at, top_k, moe[2 * l + 1] != 0, none) : swiglu(h, w, kind, packed, at, none)));
   }
   return x;
 }

@@ -6,7 +6,9 @@ step. Where every layer would run exactly what the native stack runs (the stock 
 or SparseMoeBlock and RMSNorm modules, GGUF block projections and experts through the kernels,
 float routers, no LoRA, no hooks, every row decoding from a CPU paged cache), the stack runs the
 same kernels and ops in the same order, so the hidden states are the same bits; anywhere else
-`native_decode_layers` answers None and the layers run one by one.
+`native_decode_layers` answers None and the layers run one by one. A tensor-parallel shard's
+layers qualify too when its group sums through shared memory: the stack makes each half-layer's
+sum where the Python forward's hook would, so the same bits again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from qwenkit.distributed import ProcessGroup
 from qwenkit.kernels import cpu_kernels
+from qwenkit.kernels.shared_memory import SharedMemoryGroup, collectives
 from qwenkit.model.adapters import active_routing
 from qwenkit.model.attention import AttentionBackend
 from qwenkit.model.layers import MLP, Attention, RMSNorm
@@ -39,6 +43,7 @@ class _StackInputs:
     packed: list[bool] = field(default_factory=list)
     moe: list[int] = field(default_factory=list)  # (top_k, norm_topk_prob) per layer; top_k 0: dense
     windows: list[int] = field(default_factory=list)
+    group: ProcessGroup | None = None  # the tensor-parallel group whose sums every half-layer makes (None: none)
 
 
 def native_decode_layers(
@@ -59,10 +64,16 @@ def native_decode_layers(
             return None
     if inputs.heads is None:
         return None
+    shared = (_NONE, 0, 1, 0, 0)
+    if inputs.group is not None:  # a shard's layers: their sums through shared memory, in the stack
+        ops = collectives(inputs.group)
+        if not isinstance(ops, SharedMemoryGroup) or x.nbytes > ops.slot_bytes:
+            return None
+        shared = (ops.shared, inputs.group.rank, inputs.group.world_size, ops.slot_bytes, ops.reserve_calls(2 * len(inputs.windows)))
     heads, kv_heads, scale = inputs.heads
     return kernels.decode_layers(
         x, cos, sin, inputs.weights, inputs.kinds, inputs.packed, inputs.moe, step.k_cache, step.v_cache, inputs.windows,
-        step.slot_mapping, step.slots, step.lengths, heads, kv_heads, eps, scale,
+        step.slot_mapping, step.slots, step.lengths, heads, kv_heads, eps, scale, *shared,
     )
 
 
@@ -72,8 +83,12 @@ def _add_layer(layer: nn.Module, inputs: _StackInputs) -> bool:
     `_modules` (nn.Module's __getattr__ costs ~1 us a lookup, and a step makes ~400)."""
     parts = layer._modules
     attn, mlp = parts.get("self_attn"), parts.get("mlp")
-    if type(attn) is not Attention or mlp is None or _hooked(layer) or _hooked(attn) or _hooked(mlp) or "forward" in vars(layer):
+    if type(attn) is not Attention or mlp is None or _hooked(layer) or "forward" in vars(layer):
         return False
+    group = _summed_over(attn)  # tensor parallel: both halves' outputs summed across one group, by a hook the stack replaces
+    if group is False or _summed_over(mlp) != group or (inputs.windows and group != inputs.group):
+        return False
+    inputs.group = group
     # the stack reads layer l's cache at l, and one head layout for all layers
     heads = (attn.num_heads, attn.num_kv_heads, attn.scale)
     if attn.layer != len(inputs.windows) or inputs.heads not in (None, heads):
@@ -88,7 +103,7 @@ def _add_layer(layer: nn.Module, inputs: _StackInputs) -> bool:
         return False
     attention = [_gguf(linears[name], inputs.tokens) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     if type(mlp) is MLP:
-        swiglu, moe = _swiglu(mlp, inputs.tokens), (None, None, 0, False, None)
+        swiglu, moe = _swiglu(mlp, inputs.tokens, hooks_checked=True), (None, None, 0, False, None)
     elif type(mlp) is SparseMoeBlock:
         moe = _sparse_moe(mlp, inputs.tokens)
         shared = mlp._modules.get("shared_expert")
@@ -117,9 +132,10 @@ def _gguf(linear: nn.Module, tokens: int) -> tuple | None:
     return native(linear, tokens) if native is not None else None
 
 
-def _swiglu(mlp: nn.Module, tokens: int) -> tuple | None:
-    """gate's, up's and down's (blocks, kind, packed, bias) of a SwiGLU MLP of GGUF layers without biases."""
-    if type(mlp) is not MLP or _hooked(mlp):
+def _swiglu(mlp: nn.Module, tokens: int, hooks_checked: bool = False) -> tuple | None:
+    """gate's, up's and down's (blocks, kind, packed, bias) of a SwiGLU MLP of GGUF layers without
+    biases (`hooks_checked`: a layer's MLP, whose one allowed hook _add_layer has checked)."""
+    if type(mlp) is not MLP or (_hooked(mlp) and not hooks_checked):
         return None
     parts = tuple(_gguf(mlp._modules[name], tokens) for name in ("gate_proj", "up_proj", "down_proj"))
     if None in parts or any(part[3].numel() for part in parts):
@@ -146,6 +162,17 @@ def _sparse_moe(block: SparseMoeBlock, tokens: int) -> tuple | None:
     if router is None or stacked is None or (parts.get("shared_expert") is not None and shared_gate is None):
         return None
     return router, stacked, block.top_k, block.norm_topk_prob, shared_gate
+
+
+def _summed_over(module: nn.Module) -> ProcessGroup | None | bool:
+    """The group whose sum is `module`'s only hook (model/tensor_parallel.py), None if it has no
+    hook, False if it has any other."""
+    if module._forward_pre_hooks:
+        return False
+    hooks = list(module._forward_hooks.values())
+    if not hooks:
+        return None
+    return getattr(hooks[0], "sums_over", False) if len(hooks) == 1 else False
 
 
 def _hooked(module: nn.Module) -> bool:

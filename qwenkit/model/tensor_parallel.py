@@ -252,6 +252,7 @@ def _summed_over(group: ProcessGroup):
         collectives(group).sum_([output])
         return output
 
+    hook.sums_over = group  # the one-call decode stack (native_decode.py) makes this sum itself
     return hook
 
 
