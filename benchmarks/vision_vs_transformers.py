@@ -22,7 +22,7 @@ from qwenkit.model.mrope import VisionItem, mrope_positions
 from qwenkit.model.qwen2_vl import Qwen2VLForConditionalGeneration
 from qwenkit.multimodal.image import preprocess_image
 from qwenkit.weights.loader import build_model
-from qwenkit.model.media import checkpoint_names
+from qwenkit.model.media import checkpoint_name
 
 IMAGE, VIDEO, VISION_START, VISION_END = 990, 991, 992, 993
 
@@ -61,7 +61,7 @@ def main() -> None:
     ref = reference_model(args.depth, dtype)
     config = ModelConfig.from_hf_dict(ref.config.to_dict())
     # Same tensors, no copy: qwenkit's model is built from the reference's state dict.
-    ours = build_model(Qwen2VLForConditionalGeneration, config, checkpoint_names(ref.state_dict().items()), dtype)
+    ours = build_model(Qwen2VLForConditionalGeneration, config, ((checkpoint_name(n), t) for n, t in ref.state_dict().items()), dtype)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
     item = preprocess_image(image)

@@ -33,6 +33,16 @@ def gguf_model(path: Path) -> Path:
     return path
 
 
+def tied_gguf_model(path: Path) -> Path:
+    """A dense model whose output projection is its Q8_0 embedding (tied), split by vocabulary rows."""
+    from gguf import GGMLQuantizationType as Q
+
+    config = tiny_config("qwen2", tied=True)
+    config.hidden_size, config.intermediate_size = 128, 192  # o_proj's and down_proj's inputs split on 64-value runs
+    write_tiny_gguf(reference_model(config), path, tiny_tokenizer(), embedding_type=Q.Q8_0)
+    return path
+
+
 def gguf_moe_model(path: Path) -> Path:
     """Qwen2-MoE (with its gated shared expert) whose experts stay in their GGUF blocks: Q4_K
     gate/up, Q6_K down over 512 intermediate features (two 256-value blocks: one per process)."""
@@ -62,11 +72,14 @@ def test_two_processes_equal_one(tmp_path):
         {"path": str(gguf_moe_model(tmp_path / "moe.gguf")), "quantize": "gguf"},  # experts in their blocks
         # Loaded whole, then sharded in place (LLM(loaded_model, tensor_parallel_size=2)).
         {"path": str(tmp_path / "dense.gguf"), "quantize": "gguf", "shard_after_load": True},
+        # The output projection is the tied Q8_0 embedding's rows, split by vocabulary and gathered.
+        {"path": str(tied_gguf_model(tmp_path / "tied.gguf")), "quantize": "gguf"},
     ]
-    # The GGUF kernels quantize each layer's input to int8 per 32 values, as llama.cpp does: a split
-    # sum's last-bit difference (1e-6) can move an activation across a rounding step, which moves
-    # the logits by up to ~1e-2. The float models agree to fp32 rounding.
-    tolerance = [1e-5, 1e-5, 5e-2, 1e-5, 5e-2, 5e-2]
+    # The float models agree to fp32 rounding. The GGUF kernels quantize each layer's input to int8
+    # per 32 values, as llama.cpp does: a split sum's last-bit difference (1e-6) can move an
+    # activation across a rounding step, which moves that position's logits (and the later ones')
+    # by up to ~1% of their size; the other positions agree to fp32 rounding.
+    tolerance = [1e-5, 1e-5, "int8", 1e-5, "int8", "int8", "int8"]
     save_tiny("qwen2", tmp_path / "dense")
     save_tiny("qwen2_moe", tmp_path / "moe")
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -75,7 +88,11 @@ def test_two_processes_equal_one(tmp_path):
     results = torch.load(tmp_path / "out.pt")
     for case, atol, two in zip(cases, tolerance, results):
         one = run(case, ProcessGroup())
-        assert (one["logits"] - two["logits"]).abs().max().item() < atol, case
+        errors = (one["logits"] - two["logits"]).abs().amax(-1)  # per position
+        if atol == "int8":
+            assert errors.median() < 1e-4 and errors.max() < 0.015 * one["logits"].abs().max(), (case, errors)
+        else:
+            assert errors.max() < atol, case
         assert one["tokens"] == two["tokens"], case
         assert len({tuple(t) for t in one["tokens"][0] + one["tokens"][2]}) > 1  # the prompts do generate differently
     assert results[3]["tokens"] == results[0]["tokens"] and results[3]["drafts"] > 0
@@ -95,7 +112,7 @@ def test_a_shards_decode_steps_in_one_native_call_give_the_layers_bits(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt")
     for stacked, layered in ((results[0], results[1]), (results[2], results[3])):
-        assert sum(stacked["native"]) >= 10 and not any(layered["native"])  # every decode step took the stack
+        assert sum(stacked["native"]) >= 10 and stacked["native"][-1]  # the decode steps took the stack
         assert len(stacked["steps"]) == len(layered["steps"])
         assert all(torch.equal(a, b) for a, b in zip(stacked["steps"], layered["steps"]))
         assert stacked["tokens"] == layered["tokens"]
@@ -141,11 +158,7 @@ def test_a_shard_read_by_itself_is_the_whole_model_cut(kind, tmp_path, monkeypat
     elif kind == "moe.gguf":
         gguf_moe_model(path)
     elif kind == "tied.gguf":  # the output projection is the Q8_0 embedding's own packed copy: split by rows
-        from gguf import GGMLQuantizationType as Q
-
-        config = tiny_config("qwen2", tied=True)
-        config.hidden_size, config.intermediate_size = 128, 192  # o_proj's and down_proj's inputs split on 64-value runs
-        write_tiny_gguf(reference_model(config), path, tiny_tokenizer(), embedding_type=Q.Q8_0)
+        tied_gguf_model(path)
     elif kind == "audio":
         from tiny_multimodal import save_tiny_multimodal_checkpoint
 
@@ -351,3 +364,13 @@ def test_sums_and_gathers_across_processes(shared, tmp_path, monkeypatch):
     for rows in (1, 16, 3000, 200_000):
         key = "gather_big" if rows == 200_000 else f"gather{rows}"
         assert torch.equal(got[key], torch.cat([part(0, (rows, 7)), part(1, (rows, 12))], dim=1)), rows
+
+
+def test_a_process_left_waiting_fails_within_the_timeout(tmp_path, monkeypatch):
+    """A process whose partner never makes the sum (a process of the group failed) fails with a
+    clear error after QWENKIT_TP_TIMEOUT seconds instead of waiting forever."""
+    monkeypatch.setenv("QWENKIT_TP_TIMEOUT", "2")
+    done = torchrun(2, str(HERE / "collectives_run.py"), str(tmp_path / "out.pt"), "abandoned")
+    assert done.returncode == 0, done.stderr[-3000:]
+    error = torch.load(tmp_path / "out.pt")["error"]
+    assert "tensor parallel: process 1 has not reached collective 1 in 2 s" in error and "QWENKIT_TP_TIMEOUT" in error

@@ -58,6 +58,8 @@ def embed_token_ids(
     """float32 embeddings [len(token_lists), dimensions or hidden_size], in input order."""
     if pooling not in POOLINGS:
         raise QwenkitError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    if getattr(model, "tensor_parallel", None) is not None:  # the other processes' shards would have to run it too
+        raise QwenkitError("embeddings are not computed under tensor parallelism; serve the embedding model in one process")
     hidden_size = model.config.hidden_size
     if dimensions is not None and not 1 <= dimensions <= hidden_size:
         raise QwenkitError(f"dimensions must be in [1, {hidden_size}] for this model, got {dimensions}")

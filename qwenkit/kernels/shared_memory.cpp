@@ -16,7 +16,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "thread_pool.h"
@@ -25,10 +27,25 @@
 namespace {
 
 constexpr int64_t LINE = 64;
-// Spin this long for the other processes before yielding the core between checks: a decode
-// step's collectives come every few hundred microseconds, and the processes are seldom further
-// apart than that, but a process that shares its core with another must let it run.
+// Waiting for the other processes: spin this long (a decode step's collectives come every few
+// hundred microseconds, and the processes are seldom further apart than that), then yield the
+// core between checks (a process that shares its core with another must let it run), and past
+// YIELD sleep between checks, so that a long wait (a long prompt chunk on another process) costs
+// no core.
 constexpr auto SPIN = std::chrono::microseconds(50);
+constexpr auto YIELD = std::chrono::milliseconds(1);
+constexpr auto NAP = std::chrono::microseconds(50);
+
+// How long a process waits for the others before it fails (a process of the group has died or
+// failed): QWENKIT_TP_TIMEOUT seconds, default 600, as gloo's own timeout does for its collectives.
+std::chrono::steady_clock::duration timeout() {
+  static const auto seconds = [] {
+    const char* value = std::getenv("QWENKIT_TP_TIMEOUT");
+    const double parsed = value ? std::atof(value) : 0.0;
+    return parsed > 0 ? parsed : 600.0;
+  }();
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
+}
 
 // Copies `bytes` of `data` into this process's slot of call `call`, publishes it, waits for every
 // process's, and returns the call's buffer (slot r at r * slot_bytes).
@@ -47,10 +64,20 @@ const uint8_t* exchange(torch::Tensor& shared, int64_t rank, int64_t world, int6
     const auto start = std::chrono::steady_clock::now();
     int spins = 0;
     while (__atomic_load_n(published, __ATOMIC_ACQUIRE) < call) {
-      if (++spins < 64 || std::chrono::steady_clock::now() - start < SPIN) {
+      if (++spins < 64) {
         cpu_relax();
-      } else {
+        continue;
+      }
+      const auto waited = std::chrono::steady_clock::now() - start;
+      if (waited < SPIN) {
+        cpu_relax();
+      } else if (waited < YIELD) {
         sched_yield();
+      } else {
+        TORCH_CHECK(waited < timeout(), "tensor parallel: process ", r, " has not reached collective ", call, " in ",
+                    std::chrono::duration_cast<std::chrono::seconds>(waited).count(),
+                    " s (did a process of the group fail? QWENKIT_TP_TIMEOUT sets the limit)");
+        std::this_thread::sleep_for(NAP);
       }
     }
   }

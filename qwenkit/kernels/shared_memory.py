@@ -4,14 +4,15 @@ device.
 
 Measured on 2 Xeon cores, 2 processes: gloo takes ~220 us to sum a decode step's [1, 896], and a
 decode step of a 24-layer model makes 48 such sums; batch-1 decode of the default model went from
-0.36x to 0.82x one process's speed (0.90x with the sums made inside the one-call decode stack). vLLM's CPU backend uses shared memory for the same reason. A sum adds the
-processes' parts in rank order, so every process gets the same bits. Groups across machines,
-sums of another dtype, parts larger than a slot, and QWENKIT_TP_SHARED_MEMORY=0 keep
-torch.distributed.
+0.36x to 0.82x one process's speed (0.90-0.93x with the sums made inside the one-call decode
+stack). vLLM's CPU backend uses shared memory for the same reason. A sum adds the processes'
+parts in rank order, so every process gets the same bits. Groups across machines, sums of another
+dtype, parts larger than a slot, and QWENKIT_TP_SHARED_MEMORY=0 keep torch.distributed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
@@ -31,23 +32,13 @@ _LINE = 64  # bytes of a process's published call number (one cache line each)
 
 
 class SharedMemoryGroup:
-    """Collectives of `group`, whose processes all run on this machine. Every process creates it
-    at the same point (a collective itself) and makes the same calls with the same shapes in the
-    same order, as a model's forward does."""
+    """Collectives of `group`, whose processes all run on this machine, over `shared` (every
+    process's map of the same bytes, see `collectives`). Every process makes the same calls with
+    the same shapes in the same order, as a model's forward does."""
 
-    def __init__(self, group: ProcessGroup, slot_bytes: int = SLOT_BYTES):
-        self.group, self.slot_bytes, self.calls = group, slot_bytes, 0
+    def __init__(self, group: ProcessGroup, shared: torch.Tensor, slot_bytes: int = SLOT_BYTES):
+        self.group, self.shared, self.slot_bytes, self.calls = group, shared, slot_bytes, 0
         self.kernels = cpu_kernels()
-        size = group.world_size * (_LINE + 2 * slot_bytes)
-        path = group.broadcast(str(SHM_DIR / f"qwenkit-tp-{os.getpid()}-{secrets.token_hex(4)}") if group.is_main else None)
-        if group.is_main:
-            with open(path, "wb") as f:  # zero-filled: no call published yet
-                f.truncate(size)
-        group.barrier()
-        self.shared = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        group.barrier()
-        if group.is_main:
-            os.unlink(path)  # the maps stay; nothing is left in /dev/shm, whatever ends the processes
 
     def _next_call(self) -> int:
         return self.reserve_calls(1)
@@ -81,11 +72,51 @@ def on_one_machine(group: ProcessGroup) -> bool:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == group.world_size == int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _all_agree(group: ProcessGroup, yes: bool) -> bool:
+    votes = torch.tensor([1.0 if yes else 0.0])
+    group.sum_([votes])
+    return votes.item() == group.world_size
+
+
+def _map_shared_bytes(group: ProcessGroup, size: int) -> torch.Tensor | None:
+    """Every process's map of the same `size` zeroed bytes (no call published yet), or None on
+    every process if any cannot have it. The file is rank 0's own (mode 0600, created anew),
+    its pages reserved up front (a full /dev/shm is an error here, not a SIGBUS on a later page
+    fault), and unlinked once all have mapped it: the maps stay, nothing is left in /dev/shm."""
+    path = None
+    if group.is_main:
+        path = str(SHM_DIR / f"qwenkit-tp-{os.getpid()}-{secrets.token_hex(8)}")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            path = None
+    path = group.broadcast(path)
+    shared = None
+    if path is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            shared = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    mapped = _all_agree(group, shared is not None) if path is not None else False
+    if group.is_main and path is not None:
+        os.unlink(path)
+    return shared if mapped else None
+
+
 @functools.cache
 def collectives(group: ProcessGroup) -> SharedMemoryGroup | ProcessGroup:
-    """What runs `group`'s sums and gathers: shared memory on one machine (with the native kernels
-    and /dev/shm), else torch.distributed. A collective the first time for a group: every process
-    must call it together."""
-    shared = (group.world_size > 1 and on_one_machine(group) and cpu_kernels() is not None and SHM_DIR.is_dir()
-              and os.environ.get("QWENKIT_TP_SHARED_MEMORY", "1") != "0")
-    return SharedMemoryGroup(group) if shared else group
+    """What runs `group`'s sums and gathers: shared memory when every process of the group runs on
+    this machine and can map it (with the native kernels and /dev/shm), else torch.distributed.
+    Every process decides the same, together: the first call for a group is a collective."""
+    if group.world_size == 1:
+        return group
+    able = (on_one_machine(group) and cpu_kernels() is not None and SHM_DIR.is_dir()
+            and os.environ.get("QWENKIT_TP_SHARED_MEMORY", "1") != "0")
+    if not _all_agree(group, able):
+        return group
+    shared = _map_shared_bytes(group, group.world_size * (_LINE + 2 * SLOT_BYTES))
+    return SharedMemoryGroup(group, shared) if shared is not None else group

@@ -245,7 +245,7 @@ def narrow(layer: nn.Module, dim: int, start: int, length: int, name: str) -> nn
 
 def _summed_over(group: ProcessGroup):
     """A forward hook that sums a half-layer's partial output across the group, in place: through
-    shared memory when the group is on one machine (kernels/shared_sum.py), chosen at the first
+    shared memory when the group is on one machine (kernels/shared_memory.py), chosen at the first
     forward (every process runs it together)."""
 
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

@@ -148,8 +148,7 @@ class _HuggingFace:
     def download(self, ref: HubRef, patterns: list[str] | None, local_only: bool) -> Path:
         from huggingface_hub import snapshot_download
 
-        with _without_retry_lines():
-            return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
+        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, local_files_only=local_only))
 
     def cached_dir(self, ref: HubRef) -> Path | None:
         """The cached snapshot of the revision, read from the cache layout (refs/NAME holds the commit):
@@ -225,16 +224,19 @@ class _ModelScope:
 
 
 class _DropInfoAndRetries(logging.Filter):
-    """The client's INFO lines and its listing-retry warnings ("retry in 1s (1/4)"), which would
-    precede our one-line errors; its other warnings (an incomplete listing) still show."""
+    """The modelscope client's INFO lines and its listing-retry warnings ("retry in 1s (1/4)"),
+    which would precede our one-line errors; its other warnings (an incomplete listing), its
+    errors and every other logger's lines still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and "retry" not in record.getMessage().lower()
+        if not record.name.startswith("modelscope"):
+            return True
+        return record.levelno > logging.WARNING or (record.levelno == logging.WARNING and "retry" not in record.getMessage().lower())
 
 
 @contextmanager
 def _without_retry_lines() -> Iterator[None]:
-    """For the length of one call into the modelscope client (its handlers are left as they were
+    """For the length of one call into the modelscope client (the handlers are left as they were
     after). On the handlers, not the logger: its child loggers' lines (modelscope_hub.legacy_api)
     pass only through the handlers."""
     quiet = _DropInfoAndRetries()
