@@ -35,6 +35,13 @@ class AttentionBackend(Protocol):
         ...
 
 
+# The most mask values one attention call takes: SDPA turns a boolean mask into floats, so a
+# 512-token chunk of a 100K-token prompt would hold 205 MB of it. Query rows are independent, so
+# a chunk attends in row blocks of at most this many mask values with the same bits (the CPU
+# kernel's per-row sums do not depend on how the rows are blocked; tested).
+MASK_VALUES = 1 << 20
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,6 +56,10 @@ def causal_attention(
     if window is None and q.shape[0] > 1 and _same_ascending(q_positions, k_positions):
         is_causal = True  # the plain triangle: SDPA skips the masked half instead of reading a mask (1.5x)
     elif q.shape[0] > 1 or window is not None:
+        rows = max(1, MASK_VALUES // len(k_positions))
+        if q.shape[0] > rows:  # a chunk of a long prompt: its mask (as floats) in pieces, not [chunk, context]
+            return torch.cat([causal_attention(q[a : a + rows], k, v, q_positions[a : a + rows], k_positions, scale, window)
+                              for a in range(0, q.shape[0], rows)])
         mask = k_positions[None, :] <= q_positions[:, None]
         if window is not None:
             mask &= k_positions[None, :] > q_positions[:, None] - window
