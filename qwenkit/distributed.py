@@ -6,13 +6,26 @@ gloo on CPU; NCCL where there are GPUs (that path cannot be tested on this machi
 
 from __future__ import annotations
 
-import os
+import datetime
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+# A gloo group of every process without a time limit on waiting (see ProcessGroup.from_environment).
+_UNBOUNDED: Any = None
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """How long a process waits for the others in a collective before it fails: QWENKIT_TP_TIMEOUT
+    seconds if set, else torch's default (30 minutes for gloo), which the shared-memory
+    collectives (kernels/shared_memory.cpp) also take."""
+    value = os.environ.get("QWENKIT_TP_TIMEOUT")
+    return datetime.timedelta(seconds=float(value)) if value else None
 
 
 @dataclass(frozen=True)
@@ -26,11 +39,18 @@ class ProcessGroup:
 
     @classmethod
     def from_environment(cls) -> "ProcessGroup":
+        """torchrun's processes. Their collectives fail after `collective_timeout()` of waiting for
+        a process, as the shared-memory ones do; `broadcast` has no such limit (it is
+        how the other processes of a tensor-parallel server wait for rank 0's next step, for as
+        long as the server is idle: on gloo's own 30-minute limit they died after 30 idle minutes)."""
+        global _UNBOUNDED
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout())
+        if _UNBOUNDED is None:  # every process creates it here, together
+            _UNBOUNDED = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
         return cls(dist.get_rank(), dist.get_world_size())
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
@@ -64,7 +84,7 @@ class ProcessGroup:
         if self.world_size == 1:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_UNBOUNDED)
         return box[0]
 
     def barrier(self) -> None:
@@ -72,8 +92,10 @@ class ProcessGroup:
             dist.barrier()
 
     def close(self) -> None:
+        global _UNBOUNDED
         if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # every group, the unbounded one too
+            _UNBOUNDED = None
 
 
 @dataclass(frozen=True)

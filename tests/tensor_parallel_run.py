@@ -4,7 +4,7 @@
 generations; the other ranks serve rank 0's steps. Under torchrun:
     python -m torch.distributed.run --nproc-per-node 2 tests/tensor_parallel_run.py CASES.json OUT.pt
 runs each case of CASES.json ([{"path": ..., "dtype" or "quantize": ..., "speculative": ...,
-"shard_after_load": ..., "native": false}]) and rank 0 saves the results (prefill logits, greedy
+"shard_after_load": ..., "native": false, "pause": SECONDS}]) and rank 0 saves the results (prefill logits, greedy
 tokens, every engine step's logits, which steps took the one-call decode stack). Each process reads only its shard of the
 checkpoint (the loader is given the group), unless the case asks to load the whole model and
 shard it in place (what `LLM(loaded_model, tensor_parallel_size=N)` does).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -76,6 +77,7 @@ def _run(case: dict, group: ProcessGroup, taken: list[bool]) -> dict | None:
     engine.runner.execute = lambda step: steps.append(execute(step)) or steps[-1]  # every step's logits
     try:
         logits = prefill_logits(engine, PROMPT)
+        time.sleep(case.get("pause", 0))  # an idle server: the other processes wait for the next step
         ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=12, n=n, ignore_eos=True)) for p, n in PROMPTS]
         done = {}
         while engine.has_unfinished_requests():

@@ -374,3 +374,14 @@ def test_a_process_left_waiting_fails_within_the_timeout(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     error = torch.load(tmp_path / "out.pt")["error"]
     assert "tensor parallel: process 1 has not reached collective 1 in 2 s" in error and "QWENKIT_TP_TIMEOUT" in error
+
+
+def test_an_idle_group_waits_for_the_next_step_past_the_collective_timeout(tmp_path, monkeypatch):
+    """Between steps the other processes wait for rank 0 without a limit: a server idle for longer
+    than the collectives' timeout (here 2 s) keeps its processes (gloo's own limit killed them)."""
+    monkeypatch.setenv("QWENKIT_TP_TIMEOUT", "2")
+    case = {"path": str(gguf_model(tmp_path / "dense.gguf")), "quantize": "gguf", "pause": 5}
+    (tmp_path / "cases.json").write_text(json.dumps([case]))
+    done = torchrun(2, str(HERE / "tensor_parallel_run.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(tmp_path / "out.pt")[0]["tokens"] == run({**case, "pause": 0}, ProcessGroup())["tokens"]

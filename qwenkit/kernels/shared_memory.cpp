@@ -37,12 +37,12 @@ constexpr auto YIELD = std::chrono::milliseconds(1);
 constexpr auto NAP = std::chrono::microseconds(50);
 
 // How long a process waits for the others before it fails (a process of the group has died or
-// failed): QWENKIT_TP_TIMEOUT seconds, default 600, as gloo's own timeout does for its collectives.
+// failed): QWENKIT_TP_TIMEOUT seconds, default 1800 (gloo's default for its collectives).
 std::chrono::steady_clock::duration timeout() {
   static const auto seconds = [] {
     const char* value = std::getenv("QWENKIT_TP_TIMEOUT");
     const double parsed = value ? std::atof(value) : 0.0;
-    return parsed > 0 ? parsed : 600.0;
+    return parsed > 0 ? parsed : 1800.0;
   }();
   return std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
 }
