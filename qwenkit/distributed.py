@@ -15,17 +15,40 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-# A gloo group of every process without a time limit on waiting (see ProcessGroup.from_environment).
-_UNBOUNDED: Any = None
+from qwenkit.errors import QwenkitError
 
 
-def collective_timeout() -> datetime.timedelta | None:
-    """How long a process waits for the others in a collective before it fails: QWENKIT_TP_TIMEOUT
-    seconds if set, else torch's default (30 minutes for gloo), which the shared-memory
-    collectives (kernels/shared_memory.cpp) also take."""
-    value = os.environ.get("QWENKIT_TP_TIMEOUT")
-    return datetime.timedelta(seconds=float(value)) if value else None
+@dataclass
+class _Groups:
+    """The gloo groups qwenkit's collectives use, made once per process group (every process
+    makes them together): `bounded` fails after collective_timeout() of waiting for a process,
+    `unbounded` waits as long as it takes (rank 0's next step, however long a server is idle)."""
+
+    bounded: Any
+    unbounded: Any
+
+
+_GROUPS: _Groups | None = None
+_GENERATION = 0  # counts closed process groups: what was made for one must not serve the next
+
+
+def generation() -> int:
+    return _GENERATION
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a process waits for the others in a collective before it fails (a process of the
+    group died or hangs): QWENKIT_TP_TIMEOUT seconds, default 1800 (gloo's), for tensor-parallel
+    steps and data-parallel training alike; the shared-memory collectives (kernels/shared_memory.cpp)
+    read the same variable."""
+    value = os.environ.get("QWENKIT_TP_TIMEOUT", "1800")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise QwenkitError(f"QWENKIT_TP_TIMEOUT must be a positive number of seconds, not {value!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -40,17 +63,22 @@ class ProcessGroup:
     @classmethod
     def from_environment(cls) -> "ProcessGroup":
         """torchrun's processes. Their collectives fail after `collective_timeout()` of waiting for
-        a process, as the shared-memory ones do; `broadcast` has no such limit (it is
-        how the other processes of a tensor-parallel server wait for rank 0's next step, for as
-        long as the server is idle: on gloo's own 30-minute limit they died after 30 idle minutes)."""
-        global _UNBOUNDED
+        a process, as the shared-memory ones do; `broadcast` and `wait_for_everyone` have no such
+        limit (they are how the other processes of a tensor-parallel server wait for rank 0's next
+        step, for as long as the server is idle: on gloo's default group and its 30-minute limit
+        they died after 30 idle minutes). The limit is the groups' own, not the startup's: a
+        process group's timeout would also bound how long the processes take to start."""
+        global _GROUPS
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
+        timeout = collective_timeout()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout())
-        if _UNBOUNDED is None:  # every process creates it here, together
-            _UNBOUNDED = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+            # Every qwenkit collective is on CPU tensors: gloo, with NCCL for CUDA tensors (untested here).
+            dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        if _GROUPS is None:  # every process makes them here, together
+            _GROUPS = _Groups(dist.new_group(backend="gloo", timeout=timeout),
+                              dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365)))
         return cls(dist.get_rank(), dist.get_world_size())
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
@@ -58,10 +86,10 @@ class ProcessGroup:
         if self.world_size == 1 or not tensors:
             return
         if len(tensors) == 1 and tensors[0].is_contiguous():  # one tensor: in place, no copies
-            dist.all_reduce(tensors[0])
+            dist.all_reduce(tensors[0], group=_GROUPS.bounded)
             return
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=_GROUPS.bounded)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -76,7 +104,7 @@ class ProcessGroup:
         padded = torch.zeros(x.shape[0], wide, dtype=x.dtype)
         padded[:, : x.shape[1]] = x
         parts = [torch.empty_like(padded) for _ in widths]
-        dist.all_gather(parts, padded)
+        dist.all_gather(parts, padded, group=_GROUPS.bounded)
         return torch.cat([part[:, :width] for part, width in zip(parts, widths)], dim=1)
 
     def broadcast(self, obj: Any = None) -> Any:
@@ -84,18 +112,25 @@ class ProcessGroup:
         if self.world_size == 1:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=_UNBOUNDED)
+        dist.broadcast_object_list(box, src=0, group=_GROUPS.unbounded)
         return box[0]
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=_GROUPS.bounded)
+
+    def wait_for_everyone(self) -> None:
+        """A barrier without a time limit: after loading, however long the slowest process takes
+        (its first collectives are time-limited)."""
+        if self.world_size > 1:
+            dist.barrier(group=_GROUPS.unbounded)
 
     def close(self) -> None:
-        global _UNBOUNDED
+        global _GROUPS, _GENERATION
         if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()  # every group, the unbounded one too
-            _UNBOUNDED = None
+            dist.destroy_process_group()  # every group, the two of _GROUPS too
+        _GROUPS = None
+        _GENERATION += 1
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,9 @@ def test_a_context_the_kv_pool_cannot_hold_is_refused_with_the_numbers(tmp_path)
     LLMEngine(plain, EngineConfig(kv_cache_memory=16 * 768, block_size=16))
 
 
+@pytest.mark.parametrize("rows", [7, 1])
 @pytest.mark.parametrize("window", [None, 300])
-def test_a_long_prompts_chunk_attends_in_row_blocks_with_the_same_bits(window, monkeypatch):
+def test_a_long_prompts_chunk_attends_in_row_blocks_with_the_same_bits(window, rows, monkeypatch):
     """A prompt chunk late in a long context attends in blocks of query rows (its mask, as SDPA's
     floats, would otherwise be [chunk, context]: 205 MB for 512 tokens at 100K): the same bits as
     one call, and the attention a float64 softmax gives."""
@@ -102,11 +103,13 @@ def test_a_long_prompts_chunk_attends_in_row_blocks_with_the_same_bits(window, m
     q, k, v = torch.randn(96, 4, 16, generator=g), torch.randn(1000, 2, 16, generator=g), torch.randn(1000, 2, 16, generator=g)
     q_positions, k_positions = torch.arange(904, 1000), torch.arange(1000)
     whole = attention.causal_attention(q, k, v, q_positions, k_positions, 0.25, window)
-    monkeypatch.setattr(attention, "MASK_VALUES", 7 * 1000)  # 14 blocks of 7 rows (the last of 5)
-    assert torch.equal(attention.causal_attention(q, k, v, q_positions, k_positions, 0.25, window), whole)
+    monkeypatch.setattr(attention, "MASK_VALUES", rows * 1000)  # blocks of 7 rows (the last of 5), or of 1
+    blocked = attention.causal_attention(q, k, v, q_positions, k_positions, 0.25, window)
+    assert torch.equal(blocked, whole) if rows > 1 else torch.allclose(blocked, whole, atol=1e-6)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(2, 1)) * 0.25
     visible = k_positions[None, :] <= q_positions[:, None]
     if window is not None:
         visible &= k_positions[None, :] > q_positions[:, None] - window
     expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v.double().repeat_interleave(2, 1))
     assert torch.allclose(whole.double(), expected.reshape(96, -1), atol=1e-5)
+    assert torch.allclose(blocked.double(), expected.reshape(96, -1), atol=1e-5)  # no row sees a later key

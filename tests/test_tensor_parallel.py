@@ -385,3 +385,12 @@ def test_an_idle_group_waits_for_the_next_step_past_the_collective_timeout(tmp_p
     done = torchrun(2, str(HERE / "tensor_parallel_run.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.pt"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(tmp_path / "out.pt")[0]["tokens"] == run({**case, "pause": 0}, ProcessGroup())["tokens"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+def test_a_bad_timeout_is_a_clear_error(value, monkeypatch):
+    from qwenkit.distributed import collective_timeout
+
+    monkeypatch.setenv("QWENKIT_TP_TIMEOUT", value)
+    with pytest.raises(QwenkitError, match=f"QWENKIT_TP_TIMEOUT must be a positive number of seconds, not '{value}'"):
+        collective_timeout()

@@ -128,6 +128,7 @@ def kv_cache(loaded: LoadedModel, config: EngineConfig, group: ProcessGroup) -> 
 def tensor_parallel_worker(loaded: LoadedModel, config: EngineConfig, group: ProcessGroup) -> None:
     """Ranks > 0 of a tensor parallel group: shard the model as rank 0's engine does, hold a cache
     like its own, and run rank 0's steps until it closes."""
+    group.wait_for_everyone()  # rank 0's engine meets us here once every process has loaded its shard
     shard_model(loaded.model, group)
     serve(WorkerRunner(loaded.model, kv_cache(loaded, config, group)), group)
 
@@ -150,6 +151,7 @@ class LLMEngine:
         model_cfg = loaded.config
         self.max_model_len = max_model_len(loaded, config)
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.plan)
+        group.wait_for_everyone()  # however long the slowest process took to load: the collectives after are time-limited
         shard_model(loaded.model, group)
         self.cache = kv_cache(loaded, config, group)
         self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qwenkit.distributed import ProcessGroup
+from qwenkit.distributed import ProcessGroup, generation
 from qwenkit.kernels import cpu_kernels
 
 SHM_DIR = Path("/dev/shm")
@@ -82,36 +82,44 @@ def _map_shared_bytes(group: ProcessGroup, size: int) -> torch.Tensor | None:
     """Every process's map of the same `size` zeroed bytes (no call published yet), or None on
     every process if any cannot have it. The file is rank 0's own (mode 0600, created anew),
     its pages reserved up front (a full /dev/shm is an error here, not a SIGBUS on a later page
-    fault), and unlinked once all have mapped it: the maps stay, nothing is left in /dev/shm."""
-    path = None
+    fault), and unlinked once all have mapped it, or on any failure: the maps stay, nothing is
+    left in /dev/shm."""
+    created = None
     if group.is_main:
-        path = str(SHM_DIR / f"qwenkit-tp-{os.getpid()}-{secrets.token_hex(8)}")
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        candidate = str(SHM_DIR / f"qwenkit-tp-{os.getpid()}-{secrets.token_hex(8)}")
+        with contextlib.suppress(OSError):
+            fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            created = candidate
             try:
                 os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.unlink(candidate)
+                created = None
             finally:
                 os.close(fd)
-        except OSError:
+    try:
+        path = group.broadcast(created)
+        shared = None
+        if path is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                shared = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        mapped = path is not None and _all_agree(group, shared is not None)
+    finally:
+        if created is not None:
             with contextlib.suppress(OSError):
-                os.unlink(path)
-            path = None
-    path = group.broadcast(path)
-    shared = None
-    if path is not None:
-        with contextlib.suppress(OSError, RuntimeError):
-            shared = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-    mapped = _all_agree(group, shared is not None) if path is not None else False
-    if group.is_main and path is not None:
-        os.unlink(path)
+                os.unlink(created)
     return shared if mapped else None
 
 
-@functools.cache
 def collectives(group: ProcessGroup) -> SharedMemoryGroup | ProcessGroup:
     """What runs `group`'s sums and gathers: shared memory when every process of the group runs on
     this machine and can map it (with the native kernels and /dev/shm), else torch.distributed.
     Every process decides the same, together: the first call for a group is a collective."""
+    return _collectives(group, generation())
+
+
+@functools.cache
+def _collectives(group: ProcessGroup, generation: int) -> SharedMemoryGroup | ProcessGroup:
     if group.world_size == 1:
         return group
     able = (on_one_machine(group) and cpu_kernels() is not None and SHM_DIR.is_dir()

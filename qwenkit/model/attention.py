@@ -37,9 +37,10 @@ class AttentionBackend(Protocol):
 
 # The most mask values one attention call takes: SDPA turns a boolean mask into floats, so a
 # 512-token chunk of a 100K-token prompt would hold 205 MB of it. Query rows are independent, so
-# a chunk attends in row blocks of at most this many mask values with the same bits (the CPU
-# kernel's per-row sums do not depend on how the rows are blocked; tested).
-MASK_VALUES = 1 << 20
+# a chunk attends in blocks of rows with the same bits (the CPU kernel's per-row sums do not
+# depend on how the rows are blocked; tested), at most 16 MB of mask each: up to a 131K context
+# still 32 rows or more, the CPU kernel's own query block, so K and V are read no more often.
+MASK_VALUES = 1 << 22
 
 
 def causal_attention(
@@ -52,17 +53,22 @@ def causal_attention(
     window: int | None,
 ) -> torch.Tensor:
     """Attention of q over k/v (one sequence) where a query sees keys at positions <= its own."""
-    mask, is_causal = None, False
     if window is None and q.shape[0] > 1 and _same_ascending(q_positions, k_positions):
-        is_causal = True  # the plain triangle: SDPA skips the masked half instead of reading a mask (1.5x)
-    elif q.shape[0] > 1 or window is not None:
-        rows = max(1, MASK_VALUES // len(k_positions))
-        if q.shape[0] > rows:  # a chunk of a long prompt: its mask (as floats) in pieces, not [chunk, context]
-            return torch.cat([causal_attention(q[a : a + rows], k, v, q_positions[a : a + rows], k_positions, scale, window)
-                              for a in range(0, q.shape[0], rows)])
-        mask = k_positions[None, :] <= q_positions[:, None]
+        return _sdpa(q, k, v, None, True, scale)  # the plain triangle: SDPA skips the masked half instead of reading a mask (1.5x)
+    if q.shape[0] == 1 and window is None:  # a decode row: the last position, which sees every key
+        return _sdpa(q, k, v, None, False, scale)
+    rows = max(1, MASK_VALUES // len(k_positions))
+    blocks = []
+    for a in range(0, q.shape[0], rows):  # a chunk of a long prompt: its mask in pieces, not [chunk, context]
+        mask = k_positions[None, :] <= q_positions[a : a + rows, None]
         if window is not None:
-            mask &= k_positions[None, :] > q_positions[:, None] - window
+            mask &= k_positions[None, :] > q_positions[a : a + rows, None] - window
+        blocks.append(_sdpa(q[a : a + rows], k, v, mask, False, scale))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
+    """SDPA of q [T, heads, dim] over k, v [S, kv_heads, dim] -> [T, heads * dim]."""
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
