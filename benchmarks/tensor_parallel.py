@@ -4,7 +4,7 @@ Speed (the embedded default model, `qwenkit bench` as a user runs it): one proce
 core, against `torchrun --nproc-per-node 2 ... --tensor-parallel-size 2` with the processes'
 sums and gathers through shared memory, and through gloo (QWENKIT_TP_SHARED_MEMORY=0), at 1 and
 16 concurrent requests, the three interleaved round by round. On one machine tensor parallelism
-can at best match one process (the same cores and memory bandwidth); it is for models bigger than
+has the same cores and memory bandwidth as one process, so this measures what it costs; it is for models bigger than
 one machine, and for several sockets.
 
 Memory: peak memory of each rank against one process.
