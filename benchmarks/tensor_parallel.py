@@ -4,17 +4,17 @@ Speed (the embedded default model, `qwenkit bench` as a user runs it): one proce
 core, against `torchrun --nproc-per-node 2 ... --tensor-parallel-size 2` with the processes'
 sums and gathers through shared memory, and through gloo (QWENKIT_TP_SHARED_MEMORY=0), at 1 and
 16 concurrent requests, the three interleaved round by round. On one machine tensor parallelism
-has the same cores and memory bandwidth as one process, so this measures what it costs; it is for models bigger than
-one machine, and for several sockets.
+has the same cores and memory bandwidth as one process, so this measures what it costs; it is
+for models bigger than one machine, and for several sockets.
 
-Memory: peak memory of each rank against one process.
-
-A rank should hold its share of the decoder layers plus the replicated parts (embedding, norms,
-output projection, routers), and never the whole model on the way there. Cases: the embedded
-default model (GGUF Q4_K_M, blocks run in place), a random-weight GGUF with Qwen2.5-1.5B's shapes
-(Q4_K_M), and a random bfloat16 safetensors checkpoint with Qwen2.5-0.5B's shapes. Each case
-loads with a 64 MiB KV pool, prefills a 200-token prompt and decodes 16 tokens: once in one process, once as 2 torchrun
-processes. Prints each process's peak RSS (VmHWM) and its file-backed / anonymous split at the end.
+Memory: peak memory of each rank against one process. A rank should hold its share of the
+decoder layers and of the output projection, plus the replicated parts (embedding, norms,
+routers; a float output projection tied to the embedding), and never the whole model on the way
+there. Cases: the embedded default model (GGUF Q4_K_M, blocks run in place), a random-weight GGUF
+with Qwen2.5-1.5B's shapes (Q4_K_M), and a random bfloat16 safetensors checkpoint with
+Qwen2.5-0.5B's shapes. Each case loads with a 64 MiB KV pool, prefills a 200-token prompt and
+decodes 16 tokens: once in one process, once as 2 torchrun processes. Prints each process's peak
+RSS (VmHWM) and its file-backed / anonymous split at the end.
 Usage: python benchmarks/tensor_parallel.py [--keep DIR] [--only LABEL] [--rounds 3] [--skip-speed] [--skip-memory]
 """
 
