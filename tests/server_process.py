@@ -19,12 +19,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, timeout: float = 180):
+    def __init__(self, *args: str, timeout: float = 180, launcher: list[str] | None = None, env: dict[str, str] | None = None):
+        """`launcher`: what runs `-m qwenkit.cli.main` (default this Python; e.g. torchrun's command)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qwenkit.cli.main", "serve", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*(launcher or [sys.executable]), "-m", "qwenkit.cli.main", "serve", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -394,3 +394,40 @@ def test_a_bad_timeout_is_a_clear_error(value, monkeypatch):
     monkeypatch.setenv("QWENKIT_TP_TIMEOUT", value)
     with pytest.raises(QwenkitError, match=f"QWENKIT_TP_TIMEOUT must be a positive number of seconds, not '{value}'"):
         collective_timeout()
+
+
+def test_serve_under_torchrun_answers_openai_clients(tmp_path):
+    """`qwenkit serve --tensor-parallel-size 2` under torchrun, through the official openai client:
+    concurrent and streamed completions give what one process gives; embeddings are refused with
+    a clear error; SIGTERM ends both processes."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server_process import ServerProcess
+
+    save_tiny("qwen2", tmp_path / "tiny")
+    prompts = ["hello", "the sea is", "def f(x):"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [out.outputs[0].text for out in LLM(str(tmp_path / "tiny"), "float32").generate(prompts, params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    server = ServerProcess("--model", str(tmp_path / "tiny"), "--dtype", "float32", "--tensor-parallel-size", "2",
+                           launcher=launcher, env=env)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        name = client.models.list().data[0].id
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(complete, prompts)) == expected
+        stream = client.completions.create(model=name, prompt=prompts[1], max_tokens=8, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in stream) == expected[1]
+        with pytest.raises(openai.APIStatusError, match="not computed under tensor parallelism"):
+            client.embeddings.create(model=name, input="hello")
+    finally:
+        server.stop()
+    assert server.proc.returncode is not None
