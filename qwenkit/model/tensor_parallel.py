@@ -178,7 +178,7 @@ def _cut_children(parent: nn.Module, prefix: str, children: tuple[str, ...], pla
         if name not in built:
             cut = plan.cuts[name]
             layers[child] = narrow(getattr(parent, child), cut.dim, cut.start, cut.length, name)
-            if cut.dim == 1 and not plan.group.is_main:  # a row-parallel layer's bias, added once to the sum
+            if not plan.keeps(f"{name}.bias"):  # a row-parallel layer's bias, added once to the sum (on rank 0)
                 layers[child].bias = None
     for child, layer in layers.items():
         setattr(parent, child, layer)

@@ -211,7 +211,7 @@ class _ModelScope:
         legacy = _modelscope_legacy_dir(ref.repo_id)
         if legacy is not None:  # where modelscope downloads every revision to, when it exists
             return legacy
-        snapshot = _modelscope_cache() / "models" / ref.repo_id.replace("/", "--") / "snapshots" / (ref.revision or "master")
+        snapshot = _modelscope_roots()[0] / ref.repo_id.replace("/", "--") / "snapshots" / (ref.revision or "master")
         return snapshot if snapshot.is_dir() and any(snapshot.iterdir()) else None  # empty: a download that failed
 
     def not_found(self, exc: Exception) -> str | None:
@@ -254,12 +254,19 @@ def _modelscope_cache() -> Path:
     return Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope").expanduser()
 
 
+def _modelscope_roots() -> tuple[Path, Path]:
+    """Where ModelScope's caches keep models: models/ (modelscope >= 1.38, and an older one's with
+    MODELSCOPE_CACHE set) and hub/models/ (an older one's default)."""
+    base = _modelscope_cache()
+    return base / "models", base / "hub" / "models"
+
+
 def _modelscope_legacy_dir(repo_id: str) -> Path | None:
     """An older modelscope's (<=1.37) cache directory of the repo, if one is there (modelscope-hub's
     DownloadManager._find_legacy_repo_dir probes the same two places)."""
     owner, name = repo_id.split("/", 1)
-    base = _modelscope_cache()
-    for candidate in (base / "models" / owner / name.replace(".", "___"), base / "hub" / "models" / owner / name.replace(".", "___")):
+    for root in _modelscope_roots():
+        candidate = root / owner / name.replace(".", "___")
         if candidate.is_dir() and any(candidate.iterdir()):
             return candidate
     return None
@@ -384,7 +391,7 @@ def _modelscope_snapshots() -> list[tuple[str, Path]]:
         return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) if path.is_dir() else []
 
     found = []
-    for top in subdirs(_modelscope_cache() / "models") + subdirs(_modelscope_cache() / "hub" / "models"):
+    for top in [top for root in _modelscope_roots() for top in subdirs(root)]:
         if (top / "snapshots").is_dir():
             found += [(top.name.replace("--", "/", 1), snapshot) for snapshot in subdirs(top / "snapshots")]
         else:
